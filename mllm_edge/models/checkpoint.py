@@ -1,0 +1,101 @@
+"""Finding a checkpoint (local folder or Hugging Face hub id) and reading its weights.
+
+Weights are read from safetensors; `.bin` files only through `torch.load(weights_only=True)`, which
+refuses arbitrary pickled code. Key names of both llava-hf layouts (transformers < 5 and >= 5) are
+mapped onto one canonical naming by `canonical_key`, next to the modules it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import MllmEdgeError
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+# (old prefix, canonical prefix), first match wins; canonical keys map onto themselves.
+# Seen: llava-hf on the Hub (language_model.model.*, vision_tower.vision_model.*), transformers 5's
+# save_pretrained (vision_tower.* without vision_model), and its in-memory names (model.*).
+_PREFIXES = [
+    ("model.language_model.", "decoder."),
+    ("model.vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("language_model.model.", "decoder."),
+    ("language_model.lm_head.", "decoder.lm_head."),
+    ("vision_tower.vision_model.", "vision."),
+    ("vision_tower.", "vision."),
+    ("multi_modal_projector.", "projector."),
+    ("lm_head.", "decoder.lm_head."),
+]
+# Weights that LLaVA never uses: CLIP's pooled head, the buffers some exports save.
+_UNUSED = re.compile(r"^vision\.post_layernorm\.|position_ids$|rotary_emb\.inv_freq$")
+
+
+def canonical_key(key: str) -> str:
+    """Map a checkpoint key to our module's parameter name (idempotent)."""
+    for old, new in _PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A local checkpoint folder as given, or a hub id downloaded (or found in the local HF cache)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MllmEdgeError(f"{model} is a file; expected a checkpoint folder or a Hugging Face hub id")
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) is not None
+    if not looks_like_hub_id:
+        raise MllmEdgeError(f"model folder {model} does not exist (nor is it a hub id like 'llava-hf/llava-1.5-7b-hf')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated model: all end the same way for the user
+        raise MllmEdgeError(
+            f"cannot get '{model}' from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "download it elsewhere and pass the local folder"
+        ) from None
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], str]:
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = folder / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / n for n in names], kind
+    for pattern, kind in (("*.safetensors", "safetensors"), ("pytorch_model*.bin", "bin")):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files, kind
+    raise MllmEdgeError(f"no weights (*.safetensors or pytorch_model*.bin) in {folder}")
+
+
+def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (canonical key, tensor) for every weight LLaVA uses, one file at a time."""
+    files, kind = _weight_files(folder)
+    for file in files:
+        if not file.is_file():
+            raise MllmEdgeError(f"weight file {file.name} listed in the index is missing from {folder}")
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name = canonical_key(key)
+                    if not _UNUSED.search(name):
+                        yield name, f.get_tensor(key)
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            for key, tensor in state.items():
+                name = canonical_key(key)
+                if not _UNUSED.search(name):
+                    yield name, tensor

@@ -1,0 +1,198 @@
+"""Architecture numbers of a LLaVA checkpoint, as flat frozen dataclasses.
+
+`transformers` parses `config.json` (it knows each model type's defaults, and the old `rope_scaling` /
+new `rope_parameters` spellings); we keep only the numbers our modules need, checked once here, so
+that everything downstream (modules, export, manifest) works from one small, explicit spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import MllmEdgeError, UnsupportedModelError
+
+SUPPORTED_TEXT_ARCHS = ("llama", "qwen2")
+SUPPORTED_VISION_ARCHS = ("clip_vision_model",)
+# RoPE kinds whose frequencies do not depend on the sequence length, so one table serves every shape.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    arch: str
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int  # encoder layers that run: those up to and including the feature layer
+    layer_norm_eps: float
+    hidden_act: str
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    attention_bias: bool  # q/k/v projections (Qwen2: yes)
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope_parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LlavaSpec:
+    vision: VisionSpec
+    text: TextSpec
+    image_token_id: int
+    projector_hidden_act: str
+    projector_bias: bool
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens the unpruned model puts into the LLM (patches, CLS dropped)."""
+        return self.vision.num_patches
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _vision_spec(cfg, feature_layer: int, select_strategy: str) -> VisionSpec:
+    if cfg.model_type not in SUPPORTED_VISION_ARCHS:
+        raise UnsupportedModelError(
+            f"vision tower '{cfg.model_type}' is not supported (supported: {', '.join(SUPPORTED_VISION_ARCHS)})"
+        )
+    if not isinstance(feature_layer, int):
+        raise UnsupportedModelError(
+            f"vision_feature_layer={feature_layer!r}: only a single feature layer is supported"
+        )
+    if select_strategy != "default":
+        raise UnsupportedModelError(
+            f"vision_feature_select_strategy='{select_strategy}': only 'default' (CLS dropped) is supported"
+        )
+    # hidden_states has num_hidden_layers + 1 entries (index 0 is the embedding output); the features of
+    # index i are the output of encoder layer i-1, so layers [0, i) are all that need to run.
+    n_states = cfg.num_hidden_layers + 1
+    if not -n_states <= feature_layer < n_states:
+        raise MllmEdgeError(f"vision_feature_layer={feature_layer} is outside the tower's {cfg.num_hidden_layers} layers")
+    layers_used = feature_layer % n_states
+    if layers_used == 0:
+        raise UnsupportedModelError("vision_feature_layer selects the embeddings: no encoder layer to take features from")
+    if cfg.image_size % cfg.patch_size:
+        raise UnsupportedModelError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
+    return VisionSpec(
+        arch=cfg.model_type,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_heads=cfg.num_attention_heads,
+        num_layers=layers_used,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act=cfg.hidden_act,
+    )
+
+
+def _rope_parameters(cfg) -> dict:
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if not params:  # transformers < 5 spelling
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if params["rope_type"] not in STATIC_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE type '{params['rope_type']}' depends on the sequence length at run time; "
+            f"supported: {', '.join(STATIC_ROPE_TYPES)}"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("partial rotary embeddings are not supported")
+    return params
+
+
+def _text_spec(cfg) -> TextSpec:
+    arch = cfg.model_type
+    if arch not in SUPPORTED_TEXT_ARCHS:
+        raise UnsupportedModelError(
+            f"language model '{arch}' is not supported (supported: {', '.join(SUPPORTED_TEXT_ARCHS)})"
+        )
+    if arch == "qwen2" and getattr(cfg, "use_sliding_window", False):
+        raise UnsupportedModelError("Qwen2 with sliding-window attention is not supported")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return TextSpec(
+        arch=arch,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        hidden_act=cfg.hidden_act,
+        attention_bias=True if arch == "qwen2" else bool(getattr(cfg, "attention_bias", False)),
+        mlp_bias=False if arch == "qwen2" else bool(getattr(cfg, "mlp_bias", False)),
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=_rope_parameters(cfg),
+    )
+
+
+def llava_spec_from_hf_config(cfg) -> LlavaSpec:
+    """Build our spec from a `transformers.LlavaConfig` (or any config with the same fields)."""
+    if getattr(cfg, "model_type", None) != "llava":
+        raise UnsupportedModelError(
+            f"model type '{getattr(cfg, 'model_type', None)}' is not a LLaVA checkpoint (expected 'llava')"
+        )
+    text = _text_spec(cfg.text_config)
+    tie = text.tie_word_embeddings or bool(getattr(cfg, "tie_word_embeddings", False))
+    if tie != text.tie_word_embeddings:
+        text = TextSpec(**{**asdict(text), "tie_word_embeddings": tie})
+    return LlavaSpec(
+        vision=_vision_spec(cfg.vision_config, cfg.vision_feature_layer, cfg.vision_feature_select_strategy),
+        text=text,
+        image_token_id=cfg.image_token_id,
+        projector_hidden_act=cfg.projector_hidden_act,
+        projector_bias=bool(getattr(cfg, "multimodal_projector_bias", True)),
+    )
+
+
+def load_llava_spec(model_dir: str | Path) -> LlavaSpec:
+    """Read `config.json` of a local checkpoint folder into a LlavaSpec."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise MllmEdgeError(f"no config.json in {model_dir}: not a Hugging Face checkpoint folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MllmEdgeError(f"{path} is not valid JSON: {e}") from None
+    if raw.get("model_type") != "llava":
+        raise UnsupportedModelError(
+            f"{path}: model type '{raw.get('model_type')}' is not supported (expected a 'llava' checkpoint, "
+            "e.g. llava-hf/llava-1.5-7b-hf)"
+        )
+    from transformers import LlavaConfig
+
+    try:
+        cfg = LlavaConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnsupportedModelError(f"{path}: transformers cannot read this config: {e}") from None
+    return llava_spec_from_hf_config(cfg)

@@ -1,0 +1,126 @@
+"""The LLaVA language model (Llama / Vicuna, Qwen2) with explicit KV-cache inputs and outputs.
+
+Each layer takes the past keys/values of its own cache as a prefix view and returns only the new
+tokens' keys/values, so the caller writes S rows into a preallocated slot and copies nothing else
+(ARCHITECTURE.md, "The KV cache"). Parameter names follow transformers' so checkpoints load as-is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TextSpec
+from .layers import RMSNorm, activation, attention, attention_row, causal_mask
+from .rope import RotaryEmbedding, apply_rope
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, d
+        self.scale = d**-0.5
+        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.arch == "llama" and spec.attention_bias)
+
+    def forward(self, x, cos, sin, past_k, past_v, mask, want_last_row: bool = False):
+        """x: [B, S, C]; past_k, past_v: [B, P, G, D] -> out [B, S, C], new k, v [B, S, G, D], row [B, T] | None."""
+        b, s, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)
+        k_new = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        v_new = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        k = torch.cat((past_k, k_new), dim=1)  # [B, T, G, D]
+        v = torch.cat((past_v, v_new), dim=1)
+        out = self.o_proj(attention(q, k, v, mask, self.scale))
+        # The last query sees every key (causal), so its row needs no mask.
+        row = attention_row(q[:, -1], k, self.scale) if want_last_row else None
+        return out, k_new, v_new, row
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = activation(spec.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = SelfAttention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, past_k, past_v, mask, want_last_row: bool = False):
+        attn, k_new, v_new, row = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, want_last_row)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_new, v_new, row
+
+
+@dataclass
+class LayersOutput:
+    hidden: torch.Tensor  # [B, S, C]
+    new_keys: list[torch.Tensor]  # per layer run: [B, S, G, D]
+    new_values: list[torch.Tensor]
+    last_row: torch.Tensor | None  # [B, T] head-mean attention of the last token at `row_layer`
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(spec)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        start: int,
+        stop: int,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        row_layer: int | None = None,
+    ) -> LayersOutput:
+        """Run layers [start, stop) on hidden [B, S, C] at position_ids [B, S].
+
+        past[i] is the (keys, values) prefix [B, P, G, D] of layer start + i; all layers of a group share P.
+        The mask is causal in cache order, which is position order: pruned tokens leave gaps in the
+        position ids but never reorder them.
+        """
+        b, s, _ = hidden.shape
+        if past is None:
+            empty = hidden.new_zeros(b, 0, self.spec.num_kv_heads, self.spec.head_dim)
+            past = [(empty, empty)] * (stop - start)
+        mask = causal_mask(s, past[0][0].shape[1], device=hidden.device) if s > 1 else None
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        keys, values, row = [], [], None
+        for i, layer_idx in enumerate(range(start, stop)):
+            want = layer_idx == row_layer
+            hidden, k, v, r = self.layers[layer_idx](hidden, cos, sin, past[i][0], past[i][1], mask, want)
+            keys.append(k)
+            values.append(v)
+            if want:
+                row = r
+        return LayersOutput(hidden, keys, values, row)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(self.norm(hidden), weight.t())

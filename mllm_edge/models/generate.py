@@ -1,0 +1,182 @@
+"""Reference generation in PyTorch on our modules: greedy decoding with a KV cache, FastV and FasterVLM.
+
+This is the yardstick the exported graphs and the runtime are checked against, so it is written
+for clarity, and follows METHODS.md step by step:
+  FasterVLM  rank patches by the [CLS] row of the feature layer, keep the top ones in raster order,
+             project only those; the shortened prompt gets contiguous position ids.
+  FastV      run layers [0, K) on the whole prompt, rank image tokens by the last token's head-mean
+             attention at layer K-1, run layers [K, L) on the kept tokens with their original
+             position ids. Layers < K cache every prompt token, layers >= K only the kept ones; a token
+             decoded at step t has position N_prompt + t everywhere. Pruning happens once, at prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..errors import MllmEdgeError
+from ..pruning import PruningConfig, fastervlm_select, fastv_select, gather_tokens
+from .llava import Llava
+
+
+class KVCache:
+    """Per layer one preallocated [B, max_len, G, D] buffer for keys and one for values.
+
+    A layer group's past is the prefix view [:, :length]; new rows are written in place into
+    [:, length:length + S] (gpt-fast style), so a step copies nothing else.
+    """
+
+    def __init__(self, llava: Llava, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        t = llava.spec.text
+        shape = (batch, max_len, t.num_kv_heads, t.head_dim)
+        self.max_len = max_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
+        self.lengths = [0] * t.num_layers
+
+    def past(self, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.keys[i][:, : self.lengths[i]], self.values[i][:, : self.lengths[i]]) for i in range(start, stop)]
+
+    def append(self, start: int, new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> None:
+        for i, (k, v) in enumerate(zip(new_keys, new_values), start=start):
+            n, s = self.lengths[i], k.shape[1]
+            if n + s > self.max_len:
+                raise MllmEdgeError(f"context of {n + s} tokens exceeds the cache's {self.max_len}")
+            self.keys[i][:, n : n + s] = k
+            self.values[i][:, n : n + s] = v
+            self.lengths[i] = n + s
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # [B, V] at the last prompt token
+    prompt_length: int  # tokens that entered the LLM (after FasterVLM): decode positions start here
+    kept_vision: torch.Tensor | None  # [B, keep] patch indices FasterVLM kept, raster order
+    kept_llm: torch.Tensor | None  # [B, keep] indices into the LLM's image span that FastV kept
+    kept_positions: torch.Tensor | None  # [B, M] prompt positions that go on to layers >= K
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]
+    prefill: Prefill
+    steps_logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per generated token
+
+
+def encode_image(llava: Llava, pixel_values: torch.Tensor, pruning: PruningConfig):
+    """-> projected image embeddings [B, n, C] and FasterVLM's kept patch indices (or None)."""
+    if pruning.fastervlm is None:
+        features, _ = llava.image_features(pixel_values)
+        return llava.projector(features), None
+    features, cls_row = llava.image_features(pixel_values, want_cls_row=True)
+    keep, _ = pruning.keep_counts(features.shape[1])
+    kept = fastervlm_select(cls_row, keep)
+    # The projector is per token, so projecting only the kept patches equals project-then-select.
+    return llava.projector(gather_tokens(features, kept)), kept
+
+
+def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch.Tensor):
+    """Embed the prompt with the image span replaced by image_embeds.
+
+    input_ids holds the unpruned placeholder run (as the HF processor gives it); when FasterVLM kept
+    fewer tokens the run is shortened to match. Returns (embeddings [B, T, C], image_start).
+    """
+    start, n = llava.image_span(input_ids)
+    if n != llava.spec.num_image_tokens:
+        raise MllmEdgeError(f"the prompt holds {n} image tokens; this model puts {llava.spec.num_image_tokens}")
+    text = llava.decoder.embed(input_ids)
+    embeds = torch.cat((text[:, :start], image_embeds.to(text.dtype), text[:, start + n :]), dim=1)
+    return embeds, start
+
+
+@torch.inference_mode()
+def prefill(llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruningConfig, cache: KVCache) -> Prefill:
+    pruning.validate(llava.spec.text.num_layers)
+    decoder = llava.decoder
+    num_layers = llava.spec.text.num_layers
+    image_embeds, kept_vision = encode_image(llava, pixel_values, pruning)
+    hidden, image_start = prompt_embeddings(llava, input_ids, image_embeds)
+    b, t, _ = hidden.shape
+    positions = torch.arange(t, device=hidden.device).expand(b, t)
+    kept_llm = kept_positions = None
+    split = pruning.fastv.k if pruning.fastv else 0
+    if pruning.fastv:
+        out = decoder.run_layers(hidden, positions, 0, split, row_layer=split - 1)
+        cache.append(0, out.new_keys, out.new_values)
+        n_image = image_embeds.shape[1]
+        _, keep = pruning.keep_counts(llava.spec.num_image_tokens)
+        kept_llm, kept_positions = fastv_select(out.last_row, image_start, n_image, keep)
+        hidden = gather_tokens(out.hidden, kept_positions)
+        positions = gather_tokens(positions, kept_positions)  # original ids: gaps stay
+    out = decoder.run_layers(hidden, positions, split, num_layers)
+    cache.append(split, out.new_keys, out.new_values)
+    logits = decoder.logits(out.hidden[:, -1])
+    return Prefill(logits.float(), t, kept_vision, kept_llm, kept_positions)
+
+
+@torch.inference_mode()
+def decode_step(llava: Llava, token_ids: torch.Tensor, position: int, cache: KVCache, split: int) -> torch.Tensor:
+    """One new token per sequence: token_ids [B] at `position` -> logits [B, V].
+
+    The layer groups [0, split) and [split, L) read their own cache lengths.
+    """
+    decoder = llava.decoder
+    hidden = decoder.embed(token_ids[:, None])
+    positions = torch.full_like(token_ids[:, None], position)
+    for start, stop in ((0, split), (split, llava.spec.text.num_layers)):
+        if start == stop:
+            continue
+        out = decoder.run_layers(hidden, positions, start, stop, past=cache.past(start, stop))
+        cache.append(start, out.new_keys, out.new_values)
+        hidden = out.hidden
+    return decoder.logits(hidden[:, -1]).float()
+
+
+def generate_steps(
+    llava: Llava,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    pruning: PruningConfig = PruningConfig(),
+    max_new_tokens: int = 16,
+    max_context: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Prefill]]:
+    """Yield (next token ids [B], logits [B, V], prefill info) greedily, one step at a time."""
+    if max_new_tokens < 1:
+        raise MllmEdgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_len = max_context or input_ids.shape[1] + max_new_tokens
+    dtype = next(llava.parameters()).dtype
+    cache = KVCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)
+    first = prefill(llava, input_ids, pixel_values, pruning, cache)
+    split = pruning.fastv.k if pruning.fastv else 0
+    logits = first.logits
+    for step in range(max_new_tokens):
+        token = logits.argmax(dim=-1)
+        yield token, logits, first
+        if step + 1 < max_new_tokens:
+            logits = decode_step(llava, token, first.prompt_length + step, cache, split)
+
+
+def generate(
+    llava: Llava,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    pruning: PruningConfig = PruningConfig(),
+    max_new_tokens: int = 16,
+    eos_token_id: int | None = None,
+) -> GenerationResult:
+    """Greedy generation; a sequence stops at eos_token_id (included), the batch when all have."""
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    done = [False] * len(tokens)
+    all_logits, first = [], None
+    for token, logits, first in generate_steps(llava, input_ids, pixel_values, pruning, max_new_tokens):
+        all_logits.append(logits)
+        for i, tok in enumerate(token.tolist()):
+            if not done[i]:
+                tokens[i].append(tok)
+                done[i] = tok == eos_token_id
+        if all(done):
+            break
+    return GenerationResult(tokens, first, all_logits)

@@ -1,0 +1,99 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Shape letters, used the same way in every module:
+  B batch, S new tokens, P past tokens, T = P + S all tokens, C channels (hidden size),
+  H query heads, G key/value heads, R = H // G queries per key/value head, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedModelError(f"activation '{name}' is not supported ({', '.join(ACTIVATIONS)})") from None
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in fp32 whatever the input dtype (fp16 overflows in the square)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """q: [B, S, H, D] -> [B, G, R*S, D], so each key/value head is read once, never repeated.
+
+    Query head h uses key/value head h // R, as in transformers' repeat_kv.
+    """
+    b, s, h, d = q.shape
+    r = h // num_kv_heads
+    return q.reshape(b, s, num_kv_heads, r, d).permute(0, 2, 3, 1, 4).reshape(b, num_kv_heads, r * s, d)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention with grouped keys/values; the softmax runs in fp32.
+
+    q: [B, S, H, D]; k, v: [B, T, G, D]; mask: additive, broadcastable to [S, T] or None.
+    Returns [B, S, H*D].
+    """
+    b, s, h, d = q.shape
+    g = k.shape[2]
+    qg = group_queries(q, g)  # [B, G, R*S, D]
+    kt = k.permute(0, 2, 3, 1)  # [B, G, D, T]
+    scores = torch.matmul(qg, kt).float() * scale  # [B, G, R*S, T]
+    scores = scores.reshape(b, g, h // g, s, -1)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).reshape(b, g, (h // g) * s, -1)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [B, G, R*S, D]
+    return out.reshape(b, g, h // g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, h * d)
+
+
+def attention_row(q_row: torch.Tensor, k: torch.Tensor, scale: float, mask_row: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-softmax attention of one query position over all keys, averaged over the query heads.
+
+    This is the single row FastV and FasterVLM rank tokens by, computed directly in O(T) so the
+    full T x T map is never built. q_row: [B, H, D]; k: [B, T, G, D]; returns [B, T] in fp32.
+    """
+    b, h, d = q_row.shape
+    g = k.shape[2]
+    qg = q_row.reshape(b, g, h // g, d)  # head h -> kv head h // R
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, G, R, T]
+    if mask_row is not None:
+        scores = scores + mask_row
+    return torch.softmax(scores, dim=-1).reshape(b, h, -1).mean(dim=1)
+
+
+def causal_mask(num_new: int, num_past: int, device=None) -> torch.Tensor:
+    """[S, T] additive mask: new token i (cache slot P + i) sees cache slots 0 .. P + i."""
+    key = torch.arange(num_past + num_new, device=device)
+    query = torch.arange(num_new, device=device) + num_past
+    visible = key[None, :] <= query[:, None]
+    return torch.zeros(visible.shape, device=device).masked_fill(~visible, float("-inf"))

@@ -1,0 +1,26 @@
+"""FastV and FasterVLM, exactly as METHODS.md defines them: shared by the models, export and tests."""
+
+from .params import (
+    METHODS,
+    FasterVLMConfig,
+    FastVConfig,
+    PruningConfig,
+    check_fastv_layer,
+    check_ratio,
+    keep_count,
+)
+from .select import fastervlm_select, fastv_select, gather_tokens, top_k_in_order
+
+__all__ = [
+    "METHODS",
+    "FastVConfig",
+    "FasterVLMConfig",
+    "PruningConfig",
+    "check_fastv_layer",
+    "check_ratio",
+    "keep_count",
+    "fastv_select",
+    "fastervlm_select",
+    "gather_tokens",
+    "top_k_in_order",
+]

@@ -1,0 +1,76 @@
+"""Pruning settings and the rules every caller shares: keep counts and parameter checks (METHODS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MllmEdgeError
+
+METHODS = ("none", "fastv", "fastervlm", "fastv+fastervlm")
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """R is the fraction of visual tokens pruned: 0 <= R < 1."""
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise MllmEdgeError(f"{what} must be in [0, 1) (the fraction of image tokens pruned), got {ratio!r}")
+    return float(ratio)
+
+
+def keep_count(num_tokens: int, ratio: float) -> int:
+    """Tokens kept out of `num_tokens`: Python's round of the exact product (576 at R=0.9 -> 58)."""
+    check_ratio(ratio)
+    keep = round(num_tokens * (1.0 - ratio))
+    if keep < 1:
+        raise MllmEdgeError(f"ratio {ratio} keeps no image token out of {num_tokens}; use a smaller ratio")
+    return keep
+
+
+def check_fastv_layer(k: int, num_layers: int) -> int:
+    """FastV's K: layers [0, K) see every token, so 1 <= K < L (K = 0 would be random selection)."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < num_layers:
+        raise MllmEdgeError(f"FastV layer K must satisfy 1 <= K < {num_layers} (the model's layer count), got {k!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class FastVConfig:
+    ratio: float
+    k: int = 2
+
+
+@dataclass(frozen=True)
+class FasterVLMConfig:
+    ratio: float
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Which methods run and with what settings; both may run at once (FastV then ranks FasterVLM's survivors)."""
+
+    fastv: FastVConfig | None = None
+    fastervlm: FasterVLMConfig | None = None
+
+    @classmethod
+    def from_method(cls, method: str, ratio: float = 0.0, k: int = 2, vision_ratio: float | None = None) -> PruningConfig:
+        """`--method`/`--ratio`/`--k` as the CLI takes them; `vision_ratio` sets FasterVLM's ratio when both run."""
+        if method not in METHODS:
+            raise MllmEdgeError(f"unknown pruning method '{method}' (choose from {', '.join(METHODS)})")
+        check_ratio(ratio)
+        fastv = FastVConfig(ratio, k) if "fastv" in method.split("+") else None
+        fastervlm = None
+        if "fastervlm" in method:
+            fastervlm = FasterVLMConfig(check_ratio(ratio if vision_ratio is None else vision_ratio, "vision ratio"))
+        return cls(fastv, fastervlm)
+
+    def validate(self, num_layers: int) -> None:
+        if self.fastv is not None:
+            check_ratio(self.fastv.ratio)
+            check_fastv_layer(self.fastv.k, num_layers)
+        if self.fastervlm is not None:
+            check_ratio(self.fastervlm.ratio)
+
+    def keep_counts(self, num_image_tokens: int) -> tuple[int, int]:
+        """(tokens leaving the vision tower, tokens FastV keeps inside the LLM)."""
+        vision = keep_count(num_image_tokens, self.fastervlm.ratio) if self.fastervlm else num_image_tokens
+        llm = keep_count(vision, self.fastv.ratio) if self.fastv else vision
+        return vision, llm
