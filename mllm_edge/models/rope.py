@@ -43,7 +43,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: [B, S] -> cos, sin: [B, S, 1, D] (angles in fp32, then cast)."""
-        angles = position_ids[..., None].float() * self.inv_freq  # [B, S, D/2]
+        angles = position_ids[..., None].float() * self.inv_freq.float()  # [B, S, D/2]
         emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
