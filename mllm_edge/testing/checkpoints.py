@@ -164,6 +164,8 @@ def _corpus() -> list[str]:
             f"USER: Where is the {colour} {shape}? ASSISTANT: The {colour} {shape} is at the {place} of the image.",
             f"USER: How many {shape}s are there? ASSISTANT: There are {number} {shape}s. {number.capitalize()}.",
             f"USER: Is the {shape} {colour}? ASSISTANT: Yes, the {shape} is {colour}, and it is to the {place}.",
+            # The same in ChatML form, so that its role names become whole tokens as in Qwen2's vocabulary.
+            f"system\n{CHATML_SYSTEM_PROMPT}\nuser\nWhat colour is the {shape}?\nassistant\nIt is {colour}.",
         ]
     for shape in _SHAPES:
         lines.append(f"A {shape} is above a {shape}, below a {shape}, next to a {shape} and inside a {shape}.")
