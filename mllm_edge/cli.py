@@ -71,7 +71,7 @@ def reference(
     picture = load_image(image)
     folder = resolve_checkpoint(model)
     llava = load_llava(folder)
-    pruning.validate(llava.spec.text.num_layers)
+    pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     input_ids, pixel_values, _ = prepare_inputs(folder, picture, prompt)
     from transformers import AutoTokenizer
 

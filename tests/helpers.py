@@ -33,6 +33,11 @@ def inputs(path: Path, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, pixel_values
 
 
+def has_cls(path: Path) -> bool:
+    """FasterVLM needs a [CLS] token: CLIP towers have one, SigLIP towers do not."""
+    return our_model(path).spec.vision.has_cls
+
+
 def hf_fastv_keep(path: Path, input_ids, pixel_values, k: int, keep: int) -> list[int]:
     """FastV's kept image tokens by METHODS.md, from transformers' own eager attention maps."""
     hf = hf_model(path)

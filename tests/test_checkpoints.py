@@ -58,7 +58,9 @@ def test_loads_offline_with_the_spec_architecture(tiny_checkpoint):
     assert cfg.tie_word_embeddings == spec.tie_word_embeddings
     assert (vision.image_size, vision.patch_size) == (spec.image_size, spec.patch_size)
     assert cfg.image_seq_length == spec.num_image_tokens
-    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (spec.vision_feature_layer, "default")
+    strategy = "full" if spec.vision_arch == "siglip" else "default"  # SigLIP has no CLS token to drop
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (spec.vision_feature_layer, strategy)
+    assert vision.model_type == f"{spec.vision_arch}_vision_model"
     assert text.vocab_size == len(processor.tokenizer)
     assert cfg.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id
     assert model.dtype == torch.float32
@@ -83,12 +85,17 @@ def test_files_have_the_hub_layout(tiny_checkpoint):
     assert ("language_model.lm_head.weight" in keys) == (not spec.tie_word_embeddings)
 
     image_settings = json.loads((path / "preprocessor_config.json").read_text())
-    assert image_settings["image_processor_type"] == "CLIPImageProcessor"
-    assert image_settings["crop_size"] == {"height": spec.image_size, "width": spec.image_size}
-    assert image_settings["size"] == {"shortest_edge": spec.image_size}
     processor_settings = json.loads((path / "processor_config.json").read_text())
     assert "image_processor" not in processor_settings
-    assert processor_settings["num_additional_image_tokens"] == 1
+    if spec.vision_arch == "siglip":  # resize straight to the square, every patch a token
+        assert image_settings["image_processor_type"] == "SiglipImageProcessor"
+        assert image_settings["size"] == {"height": spec.image_size, "width": spec.image_size}
+        assert processor_settings["num_additional_image_tokens"] == 0
+    else:  # resize the short side, centre-crop; the CLS token is counted, then dropped
+        assert image_settings["image_processor_type"] == "CLIPImageProcessor"
+        assert image_settings["crop_size"] == {"height": spec.image_size, "width": spec.image_size}
+        assert image_settings["size"] == {"shortest_edge": spec.image_size}
+        assert processor_settings["num_additional_image_tokens"] == 1
     assert processor_settings["patch_size"] == spec.patch_size
     tokenizer_settings = json.loads((path / "tokenizer_config.json").read_text())
     assert tokenizer_settings["chat_template"] == (path / "chat_template.jinja").read_text()
@@ -186,13 +193,16 @@ def test_image_changes_the_answer_logits(tiny_checkpoint):
     assert (a - b).abs().max() > 1e-2
 
 
-def test_greedy_generation_runs(tiny_checkpoint):
+def test_greedy_generation_runs_without_special_tokens(tiny_checkpoint):
     name, path = tiny_checkpoint
     model, processor = load(path)
-    inputs = model_inputs(processor)
-    prompt_length = inputs["input_ids"].shape[1]
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert prompt_length < out.shape[1] <= prompt_length + 4  # may stop early at EOS
+    special_ids = {i for i, token in processor.tokenizer.added_tokens_decoder.items() if token.special}
+    assert {model.config.image_token_id, model.generation_config.eos_token_id} <= special_ids
+    for seed in range(3):  # EOS, <image>, <pad>... are never picked, so generation runs its full length
+        inputs = model_inputs(processor, sample_image(seed=seed))
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        new_tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+        assert len(new_tokens) == 16 and not special_ids & set(new_tokens)
 
 
 def test_constant_initialised_parameters_are_random(tiny_checkpoint):

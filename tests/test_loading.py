@@ -92,7 +92,7 @@ def test_missing_weight_is_named(tiny_checkpoints, tmp_path):
     "edit, message",
     [
         (lambda c: c["text_config"].update(model_type="mistral"), "language model 'mistral' is not supported"),
-        (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "vision tower 'siglip_vision_model'"),
+        (lambda c: c["vision_config"].update(model_type="dinov2"), "vision tower 'dinov2' is not supported"),
         (lambda c: c.update(model_type="llava_next"), "model type 'llava_next' is not supported"),
         (lambda c: c.update(vision_feature_select_strategy="full"), "only 'default'"),
         (lambda c: c["text_config"].update(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "RoPE type 'dynamic'"),

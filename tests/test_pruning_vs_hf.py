@@ -11,7 +11,21 @@ import torch
 from mllm_edge.models import generate
 from mllm_edge.pruning import PruningConfig, keep_count
 
-from helpers import hf_fastervlm_keep, hf_fastv_keep, hf_model, inputs, our_model
+from mllm_edge.errors import MllmEdgeError
+
+from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, hf_model, inputs, our_model
+
+
+def skip_without_cls(path):
+    if not has_cls(path):
+        pytest.skip("FasterVLM needs a [CLS] token; this tower (SigLIP) has none")
+
+
+def test_fastervlm_on_a_tower_without_cls_is_refused(tiny_checkpoints):
+    path = tiny_checkpoints["qwen2_siglip"]
+    input_ids, pixel_values = inputs(path)
+    with pytest.raises(MllmEdgeError, match=r"\[CLS\] token"):
+        generate(our_model(path), input_ids, pixel_values, PruningConfig.from_method("fastervlm", 0.5))
 
 
 @pytest.mark.parametrize("k, ratio", [(1, 0.5), (2, 0.5), (2, 0.75), (3, 0.9)])
@@ -27,6 +41,7 @@ def test_fastv_kept_tokens_equal_those_from_hf_attention_maps(tiny_checkpoint, k
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.95])
 def test_fastervlm_kept_patches_equal_those_from_clip_attention_maps(tiny_checkpoint, ratio):
     name, path = tiny_checkpoint
+    skip_without_cls(path)
     ours = our_model(path)
     input_ids, pixel_values = inputs(path)
     keep = keep_count(ours.spec.num_image_tokens, ratio)
@@ -37,6 +52,8 @@ def test_fastervlm_kept_patches_equal_those_from_clip_attention_maps(tiny_checkp
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "fastv+fastervlm"])
 def test_ratio_zero_reproduces_the_unpruned_model(tiny_checkpoint, method):
     name, path = tiny_checkpoint
+    if "fastervlm" in method:
+        skip_without_cls(path)
     ours = our_model(path)
     input_ids, pixel_values = inputs(path)
     plain = generate(ours, input_ids, pixel_values, max_new_tokens=6)
@@ -130,6 +147,7 @@ def test_fastv_renumbering_positions_would_change_the_answer(tiny_checkpoint):
 def test_fastervlm_generation_equals_hf_generate_on_selected_features(tiny_checkpoint):
     """FasterVLM as its official code does it: project all patches, keep the selected ones, generate."""
     name, path = tiny_checkpoint
+    skip_without_cls(path)
     hf, ours = hf_model(path), our_model(path)
     input_ids, pixel_values = inputs(path)
     keep = keep_count(ours.spec.num_image_tokens, 0.75)
@@ -153,6 +171,7 @@ def test_fastervlm_generation_equals_hf_generate_on_selected_features(tiny_check
 def test_both_methods_compose(tiny_checkpoint):
     """FastV ranks the tokens FasterVLM kept, with its own ratio."""
     name, path = tiny_checkpoint
+    skip_without_cls(path)
     ours = our_model(path)
     input_ids, pixel_values = inputs(path)
     pruning = PruningConfig.from_method("fastv+fastervlm", 0.5, 2, vision_ratio=0.5)

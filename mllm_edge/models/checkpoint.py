@@ -33,8 +33,8 @@ _PREFIXES = [
     ("multi_modal_projector.", "projector."),
     ("lm_head.", "decoder.lm_head."),
 ]
-# Weights that LLaVA never uses: CLIP's pooled head, the buffers some exports save.
-_UNUSED = re.compile(r"^vision\.post_layernorm\.|position_ids$|rotary_emb\.inv_freq$")
+# Weights that LLaVA never uses: the towers' pooling heads, the buffers some exports save.
+_UNUSED = re.compile(r"^vision\.(post_layernorm|head)\.|position_ids$|rotary_emb\.inv_freq$")
 
 
 def canonical_key(key: str) -> str:

@@ -14,7 +14,9 @@ from pathlib import Path
 from ..errors import MllmEdgeError, UnsupportedModelError
 
 SUPPORTED_TEXT_ARCHS = ("llama", "qwen2")
-SUPPORTED_VISION_ARCHS = ("clip_vision_model",)
+# CLIP (LLaVA-1.5: features without the CLS token) and SigLIP (llava-interleave: no CLS token at all).
+SUPPORTED_VISION_ARCHS = ("clip_vision_model", "siglip_vision_model")
+_SELECT_STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}
 # RoPE kinds whose frequencies do not depend on the sequence length, so one table serves every shape.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -30,6 +32,11 @@ class VisionSpec:
     num_layers: int  # encoder layers that run: those up to and including the feature layer
     layer_norm_eps: float
     hidden_act: str
+
+    @property
+    def has_cls(self) -> bool:
+        """CLIP prepends a [CLS] token (which FasterVLM ranks by); SigLIP has none."""
+        return self.arch == "clip_vision_model"
 
     @property
     def grid(self) -> int:
@@ -85,9 +92,10 @@ def _vision_spec(cfg, feature_layer: int, select_strategy: str) -> VisionSpec:
         raise UnsupportedModelError(
             f"vision_feature_layer={feature_layer!r}: only a single feature layer is supported"
         )
-    if select_strategy != "default":
+    if select_strategy != _SELECT_STRATEGY[cfg.model_type]:
         raise UnsupportedModelError(
-            f"vision_feature_select_strategy='{select_strategy}': only 'default' (CLS dropped) is supported"
+            f"vision_feature_select_strategy='{select_strategy}' with {cfg.model_type}: only "
+            f"'{_SELECT_STRATEGY[cfg.model_type]}' is supported (image tokens = patches, no CLS)"
         )
     # hidden_states has num_hidden_layers + 1 entries (index 0 is the embedding output); the features of
     # index i are the output of encoder layer i-1, so layers [0, i) are all that need to run.

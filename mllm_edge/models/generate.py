@@ -94,7 +94,7 @@ def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch
 
 @torch.inference_mode()
 def prefill(llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruningConfig, cache: KVCache) -> Prefill:
-    pruning.validate(llava.spec.text.num_layers)
+    pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     decoder = llava.decoder
     num_layers = llava.spec.text.num_layers
     image_embeds, kept_vision = encode_image(llava, pixel_values, pruning)

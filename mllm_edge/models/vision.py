@@ -1,8 +1,9 @@
-"""The CLIP vision tower as LLaVA uses it, and the multimodal projector.
+"""The vision tower as LLaVA uses it (CLIP, or SigLIP for llava-interleave), and the projector.
 
 Only the encoder layers up to the feature layer exist here (LLaVA-1.5 takes the second-to-last
-layer's output, so its last layer is never loaded). The tower can also return the [CLS] query's
-attention row of that same layer, which FasterVLM ranks patches by.
+layer's output, so its last layer is never loaded). A CLIP tower can also return the [CLS] query's
+attention row of that same layer, which FasterVLM ranks patches by. The two towers differ only in
+the [CLS] token, CLIP's extra LayerNorm before the encoder, and SigLIP's bias on the patch conv.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .config import LlavaSpec, VisionSpec
 from .layers import activation, attention, attention_row
 
@@ -17,16 +19,20 @@ from .layers import activation, attention, attention_row
 class VisionEmbeddings(nn.Module):
     def __init__(self, spec: VisionSpec):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.zeros(spec.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, spec.hidden_size, spec.patch_size, stride=spec.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(spec.num_patches + 1, spec.hidden_size)
+        self.has_cls = spec.has_cls
+        if spec.has_cls:
+            self.class_embedding = nn.Parameter(torch.zeros(spec.hidden_size))
+        c, p = spec.hidden_size, spec.patch_size
+        self.patch_embedding = nn.Conv2d(3, c, p, stride=p, bias=not spec.has_cls)
+        self.position_embedding = nn.Embedding(spec.num_patches + int(spec.has_cls), c)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values: [B, 3, size, size] -> [B, 1 + N, C], CLS first, patches in raster order."""
+        """pixel_values: [B, 3, size, size] -> [B, (1 +) N, C], CLS first if any, patches in raster order."""
         weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat((cls, patches), dim=1) + self.position_embedding.weight
+        x = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+        if self.has_cls:
+            x = torch.cat((self.class_embedding.expand(x.shape[0], 1, -1), x), dim=1)
+        return x + self.position_embedding.weight
 
 
 class VisionAttention(nn.Module):
@@ -77,7 +83,8 @@ class VisionTower(nn.Module):
         super().__init__()
         self.spec = spec
         self.embeddings = VisionEmbeddings(spec)
-        self.pre_layrnorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)  # sic: CLIP's name
+        # sic: CLIP's spelling. SigLIP has no norm before the encoder.
+        self.pre_layrnorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps) if spec.has_cls else nn.Identity()
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(spec) for _ in range(spec.num_layers))
 
@@ -86,12 +93,16 @@ class VisionTower(nn.Module):
 
         The CLS->CLS entry is dropped from the row and the rest is not renormalised (ranking is unchanged).
         """
+        if want_cls_row and not self.spec.has_cls:
+            raise UnsupportedModelError(f"FasterVLM ranks patches by [CLS] attention; {self.spec.arch} has no [CLS] token")
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         row = None
         last = len(self.encoder.layers) - 1
         for i, layer in enumerate(self.encoder.layers):
             x, r = layer(x, want_cls_row and i == last)
             row = r if r is not None else row
+        if not self.spec.has_cls:
+            return x, None
         return x[:, 1:], (row[:, 1:] if row is not None else None)
 
 

@@ -62,12 +62,14 @@ class PruningConfig:
             fastervlm = FasterVLMConfig(check_ratio(ratio if vision_ratio is None else vision_ratio, "vision ratio"))
         return cls(fastv, fastervlm)
 
-    def validate(self, num_layers: int) -> None:
+    def validate(self, num_layers: int, vision_has_cls: bool = True) -> None:
         if self.fastv is not None:
             check_ratio(self.fastv.ratio)
             check_fastv_layer(self.fastv.k, num_layers)
         if self.fastervlm is not None:
             check_ratio(self.fastervlm.ratio)
+            if not vision_has_cls:
+                raise MllmEdgeError("FasterVLM ranks patches by [CLS] attention, and this vision tower has no [CLS] token")
 
     def keep_counts(self, num_image_tokens: int) -> tuple[int, int]:
         """(tokens leaving the vision tower, tokens FastV keeps inside the LLM)."""
