@@ -12,10 +12,14 @@ import torch
 def top_k_in_order(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest scores per row, returned in ascending (original) order.
 
-    scores: [B, N] -> [B, keep]. Ties go to the lower index: a stable descending sort guarantees it
-    here, and ONNX TopK defines the same tie-break.
+    scores: [B, N] -> [B, keep]. Ties go to the lower index. In eager PyTorch a stable descending
+    sort guarantees it (torch.topk does not promise a tie order); in an exported graph ONNX TopK
+    defines that same tie-break, and the ONNX exporters have no stable sort.
     """
-    ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
+    if torch.onnx.is_in_onnx_export():
+        ranked = torch.topk(scores, keep, dim=-1).indices
+    else:
+        ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
     return torch.sort(ranked, dim=-1).values
 
 
