@@ -47,6 +47,15 @@ def user_errors(command):
     return wrapper
 
 
+def require_export_extra() -> None:
+    """The PyTorch side needs torch and transformers, which a runtime-only install lacks."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MllmEdgeError(f"this command needs {' and '.join(missing)}: pip install 'mllm-edge[export]'")
+
+
 @app.command()
 @user_errors
 def reference(
@@ -62,6 +71,7 @@ def reference(
     """Answer with the PyTorch reference (greedy, KV cache): the yardstick exported graphs are checked against."""
     import time
 
+    require_export_extra()
     from .models import generate, load_llava
     from .models.checkpoint import resolve_checkpoint
     from .models.inputs import load_image, prepare_inputs

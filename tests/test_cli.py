@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -28,7 +29,8 @@ def test_help_of_every_command(command):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "mllm_edge.cli", "--version"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "mllm-edge"
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and __version__ in out.stdout
 
 
@@ -84,6 +86,7 @@ def test_bad_model_and_image_get_a_clear_error(tiny_checkpoints, image_file, tmp
         ([str(tmp_path / "missing.jpg"), "--model", model], "missing.jpg does not exist"),
         ([str(empty), "--model", model], "is empty"),
         ([str(corrupt), "--model", model], "cannot be read"),
+        ([str(tmp_path), "--model", model], "is a folder, not an image file"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["reference", *args])

@@ -77,6 +77,22 @@ def test_unused_vision_layers_are_not_loaded(tiny_checkpoints):
     assert len(llava.vision.encoder.layers) == spec.vision.num_layers
 
 
+def test_truncated_or_misshapen_weights_get_a_clear_error(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    truncated = copy_checkpoint(tiny_checkpoints["llama_gqa"], tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MllmEdgeError, match="cannot be read"):
+        load_llava(truncated)
+    misshapen = copy_checkpoint(tiny_checkpoints["llama_gqa"], tmp_path / "misshapen")
+    state = load_file(str(misshapen / "model.safetensors"))
+    state["language_model.model.norm.weight"] = torch.ones(3)
+    save_file(state, str(misshapen / "model.safetensors"))
+    with pytest.raises(MllmEdgeError, match="does not match its config"):
+        load_llava(misshapen)
+
+
 def test_missing_weight_is_named(tiny_checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 

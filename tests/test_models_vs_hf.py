@@ -86,8 +86,10 @@ def test_batch_rows_are_independent(tiny_checkpoint):
     ours = our_model(path)
     ids0, px0 = inputs(path, 0)
     ids1, px1 = inputs(path, 1)
-    method = "fastv+fastervlm" if has_cls(path) else "fastv"
-    pruning = PruningConfig.from_method(method, 0.5, 1, vision_ratio=0.25)
+    if has_cls(path):
+        pruning = PruningConfig.from_method("fastv+fastervlm", 0.5, 1, vision_ratio=0.25)
+    else:
+        pruning = PruningConfig.from_method("fastv", 0.5, 1)
     both = generate(ours, torch.cat((ids0, ids1)), torch.cat((px0, px1)), pruning, max_new_tokens=4)
     for row, (ids, px) in enumerate(((ids0, px0), (ids1, px1))):
         alone = generate(ours, ids, px, pruning, max_new_tokens=4)

@@ -21,6 +21,12 @@ def test_keep_count_matches_methods_table(ratio, kept):
     assert keep_count(576, ratio) == kept
 
 
+def test_keep_count_rounds_like_python_round_on_halves():
+    assert keep_count(9, 0.5) == 4  # 4.5 -> 4: round half to even, not half up
+    assert keep_count(5, 0.5) == 2  # 2.5 -> 2
+    assert keep_count(7, 0.5) == 4  # 3.5 -> 4
+
+
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.5"])
 def test_ratio_out_of_range_is_rejected(ratio):
     with pytest.raises(MllmEdgeError, match="ratio"):
@@ -51,6 +57,10 @@ def test_from_method():
         PruningConfig.from_method("fastvv", 0.5)
     with pytest.raises(MllmEdgeError, match="1 <= K < 4"):
         PruningConfig.from_method("fastv", 0.5, k=0).validate(num_layers=4)
+    with pytest.raises(MllmEdgeError, match="without a pruning method"):
+        PruningConfig.from_method("none", 0.5)
+    with pytest.raises(MllmEdgeError, match="only when both methods run"):
+        PruningConfig.from_method("fastv", 0.5, vision_ratio=0.5)
 
 
 def test_top_k_breaks_ties_toward_lower_index_and_keeps_order():

@@ -13,7 +13,7 @@ from mllm_edge.pruning import PruningConfig, keep_count
 
 from mllm_edge.errors import MllmEdgeError
 
-from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, hf_model, inputs, our_model
+from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, hf_model, inputs, our_model, stable_top_k
 
 
 def skip_without_cls(path):
@@ -169,14 +169,25 @@ def test_fastervlm_generation_equals_hf_generate_on_selected_features(tiny_check
 
 
 def test_both_methods_compose(tiny_checkpoint):
-    """FastV ranks the tokens FasterVLM kept, with its own ratio."""
+    """FastV ranks the tokens FasterVLM kept, with its own ratio: checked on transformers' attention maps."""
     name, path = tiny_checkpoint
     skip_without_cls(path)
-    ours = our_model(path)
+    hf, ours = hf_model(path), our_model(path)
     input_ids, pixel_values = inputs(path)
-    pruning = PruningConfig.from_method("fastv+fastervlm", 0.5, 2, vision_ratio=0.5)
+    k = 2
+    pruning = PruningConfig.from_method("fastv+fastervlm", 0.5, k, vision_ratio=0.5)
     vision_keep, llm_keep = pruning.keep_counts(ours.spec.num_image_tokens)
+    kept = hf_fastervlm_keep(path, pixel_values, vision_keep)
+    image_id = hf.config.image_token_id
+    with torch.no_grad():
+        image = torch.cat(hf.model.get_image_features(pixel_values=pixel_values).pooler_output)[kept]
+        ids = input_ids[0].tolist()
+        start = ids.index(image_id)
+        short = torch.tensor([ids[:start] + [image_id] * vision_keep + ids[start + ours.spec.num_image_tokens :]])
+        embeds = hf.get_input_embeddings()(short)
+        embeds[0, start : start + vision_keep] = image
+        attentions = hf(inputs_embeds=embeds, output_attentions=True).attentions
+    row = attentions[k - 1][0, :, -1, :].mean(dim=0)[start : start + vision_keep]  # over FasterVLM's survivors
     result = generate(ours, input_ids, pixel_values, pruning, max_new_tokens=2)
-    assert result.prefill.kept_vision.shape == (1, vision_keep)
-    assert result.prefill.kept_llm.shape == (1, llm_keep)
-    assert result.prefill.kept_llm.max() < vision_keep
+    assert result.prefill.kept_vision[0].tolist() == kept
+    assert result.prefill.kept_llm[0].tolist() == stable_top_k(row.tolist(), llm_keep)

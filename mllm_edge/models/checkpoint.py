@@ -8,11 +8,13 @@ mapped onto one canonical naming by `canonical_key`, next to the modules it serv
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import MllmEdgeError
 
@@ -85,17 +87,20 @@ def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         if not file.is_file():
             raise MllmEdgeError(f"weight file {file.name} listed in the index is missing from {folder}")
-        if kind == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    name = canonical_key(key)
-                    if not _UNUSED.search(name):
-                        yield name, f.get_tensor(key)
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
+        try:
+            for key, tensor in _read_file(file, kind):
                 name = canonical_key(key)
                 if not _UNUSED.search(name):
                     yield name, tensor
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+            raise MllmEdgeError(f"weight file {file} cannot be read (truncated or corrupt?): {e}") from None
+
+
+def _read_file(file: Path, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if kind == "safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        # weights_only: refuse pickled code; only tensors and plain containers load.
+        yield from torch.load(str(file), map_location="cpu", weights_only=True, mmap=True).items()

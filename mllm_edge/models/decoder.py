@@ -109,7 +109,8 @@ class Decoder(nn.Module):
         if past is None:
             empty = hidden.new_zeros(b, 0, self.spec.num_kv_heads, self.spec.head_dim)
             past = [(empty, empty)] * (stop - start)
-        mask = causal_mask(s, past[0][0].shape[1], device=hidden.device) if s > 1 else None
+        # Built for S = 1 too: a graph traced with one shape must stay right for every other.
+        mask = causal_mask(s, past[0][0].shape[1], device=hidden.device)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         keys, values, row = [], [], None
         for i, layer_idx in enumerate(range(start, stop)):

@@ -165,9 +165,13 @@ def generate(
     pixel_values: torch.Tensor,
     pruning: PruningConfig = PruningConfig(),
     max_new_tokens: int = 16,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
 ) -> GenerationResult:
-    """Greedy generation; a sequence stops at eos_token_id (included), the batch when all have."""
+    """Greedy generation; a sequence stops at an end token (included), the batch when all have.
+
+    eos_token_id may be one id or several, as Hugging Face generation configs give it.
+    """
+    stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     done = [False] * len(tokens)
     all_logits, first = [], None
@@ -176,7 +180,7 @@ def generate(
         for i, tok in enumerate(token.tolist()):
             if not done[i]:
                 tokens[i].append(tok)
-                done[i] = tok == eos_token_id
+                done[i] = tok in stop
         if all(done):
             break
     return GenerationResult(tokens, first, all_logits)

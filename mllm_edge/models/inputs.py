@@ -14,6 +14,8 @@ def load_image(path: str | Path):
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise MllmEdgeError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise MllmEdgeError(f"image {path} does not exist")
     if path.stat().st_size == 0:

@@ -67,7 +67,10 @@ def load_llava(model: str | Path, dtype: torch.dtype = torch.float32) -> Llava:
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected (first: {', '.join(sorted(unexpected)[:3])})")
         raise MllmEdgeError(f"checkpoint {folder} does not match its config: " + "; ".join(detail))
-    llava.load_state_dict(state, assign=True, strict=True)
+    try:
+        llava.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        raise MllmEdgeError(f"checkpoint {folder} does not match its config: {e}") from None
     return llava.eval()
 
 

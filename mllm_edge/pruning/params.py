@@ -56,6 +56,10 @@ class PruningConfig:
         if method not in METHODS:
             raise MllmEdgeError(f"unknown pruning method '{method}' (choose from {', '.join(METHODS)})")
         check_ratio(ratio)
+        if method == "none" and ratio:
+            raise MllmEdgeError(f"ratio {ratio} given without a pruning method: add --method fastv or fastervlm")
+        if vision_ratio is not None and method != "fastv+fastervlm":
+            raise MllmEdgeError("a vision ratio applies only when both methods run (--method fastv+fastervlm)")
         fastv = FastVConfig(ratio, k) if "fastv" in method.split("+") else None
         fastervlm = None
         if "fastervlm" in method:
