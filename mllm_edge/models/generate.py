@@ -102,7 +102,7 @@ def prefill(llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, p
     b, t, _ = hidden.shape
     positions = torch.arange(t, device=hidden.device).expand(b, t)
     kept_llm = kept_positions = None
-    split = pruning.fastv.k if pruning.fastv else 0
+    split = pruning.split_layer
     if pruning.fastv:
         out = decoder.run_layers(hidden, positions, 0, split, row_layer=split - 1)
         cache.append(0, out.new_keys, out.new_values)
@@ -150,7 +150,7 @@ def generate_steps(
     dtype = next(llava.parameters()).dtype
     cache = KVCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)
     first = prefill(llava, input_ids, pixel_values, pruning, cache)
-    split = pruning.fastv.k if pruning.fastv else 0
+    split = pruning.split_layer
     logits = first.logits
     for step in range(max_new_tokens):
         token = logits.argmax(dim=-1)

@@ -75,6 +75,11 @@ class PruningConfig:
             if not vision_has_cls:
                 raise MllmEdgeError("FasterVLM ranks patches by [CLS] attention, and this vision tower has no [CLS] token")
 
+    @property
+    def split_layer(self) -> int:
+        """First layer of the group that sees only the kept tokens: FastV's K, or 0 without FastV."""
+        return self.fastv.k if self.fastv else 0
+
     def keep_counts(self, num_image_tokens: int) -> tuple[int, int]:
         """(tokens leaving the vision tower, tokens FastV keeps inside the LLM)."""
         vision = keep_count(num_image_tokens, self.fastervlm.ratio) if self.fastervlm else num_image_tokens
