@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TextSpec
-from .layers import RMSNorm, activation, attention, attention_row, causal_mask
+from .layers import Linear, RMSNorm, activation, attention, attention_row, causal_mask
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -23,10 +24,10 @@ class SelfAttention(nn.Module):
         h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, d
         self.scale = d**-0.5
-        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.arch == "llama" and spec.attention_bias)
+        self.q_proj = Linear(spec.hidden_size, h * d, bias=spec.attention_bias)
+        self.k_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
+        self.v_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
+        self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.arch == "llama" and spec.attention_bias)
 
     def forward(self, x, cos, sin, past_k, past_v, mask, want_last_row: bool = False):
         """x: [B, S, C]; past_k, past_v: [B, P, G, D] -> out [B, S, C], new k, v [B, S, G, D], row [B, T] | None."""
@@ -45,9 +46,9 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = activation(spec.hidden_act)
 
     def forward(self, x):
@@ -84,7 +85,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(spec)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -123,5 +124,7 @@ class Decoder(nn.Module):
         return LayersOutput(hidden, keys, values, row)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., C] -> logits [..., V]; a tied head reads the embedding table as stored."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(self.norm(hidden), weight.t())
+        x = self.norm(hidden)
+        return F.linear(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])

@@ -33,6 +33,20 @@ def activation(name: str):
         raise UnsupportedModelError(f"activation '{name}' is not supported ({', '.join(ACTIVATIONS)})") from None
 
 
+class Linear(nn.Linear):
+    """nn.Linear computed on 2-D rows, so it exports as Gemm(transB=1) over the weight as stored.
+
+    The 3-D form exports as MatMul with a transposed copy of the weight, which the exporter's
+    constant folding materialises: a second copy of every weight in memory while exporting, and
+    names lost. Same parameters, same numbers.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+
 class RMSNorm(nn.Module):
     """Llama's RMSNorm, computed in fp32 whatever the input dtype (fp16 overflows in the square)."""
 

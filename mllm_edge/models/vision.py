@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .config import LlavaSpec, VisionSpec
-from .layers import activation, attention, attention_row
+from .layers import Linear, activation, attention, attention_row
 
 
 class VisionEmbeddings(nn.Module):
@@ -42,7 +42,7 @@ class VisionAttention(nn.Module):
         self.head_dim = spec.hidden_size // spec.num_heads
         self.scale = self.head_dim**-0.5
         c = spec.hidden_size
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c, c) for _ in range(4))
 
     def forward(self, x: torch.Tensor, want_cls_row: bool = False):
         b, t, _ = x.shape
@@ -55,8 +55,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, spec: VisionSpec):
         super().__init__()
-        self.fc1 = nn.Linear(spec.hidden_size, spec.intermediate_size)
-        self.fc2 = nn.Linear(spec.intermediate_size, spec.hidden_size)
+        self.fc1 = Linear(spec.hidden_size, spec.intermediate_size)
+        self.fc2 = Linear(spec.intermediate_size, spec.hidden_size)
         self.act = activation(spec.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +111,9 @@ class Projector(nn.Module):
 
     def __init__(self, spec: LlavaSpec):
         super().__init__()
-        self.linear_1 = nn.Linear(spec.vision.hidden_size, spec.text.hidden_size, bias=spec.projector_bias)
+        self.linear_1 = Linear(spec.vision.hidden_size, spec.text.hidden_size, bias=spec.projector_bias)
         self.act = activation(spec.projector_hidden_act)
-        self.linear_2 = nn.Linear(spec.text.hidden_size, spec.text.hidden_size, bias=spec.projector_bias)
+        self.linear_2 = Linear(spec.text.hidden_size, spec.text.hidden_size, bias=spec.projector_bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))

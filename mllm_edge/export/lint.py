@@ -1,0 +1,172 @@
+"""Checks that an ONNX graph is one TensorRT 10.3 (JetPack 6) can parse, before any engine build.
+
+Why each rule exists:
+- opset <= 20, default domain only: TensorRT 10's ONNX parser implements opsets 9-20 and no custom domains.
+- no model-local functions: inline them at export, so every node is a plain op this lint and the parser can see.
+- op_type in trt10_onnx_ops.json: the parser's own list of supported operators (onnx-tensorrt docs).
+- BANNED_OPS: listed by the parser, but data-dependent shapes or control flow we do not ship; or opset 23.
+- TopK k constant and < 3840: TensorRT's TopK needs k at build time and caps it below 3840.
+- Slice/Squeeze/Unsqueeze axes constant: TensorRT needs the axes at build time.
+- subgraphs are walked too: a banned op in an If or Loop body must not go unseen.
+- external data is never loaded: linting a multi-GB export must read only the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+MAX_OPSET = 20
+MAX_TOPK = 3840  # k must be strictly below this
+
+BANNED_OPS: dict[str, str] = {
+    "NonZero": "output shape depends on the data",
+    "CumSum": "TensorRT builds it as a loop (control flow)",
+    "ScatterND": "writes at indices that depend on the data",
+    "Loop": "control flow: unroll it at export",
+    "If": "control flow: resolve the branch at export",
+    "Attention": "opset-23 op, not in TensorRT 10.3",
+    "RotaryEmbedding": "opset-23 op, not in TensorRT 10.3",
+    "RMSNormalization": "opset-23 op, not in TensorRT 10.3",
+}
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# input index of the axes that must be known at build time
+_CONST_AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1}
+
+
+@dataclass(frozen=True)
+class LintFinding:
+    node: str  # node name, or "" for model-level findings
+    op: str  # op_type, or "" for model-level findings
+    message: str
+
+    def __str__(self) -> str:
+        label = self.op + (f" '{self.node}'" if self.node else "")
+        return f"{label}: {self.message}" if label else self.message
+
+
+@functools.cache
+def supported_ops() -> frozenset[str]:
+    """The op types TensorRT 10's ONNX parser supports, from the packaged json."""
+    text = resources.files("mllm_edge.export").joinpath("trt10_onnx_ops.json").read_text("utf-8")
+    return frozenset(json.loads(text)["supported"])
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(os.fspath(model), load_external_data=False)
+
+
+def lint_model(model: onnx.ModelProto | str | os.PathLike) -> list[LintFinding]:
+    """Every reason TensorRT 10.3 would refuse (or we do not want) this graph; [] when it is fine."""
+    model = _load(model)
+    messages = []
+    for imp in model.opset_import:
+        if imp.domain not in _DEFAULT_DOMAINS:
+            messages.append(f"opset import of domain '{imp.domain}': TensorRT parses only the default domain")
+        elif imp.version > MAX_OPSET:
+            messages.append(f"opset {imp.version} > {MAX_OPSET}: TensorRT 10 parses opsets up to {MAX_OPSET}")
+    messages += [f"model-local function '{fn.domain}:{fn.name}': inline it at export" for fn in model.functions]
+    return [LintFinding("", "", m) for m in messages] + list(_lint_graph(model.graph, {}, ""))
+
+
+def op_counts(model: onnx.ModelProto | str | os.PathLike) -> dict[str, int]:
+    """op_type -> number of nodes, subgraphs included, sorted by op_type."""
+    counts = Counter(node.op_type for node, _ in _walk(_load(model).graph))
+    return dict(sorted(counts.items()))
+
+
+def _walk(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, onnx.GraphProto]]:
+    """Every node with the graph it sits in, depth first into attribute subgraphs."""
+    for node in graph.node:
+        yield node, graph
+        for sub in _subgraphs(node):
+            yield from _walk(sub)
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _constants(graph: onnx.GraphProto, outer: Mapping[str, object]) -> dict[str, object]:
+    """Names known at build time -> TensorProto or Constant's AttributeProto, outer scopes included."""
+    consts = dict(outer)
+    for inp in graph.input:  # a subgraph input shadows an outer name
+        consts.pop(inp.name, None)
+    consts.update((t.name, t) for t in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.attribute:
+            consts[node.output[0]] = node.attribute[0]
+    return consts
+
+
+def _const_int(source: object) -> int | None:
+    """The single integer a constant holds, or None when it cannot be read without its data."""
+    if isinstance(source, onnx.AttributeProto):
+        if source.type == onnx.AttributeProto.INT:
+            return source.i
+        if source.type == onnx.AttributeProto.INTS:
+            return source.ints[0] if len(source.ints) == 1 else None
+        if source.type != onnx.AttributeProto.TENSOR:
+            return None
+        source = source.t
+    if uses_external_data(source):  # never loaded: see module docstring
+        return None
+    values = numpy_helper.to_array(source).reshape(-1)
+    return int(values[0]) if values.size == 1 else None
+
+
+def _lint_graph(graph: onnx.GraphProto, outer: Mapping[str, object], where: str) -> Iterator[LintFinding]:
+    consts = _constants(graph, outer)
+    for node in graph.node:
+        for message in _lint_node(node, consts):
+            yield LintFinding(node.name, node.op_type, message + where)
+        for sub in _subgraphs(node):
+            yield from _lint_graph(sub, consts, f" (inside {node.op_type} '{node.name}')")
+
+
+def _lint_node(node: onnx.NodeProto, consts: Mapping[str, object]) -> Iterator[str]:
+    op = node.op_type
+    if node.domain not in _DEFAULT_DOMAINS:
+        yield f"custom domain '{node.domain}': TensorRT parses only the default domain"
+        return
+    if op in BANNED_OPS:
+        yield f"banned: {BANNED_OPS[op]}"
+        return
+    if op not in supported_ops():
+        yield "not supported by TensorRT 10's ONNX parser"
+        return
+    if op == "TopK":
+        yield from _lint_topk(node, consts)
+    axes = _CONST_AXES_INPUT.get(op)
+    if axes is not None and len(node.input) > axes and node.input[axes] and node.input[axes] not in consts:
+        yield f"axes '{node.input[axes]}' must be a constant (initializer or Constant node)"
+
+
+def _lint_topk(node: onnx.NodeProto, consts: Mapping[str, object]) -> Iterator[str]:
+    if len(node.input) > 1:  # opset >= 10: k is input 1
+        if node.input[1] not in consts:
+            yield f"k '{node.input[1]}' must be a constant (initializer or Constant node)"
+            return
+        k = _const_int(consts[node.input[1]])
+    else:  # opset < 10: k is an attribute
+        k = next((a.i for a in node.attribute if a.name == "k"), None)
+    if k is None:
+        yield f"k cannot be read (external data or not one integer); it must be < {MAX_TOPK}"
+    elif k >= MAX_TOPK:
+        yield f"k={k} must be < {MAX_TOPK} (TensorRT's TopK limit)"
