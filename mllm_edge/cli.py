@@ -11,6 +11,7 @@ import typer
 
 from . import __version__
 from .errors import MllmEdgeError
+from .manifest import DEFAULT_BUNDLE
 
 app = typer.Typer(
     help="Prune the visual tokens of LLaVA-family models (FastV, FasterVLM), export to ONNX, build TensorRT engines, run.",
@@ -47,11 +48,11 @@ def user_errors(command):
     return wrapper
 
 
-def require_export_extra() -> None:
-    """The PyTorch side needs torch and transformers, which a runtime-only install lacks."""
+def require_export_extra(modules: tuple[str, ...] = ("torch", "transformers")) -> None:
+    """The PyTorch side needs torch and transformers (exporting also onnx), which a runtime-only install lacks."""
     import importlib.util
 
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise MllmEdgeError(f"this command needs {' and '.join(missing)}: pip install 'mllm-edge[export]'")
 
@@ -96,6 +97,89 @@ def reference(
         f"{len(result.token_ids[0])} tokens in {seconds:.2f} s",
         err=True,
     )
+
+
+@app.command()
+@user_errors
+def export(
+    model: str = typer.Option(..., "--model", "-m", help="LLaVA checkpoint: a local folder or a Hugging Face hub id."),
+    out: Path = typer.Option(Path(DEFAULT_BUNDLE), "--out", "-o", help="Bundle folder to write."),
+    method: str = typer.Option("none", "--method", help="none | fastv | fastervlm | fastv+fastervlm"),
+    ratio: float = typer.Option(0.0, "--ratio", help="Fraction of image tokens pruned, 0 <= R < 1."),
+    k: int = typer.Option(2, "--k", help="FastV: the layer where pruning happens (1 <= K < layers)."),
+    vision_ratio: Optional[float] = typer.Option(None, "--vision-ratio", help="FasterVLM's ratio when both methods run."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (fp16 for GPUs and Jetsons; norms and softmax stay fp32 inside)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens the KV cache holds [default: min(2048, the model's limit)]."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime check against PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace the bundle folder if it exists."),
+) -> None:
+    """Export a checkpoint as a bundle of ONNX graphs, checked against PyTorch and TensorRT 10's parser rules."""
+    require_export_extra(("torch", "transformers", "onnx", "onnxscript"))
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .export.bundle import ExportConfig, export_bundle, stages
+    from .export.report import checks_table, files_table, human_bytes, pruning_line
+    from .pruning import PruningConfig
+
+    config = ExportConfig(model, out, PruningConfig.from_method(method, ratio, k, vision_ratio), dtype, max_context, not no_verify, force)
+    names = stages(config)
+    columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("export", total=len(names))
+        report = export_bundle(config, lambda name: progress.update(task, description=name, completed=names.index(name)))
+        progress.update(task, description="done", completed=len(names))
+
+    console = Console()
+    m = report.manifest
+    console.print(f"[bold]{report.out}[/bold]: {m.source['model']}, {m.dtype}, max context {m.max_context}")
+    console.print(pruning_line(m))
+    f = report.flops
+    console.print(
+        f"LLM prefill FLOPs on the sample prompt (FastV paper's formula): {f.pruned / 1e9:.3g} G vs {f.unpruned / 1e9:.3g} G unpruned "
+        f"({100 * f.ratio:.0f}%)"
+    )
+    if report.shared_bytes:
+        console.print(f"weights shared between graphs (tied embeddings): {human_bytes(report.shared_bytes)} stored once")
+    console.print(files_table(m, report.files))
+    if report.checks:
+        console.print(checks_table(report.checks, report.chain))
+    else:
+        console.print("not verified (--no-verify)")
+
+
+@app.command()
+@user_errors
+def inspect(
+    bundle: Path = typer.Argument(Path(DEFAULT_BUNDLE), help="Bundle folder made by `mllm-edge export`."),
+) -> None:
+    """Print a bundle's graphs, inputs and outputs, op counts, sizes, keep counts and TensorRT 10 lint result."""
+    from rich.console import Console
+
+    from .export.report import bundle_sizes, graph_sizes, human_bytes, io_table, pruning_line
+    from .manifest import load_manifest
+
+    m = load_manifest(bundle)
+    console = Console()
+    console.print(f"[bold]{bundle}[/bold]: {m.source['model']}, {m.dtype}, max context {m.max_context}, {m.created_by}")
+    console.print(pruning_line(m))
+    sizes = graph_sizes(m, bundle_sizes(bundle, m))
+    try:
+        from .export.lint import lint_model, op_counts
+    except ImportError:
+        lint_model = op_counts = None
+    for name, spec in m.graphs.items():
+        console.print(io_table(m, name))
+        line = f"  {human_bytes(sizes[name])}"
+        if op_counts is not None:
+            counts = op_counts(bundle / spec.file)
+            top = sorted(counts.items(), key=lambda kv: -kv[1])
+            line += f"; {sum(counts.values())} nodes: " + ", ".join(f"{op} {n}" for op, n in top)
+            findings = lint_model(bundle / spec.file)
+            line += "\n  TensorRT 10 lint: " + ("ok" if not findings else "; ".join(map(str, findings)))
+        console.print(line, highlight=False)
+    if op_counts is None:
+        console.print("op counts and the TensorRT lint need onnx: pip install 'mllm-edge[export]'")
 
 
 if __name__ == "__main__":  # pragma: no cover

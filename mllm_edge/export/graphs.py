@@ -42,6 +42,8 @@ def _interleave(keys: list[torch.Tensor], values: list[torch.Tensor]) -> list[to
 class VisionGraph(nn.Module):
     """pixel_values [B, 3, H, W] -> image_embeds [B, n, C]; with FasterVLM also kept_patches [B, n] (raster order)."""
 
+    input_names = ["pixel_values"]
+
     def __init__(self, llava: Llava, keep: int | None):
         super().__init__()
         self.vision, self.projector, self.keep = llava.vision, llava.projector, keep

@@ -20,7 +20,9 @@ def top_k_in_order(scores: torch.Tensor, keep: int) -> torch.Tensor:
         ranked = torch.topk(scores, keep, dim=-1).indices
     else:
         ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
-    return torch.sort(ranked, dim=-1).values
+    # Back into ascending order; topk with the constant k (not sort) so the graph's k stays a
+    # constant too: the exporter turns sort into a TopK whose k it reads from a Shape op.
+    return torch.topk(ranked, keep, dim=-1, largest=False, sorted=True).values
 
 
 def fastervlm_select(cls_row: torch.Tensor, keep: int) -> torch.Tensor:

@@ -1,0 +1,269 @@
+"""`mllm-edge export`: a checkpoint -> a verified bundle folder, written atomically.
+
+Order matters for memory and for safety: the PyTorch references are computed first, then the graphs
+are exported one by one from the same loaded weights, then the model is released before ONNX Runtime
+loads the graphs to verify them. Everything is written into a hidden temporary folder beside the
+destination and renamed into place only when complete, so a failed or interrupted export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.export import Dim
+
+from .. import __version__
+from ..errors import MllmEdgeError
+from ..manifest import Manifest, write_manifest
+from ..models.checkpoint import resolve_checkpoint
+from ..models.config import load_llava_spec
+from ..models.llava import Llava, load_llava
+from ..pruning import PruningConfig
+from ..pruning.flops import PrefillFlops, prefill_flops
+from . import graphs as g
+from .lint import lint_model
+from .onnx_graph import export_graph, share_duplicate_weights
+from .samples import make_samples, save_samples
+from .verify import ChainCheck, OutputCheck, failures, require_onnxruntime, verify_chain, verify_graphs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_MAX_CONTEXT = 2048
+MAX_BATCH = 16
+
+
+@dataclass
+class ExportConfig:
+    model: str
+    out: Path
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    dtype: str = "fp32"
+    max_context: int | None = None  # None: min(2048, the model's max positions)
+    verify: bool = True
+    force: bool = False
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    manifest: Manifest
+    checks: list[OutputCheck]
+    chain: ChainCheck | None
+    flops: PrefillFlops
+    shared_bytes: int  # weight bytes stored once instead of twice (tied embeddings)
+    files: dict[str, int]  # relative path -> size in bytes
+
+
+def stages(config: ExportConfig) -> list[str]:
+    """The steps export_bundle reports, in order, so a caller can size a progress bar."""
+    names = ["load", "reference", "vision", "embed"]
+    names += ["llm_head", "prune"] if config.pruning.fastv else []
+    names += ["llm_tail", "lint", "tokenizer"]
+    names += ["verify graphs", "verify chain"] if config.verify else []
+    return names + ["manifest"]
+
+
+def check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise MllmEdgeError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise MllmEdgeError(f"{out} exists and is not a folder")
+    if not out.parent.exists():
+        raise MllmEdgeError(f"the folder {out.parent} for the bundle does not exist")
+
+
+def check_max_context(max_context: int | None, spec) -> int:
+    limit = spec.text.max_position_embeddings
+    value = min(DEFAULT_MAX_CONTEXT, limit) if max_context is None else max_context
+    if not isinstance(value, int) or value <= spec.num_image_tokens or value > limit:
+        raise MllmEdgeError(
+            f"max context must hold the {spec.num_image_tokens} image tokens and the text, and at most the model's "
+            f"{limit} positions: {spec.num_image_tokens} < N <= {limit}, got {value!r}"
+        )
+    return value
+
+
+def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda name: None) -> ExportReport:
+    """Export, lint, verify and write the bundle; on_stage(name) is called as each stage starts."""
+    if config.dtype not in DTYPES:
+        raise MllmEdgeError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
+    out = Path(config.out)
+    check_destination(out, config.force)
+    if config.verify:
+        require_onnxruntime()
+    on_stage("load")
+    folder = resolve_checkpoint(config.model)
+    spec = load_llava_spec(folder)
+    pruning = config.pruning
+    pruning.validate(spec.text.num_layers, spec.vision.has_cls)
+    max_context = check_max_context(config.max_context, spec)
+    llava = load_llava(folder, DTYPES[config.dtype])
+    modules = graph_modules(llava, pruning)
+
+    on_stage("reference")
+    samples = make_samples(llava, folder, modules, pruning)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        graph_specs = {}
+        for name, module in modules.items():
+            on_stage(name)
+            args, shapes = trace_inputs(name, module, llava, samples, max_context)
+            graph_specs[name] = export_graph(module, args, shapes, tmp, name)
+        del modules, llava
+        gc.collect()
+        shared = share_duplicate_weights(tmp, list(graph_specs))
+        for spec_ in graph_specs.values():  # data files may have changed
+            spec_.data_files[:] = _data_files(tmp, spec_.file)
+
+        on_stage("lint")
+        problems = [f"{name}: {finding}" for name, s in graph_specs.items() for finding in lint_model(tmp / s.file)]
+        if problems:
+            raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
+
+        on_stage("tokenizer")
+        sample_files = save_samples(samples, tmp / "samples")
+        tokenizer = save_tokenizer(folder, tmp / "tokenizer", spec.image_token_id)
+        manifest = Manifest(
+            source={"model": str(config.model), "revision": folder.name if folder.parent.name == "snapshots" else None},
+            architecture={**spec.to_dict(), "num_image_tokens": spec.num_image_tokens},
+            pruning=pruning_entry(pruning, spec),
+            dtype=str(DTYPES[config.dtype]).removeprefix("torch."),
+            max_context=max_context,
+            graphs=graph_specs,
+            tokenizer=tokenizer["tokenizer"],
+            preprocessing=tokenizer["preprocessing"],
+            samples=sample_files,
+            created_by=f"mllm-edge {__version__}",
+        )
+
+        checks, chain = [], None
+        if config.verify:
+            on_stage("verify graphs")
+            checks = verify_graphs(tmp, manifest)
+            on_stage("verify chain")
+            chain = verify_chain(tmp, manifest)
+            problem = failures(checks, chain, manifest.dtype)
+            if problem:
+                raise MllmEdgeError(problem)
+
+        on_stage("manifest")
+        write_manifest(tmp, manifest)
+        _move_into_place(tmp, out)
+    except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    keep_vision, keep_llm = pruning.keep_counts(spec.num_image_tokens)
+    t = spec.text
+    flops = prefill_flops(
+        t.num_layers, t.hidden_size, t.intermediate_size, samples.text_tokens, spec.num_image_tokens, keep_vision, keep_llm, pruning.split_layer
+    )
+    files = {rel: (out / rel).stat().st_size for rel in manifest.files}
+    return ExportReport(out, manifest, checks, chain, flops, shared, files)
+
+
+def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, torch.nn.Module]:
+    vision_keep, llm_keep = pruning.keep_counts(llava.spec.num_image_tokens)
+    modules = {
+        "vision": g.VisionGraph(llava, vision_keep if pruning.fastervlm else None),
+        "embed": g.EmbedGraph(llava),
+    }
+    if pruning.fastv:
+        modules["llm_head"] = g.LlmHeadGraph(llava, pruning.split_layer)
+        modules["prune"] = g.PruneGraph(vision_keep, llm_keep)
+    modules["llm_tail"] = g.LlmTailGraph(llava, pruning.split_layer)
+    return {name: m.eval() for name, m in modules.items()}
+
+
+def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):
+    """Example inputs to trace with and which of their dims are dynamic.
+
+    Traced with batch 2 and lengths >= 2: torch.export fixes any dim it sees as 0 or 1.
+    """
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    seq = Dim("seq", min=1, max=max_context)
+    past = Dim("past", min=0, max=max_context)
+    inputs, _ = samples.graphs[name]
+    twice = {k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v) for k, v in inputs.items()}
+    if name == "vision":
+        return (twice["pixel_values"],), ({0: batch},)
+    if name == "embed":
+        images = Dim("image_tokens", min=1, max=llava.spec.num_image_tokens)
+        return (twice["input_ids"], twice["image_embeds"], twice["image_start"]), ({0: batch, 1: seq}, {0: batch, 1: images}, None)
+    if name == "prune":
+        args = tuple(twice[k] for k in module.input_names)
+        return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, None)
+    # llm_head / llm_tail: a short chunk after a short past, so both prefill and decode shapes trace alike
+    t = llava.spec.text
+    dtype = next(llava.parameters()).dtype
+    s, p = 5, 3
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, s, t.hidden_size, generator=generator).to(dtype)
+    positions = torch.arange(p, p + s).expand(2, s).contiguous()
+    num_past = len(module.input_names) - 2
+    pasts = [torch.randn(2, p, t.num_kv_heads, t.head_dim, generator=generator).to(dtype) for _ in range(num_past)]
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 1: past} for _ in range(num_past)))
+    return (hidden, positions, *pasts), shapes
+
+
+def pruning_entry(pruning: PruningConfig, spec) -> dict:
+    vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)
+    methods = [m for m, on in (("fastv", pruning.fastv), ("fastervlm", pruning.fastervlm)) if on]
+    return {
+        "method": "+".join(methods) or "none",
+        "fastv": {**asdict(pruning.fastv), "keep": llm_keep} if pruning.fastv else None,
+        "fastervlm": {**asdict(pruning.fastervlm), "keep": vision_keep} if pruning.fastervlm else None,
+        "split_layer": pruning.split_layer,
+        # image tokens: out of the vision tower / entering the LLM / after FastV at layer K
+        "image_tokens": {"vision": spec.num_image_tokens, "llm": vision_keep, "after_fastv": llm_keep},
+    }
+
+
+def save_tokenizer(model_dir: Path, dest: Path, image_token_id: int) -> dict:
+    """The processor's files (tokenizer, chat template, image processor) and what the runtime needs of them."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    processor.save_pretrained(str(dest))
+    tok = processor.tokenizer
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    except OSError:
+        eos = None
+    eos = eos if eos is not None else tok.eos_token_id
+    eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
+    return {
+        "tokenizer": {
+            "folder": dest.name,
+            "chat_template": processor.chat_template,
+            "image_token": processor.image_token,
+            "image_token_id": image_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": eos_ids,
+            "pad_token_id": tok.pad_token_id,
+        },
+        "preprocessing": processor.image_processor.to_dict(),
+    }
+
+
+def _data_files(folder: Path, graph_file: str) -> list[str]:
+    from .onnx_graph import graph_spec
+
+    return graph_spec(folder / graph_file).data_files
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    if out.exists():  # --force: swap, then delete the old one
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

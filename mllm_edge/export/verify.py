@@ -1,0 +1,167 @@
+"""Exported graphs against our PyTorch modules, in ONNX Runtime on the CPU.
+
+Two checks: each graph alone on its stored sample (max abs and scale-relative error per output,
+integer outputs exactly), then the whole chain decoding greedily with a cache, whose tokens must equal
+the PyTorch reference's. Error is measured relative to the reference output's largest magnitude,
+because elementwise relative error is meaningless where the reference is near zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MllmEdgeError
+from ..manifest import Manifest
+from .graphs import NO_IMAGE
+from .samples import load_sample
+
+# Scale-relative tolerances: fp32 graphs must match to 1e-4; fp16 ones (two fp16 implementations
+# rounding differently, reductions kept in fp32) to 2e-2.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    graph: str
+    output: str
+    max_abs: float
+    rel: float  # max_abs / max |reference|; for integer outputs 0 when equal, 1 when not
+    ok: bool
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    reference: list[int]
+    onnx: list[int]
+    max_rel: float  # worst scale-relative logits error over the steps
+
+    @property
+    def ok(self) -> bool:
+        return self.reference == self.onnx
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(graph: str, name: str, got: np.ndarray, ref: np.ndarray, tolerance: float) -> OutputCheck:
+    if got.shape != ref.shape:
+        return OutputCheck(graph, name, float("inf"), float("inf"), False)
+    if np.issubdtype(ref.dtype, np.integer):
+        equal = bool(np.array_equal(got, ref))
+        return OutputCheck(graph, name, 0.0 if equal else float(np.abs(got - ref).max()), 0.0 if equal else 1.0, equal)
+    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
+    scale = float(np.abs(ref.astype(np.float64)).max()) if ref.size else 0.0
+    rel = diff / scale if scale > 0 else diff
+    return OutputCheck(graph, name, diff, rel, rel <= tolerance)
+
+
+def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
+    tolerance = TOLERANCE[manifest.dtype]
+    checks = []
+    for name, spec in manifest.graphs.items():
+        inputs, outputs = load_sample(folder / manifest.samples[name])
+        sess = session(folder / spec.file)
+        wanted = list(outputs)
+        results = sess.run(wanted, inputs)
+        checks += [compare(name, out, got, outputs[out], tolerance) for out, got in zip(wanted, results)]
+    return checks
+
+
+class OnnxChain:
+    """The graphs joined with a plain numpy cache (concatenation): an independent check of the
+    graphs' cache contract, simple on purpose. The runtime's zero-copy cache is a separate thing."""
+
+    def __init__(self, folder: Path, manifest: Manifest):
+        self.manifest = manifest
+        self.sessions = {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
+        self.split = manifest.pruning["split_layer"]
+        self.num_layers = manifest.architecture["text"]["num_layers"]
+
+    def _empty_past(self, start: int, stop: int, batch: int) -> dict[str, np.ndarray]:
+        spec = self.manifest.graphs["llm_tail"].input(f"past_key.{self.num_layers - 1}")
+        shape = (batch, 0, *spec.shape[2:])
+        return {f"past_{kind}.{i}": np.zeros(shape, spec.dtype) for i in range(start, stop) for kind in ("key", "value")}
+
+    def _run_llm(self, name, hidden_name, hidden, positions, past, start, stop):
+        feeds = {hidden_name: hidden, "position_ids": positions, **{k: past[k] for k in self._past_names(start, stop)}}
+        outputs = self.sessions[name].get_outputs()
+        values = dict(zip((o.name for o in outputs), self.sessions[name].run(None, feeds)))
+        for i in range(start, stop):
+            for kind in ("key", "value"):
+                past[f"past_{kind}.{i}"] = np.concatenate((past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=1)
+        return values
+
+    @staticmethod
+    def _past_names(start, stop):
+        return [f"past_{kind}.{i}" for i in range(start, stop) for kind in ("key", "value")]
+
+    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy: -> token ids [B, steps] and logits [B, steps, V]."""
+        image_token = self.manifest.tokenizer["image_token_id"]
+        vision = dict(zip((o.name for o in self.sessions["vision"].get_outputs()), self.sessions["vision"].run(None, {"pixel_values": pixel_values})))
+        image_embeds = vision["image_embeds"]
+        is_image = input_ids[0] == image_token
+        start, num_full = int(np.argmax(is_image)), int(is_image.sum())
+        run = np.full((input_ids.shape[0], image_embeds.shape[1]), image_token, input_ids.dtype)
+        ids = np.concatenate((input_ids[:, :start], run, input_ids[:, start + num_full :]), axis=1)
+        b, t = ids.shape
+        embed = self.sessions["embed"]
+        hidden = embed.run(None, {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})[0]
+        positions = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
+        past = self._empty_past(0, self.num_layers, b)
+        if self.split:
+            head = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)
+            hidden, positions, _ = self.sessions["prune"].run(
+                None,
+                {"hidden_states": head["hidden_states"], "last_row": head["last_row"], "position_ids": positions, "image_start": np.array(start, np.int64)},
+            )
+        logits = self._run_llm("llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers)["logits"]
+        tokens, all_logits = [], []
+        no_image = np.zeros((b, 1, image_embeds.shape[2]), image_embeds.dtype)
+        for step in range(steps):
+            token = logits.argmax(axis=-1)
+            tokens.append(token)
+            all_logits.append(logits)
+            if step + 1 == steps:
+                break
+            hidden = embed.run(None, {"input_ids": token[:, None].astype(np.int64), "image_embeds": no_image, "image_start": np.array(NO_IMAGE, np.int64)})[0]
+            positions = np.full((b, 1), t + step, np.int64)
+            if self.split:
+                hidden = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)["hidden_states"]
+            logits = self._run_llm("llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers)["logits"]
+        return np.stack(tokens, axis=1), np.stack(all_logits, axis=1)
+
+
+def verify_chain(folder: Path, manifest: Manifest) -> ChainCheck:
+    with np.load(folder / manifest.samples["chain"]) as chain:
+        ref_tokens, ref_logits = chain["token_ids"], chain["step_logits"]
+        tokens, logits = OnnxChain(folder, manifest).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1])
+    scale = np.abs(ref_logits).max(axis=-1)
+    rel = float((np.abs(logits - ref_logits).max(axis=-1) / np.maximum(scale, 1e-30)).max())
+    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), rel)
+
+
+def failures(checks: list[OutputCheck], chain: ChainCheck | None, dtype: str) -> str | None:
+    """None when everything passed, else a message for the user."""
+    bad = [c for c in checks if not c.ok]
+    lines = [f"{c.graph}.{c.output}: error {c.rel:.2e} of its scale (max abs {c.max_abs:.3g}) > {TOLERANCE[dtype]:.0e}" for c in bad]
+    if chain is not None and not chain.ok:
+        lines.append(f"greedy tokens differ: PyTorch {chain.reference}, ONNX Runtime {chain.onnx}")
+    if not lines:
+        return None
+    return "the exported graphs do not match PyTorch:\n  " + "\n  ".join(lines)
+
+
+def require_onnxruntime() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise MllmEdgeError("verifying an export needs ONNX Runtime: pip install 'mllm-edge[onnxruntime]' (or pass --no-verify)")
