@@ -34,13 +34,14 @@ class OutputCheck:
 
 @dataclass(frozen=True)
 class ChainCheck:
-    reference: list[int]
-    onnx: list[int]
+    reference: list[int]  # PyTorch's greedy tokens
+    onnx: list[int]  # ONNX Runtime's argmax at each step, fed the reference's tokens
+    ties: list[int]  # steps where the reference's top two logits are closer than the tolerance
     max_rel: float  # worst scale-relative logits error over the steps
 
     @property
     def ok(self) -> bool:
-        return self.reference == self.onnx
+        return all(a == b or step in self.ties for step, (a, b) in enumerate(zip(self.reference, self.onnx)))
 
 
 def session(path: Path):
@@ -84,6 +85,7 @@ class OnnxChain:
         self.sessions = {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
         self.split = manifest.pruning["split_layer"]
         self.num_layers = manifest.architecture["text"]["num_layers"]
+        self.kept_patches = self.kept_image = None  # of the last generate(), when the bundle prunes
 
     def _empty_past(self, start: int, stop: int, batch: int) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs["llm_tail"].input(f"past_key.{self.num_layers - 1}")
@@ -103,11 +105,16 @@ class OnnxChain:
     def _past_names(start, stop):
         return [f"past_{kind}.{i}" for i in range(start, stop) for kind in ("key", "value")]
 
-    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy: -> token ids [B, steps] and logits [B, steps, V]."""
+    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int, forced: np.ndarray | None = None):
+        """Greedy: -> token ids [B, steps] and logits [B, steps, V].
+
+        With forced [B, steps], step t is fed forced[:, t - 1] instead of its own previous choice
+        (teacher forcing), so a tie broken differently at one step does not derail the rest.
+        """
         image_token = self.manifest.tokenizer["image_token_id"]
         vision = dict(zip((o.name for o in self.sessions["vision"].get_outputs()), self.sessions["vision"].run(None, {"pixel_values": pixel_values})))
         image_embeds = vision["image_embeds"]
+        self.kept_patches = vision.get("kept_patches")
         is_image = input_ids[0] == image_token
         start, num_full = int(np.argmax(is_image)), int(is_image.sum())
         run = np.full((input_ids.shape[0], image_embeds.shape[1]), image_token, input_ids.dtype)
@@ -119,7 +126,7 @@ class OnnxChain:
         past = self._empty_past(0, self.num_layers, b)
         if self.split:
             head = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)
-            hidden, positions, _ = self.sessions["prune"].run(
+            hidden, positions, self.kept_image = self.sessions["prune"].run(
                 None,
                 {"hidden_states": head["hidden_states"], "last_row": head["last_row"], "position_ids": positions, "image_start": np.array(start, np.int64)},
             )
@@ -132,7 +139,8 @@ class OnnxChain:
             all_logits.append(logits)
             if step + 1 == steps:
                 break
-            hidden = embed.run(None, {"input_ids": token[:, None].astype(np.int64), "image_embeds": no_image, "image_start": np.array(NO_IMAGE, np.int64)})[0]
+            fed = token if forced is None else forced[:, step]
+            hidden = embed.run(None, {"input_ids": fed[:, None].astype(np.int64), "image_embeds": no_image, "image_start": np.array(NO_IMAGE, np.int64)})[0]
             positions = np.full((b, 1), t + step, np.int64)
             if self.split:
                 hidden = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)["hidden_states"]
@@ -141,12 +149,16 @@ class OnnxChain:
 
 
 def verify_chain(folder: Path, manifest: Manifest) -> ChainCheck:
+    """The graphs decode the sample with their cache, fed the reference's tokens; each step's argmax
+    must be the reference's token, except at a tie: top two closer than the dtype's tolerance allows."""
     with np.load(folder / manifest.samples["chain"]) as chain:
         ref_tokens, ref_logits = chain["token_ids"], chain["step_logits"]
-        tokens, logits = OnnxChain(folder, manifest).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1])
-    scale = np.abs(ref_logits).max(axis=-1)
-    rel = float((np.abs(logits - ref_logits).max(axis=-1) / np.maximum(scale, 1e-30)).max())
-    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), rel)
+        tokens, logits = OnnxChain(folder, manifest).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1], ref_tokens)
+    scale = np.abs(ref_logits[0]).max(axis=-1)
+    top2 = np.sort(ref_logits[0], axis=-1)[:, -2:]
+    ties = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * TOLERANCE[manifest.dtype] * scale).tolist()
+    rel = float((np.abs(logits[0] - ref_logits[0]).max(axis=-1) / np.maximum(scale, 1e-30)).max())
+    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel)
 
 
 def failures(checks: list[OutputCheck], chain: ChainCheck | None, dtype: str) -> str | None:
