@@ -130,7 +130,7 @@ def export(
         report = export_bundle(config, lambda name: progress.update(task, description=name, completed=names.index(name)))
         progress.update(task, description="done", completed=len(names))
 
-    console = Console()
+    console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
     m = report.manifest
     console.print(f"[bold]{report.out}[/bold]: {m.source['model']}, {m.dtype}, max context {m.max_context}")
     console.print(pruning_line(m))
@@ -160,7 +160,7 @@ def inspect(
     from .manifest import load_manifest
 
     m = load_manifest(bundle)
-    console = Console()
+    console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
     console.print(f"[bold]{bundle}[/bold]: {m.source['model']}, {m.dtype}, max context {m.max_context}, {m.created_by}")
     console.print(pruning_line(m))
     sizes = graph_sizes(m, bundle_sizes(bundle, m))

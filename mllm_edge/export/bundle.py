@@ -8,6 +8,7 @@ destination and renamed into place only when complete, so a failed or interrupte
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import shutil
@@ -116,6 +117,7 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
             on_stage(name)
             args, shapes = trace_inputs(name, module, llava, samples, max_context)
             graph_specs[name] = export_graph(module, args, shapes, tmp, name)
+        release_weights(llava)  # before ONNX Runtime loads the graphs: see release_weights
         del modules, llava
         gc.collect()
         shared = share_duplicate_weights(tmp, list(graph_specs))
@@ -147,6 +149,8 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
         if config.verify:
             on_stage("verify graphs")
             checks = verify_graphs(tmp, manifest)
+            gc.collect()
+            return_freed_memory()
             on_stage("verify chain")
             chain = verify_chain(tmp, manifest)
             problem = failures(checks, chain, manifest.dtype)
@@ -179,6 +183,27 @@ def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, torch.nn.Mo
         modules["prune"] = g.PruneGraph(vision_keep, llm_keep)
     modules["llm_tail"] = g.LlmTailGraph(llava, pruning.split_layer)
     return {name: m.eval() for name, m in modules.items()}
+
+
+def return_freed_memory() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise), so the chain check that follows
+    does not stack its peak on the per-graph check's. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_weights(llava: Llava) -> None:
+    """Drop the storage of every weight now, rather than when the last reference goes.
+
+    The exporter's IR references the torch tensors, and onnxscript's rewrite rules keep the last
+    graph they matched alive after the export returns, so `del` alone would keep a full copy of the
+    weights resident while verification loads the graphs.
+    """
+    with torch.no_grad():
+        for tensor in [*llava.parameters(), *llava.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
 def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):

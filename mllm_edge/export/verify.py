@@ -49,6 +49,11 @@ def session(path: Path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    # No graph optimisation: the graph is checked as written, and ONNX Runtime's CPU provider would
+    # otherwise constant-fold fp32 copies of every fp16 weight (it has no fp16 Gemm), doubling memory.
+    # Unoptimised, weights stay memory-mapped from the external data files.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False  # transient fp32 casts of fp16 weights are freed, not pooled
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -80,9 +85,12 @@ class OnnxChain:
     """The graphs joined with a plain numpy cache (concatenation): an independent check of the
     graphs' cache contract, simple on purpose. The runtime's zero-copy cache is a separate thing."""
 
-    def __init__(self, folder: Path, manifest: Manifest):
+    def __init__(self, folder: Path, manifest: Manifest, low_memory: bool = False):
+        """low_memory: open each graph's session for one call and close it again, so only one graph's
+        weights are mapped at a time (opening an unoptimised session is cheap: weights load lazily)."""
         self.manifest = manifest
-        self.sessions = {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
+        self.folder, self.low_memory = folder, low_memory
+        self.sessions = {} if low_memory else {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
         self.split = manifest.pruning["split_layer"]
         self.num_layers = manifest.architecture["text"]["num_layers"]
         self.kept_patches = self.kept_image = None  # of the last generate(), when the bundle prunes
@@ -94,12 +102,15 @@ class OnnxChain:
 
     def _run_llm(self, name, hidden_name, hidden, positions, past, start, stop):
         feeds = {hidden_name: hidden, "position_ids": positions, **{k: past[k] for k in self._past_names(start, stop)}}
-        outputs = self.sessions[name].get_outputs()
-        values = dict(zip((o.name for o in outputs), self.sessions[name].run(None, feeds)))
+        values = self._run(name, feeds)
         for i in range(start, stop):
             for kind in ("key", "value"):
                 past[f"past_{kind}.{i}"] = np.concatenate((past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=1)
         return values
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self.sessions.get(name) or session(self.folder / self.manifest.graphs[name].file)
+        return dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feeds)))
 
     @staticmethod
     def _past_names(start, stop):
@@ -112,7 +123,7 @@ class OnnxChain:
         (teacher forcing), so a tie broken differently at one step does not derail the rest.
         """
         image_token = self.manifest.tokenizer["image_token_id"]
-        vision = dict(zip((o.name for o in self.sessions["vision"].get_outputs()), self.sessions["vision"].run(None, {"pixel_values": pixel_values})))
+        vision = self._run("vision", {"pixel_values": pixel_values})
         image_embeds = vision["image_embeds"]
         self.kept_patches = vision.get("kept_patches")
         is_image = input_ids[0] == image_token
@@ -120,16 +131,16 @@ class OnnxChain:
         run = np.full((input_ids.shape[0], image_embeds.shape[1]), image_token, input_ids.dtype)
         ids = np.concatenate((input_ids[:, :start], run, input_ids[:, start + num_full :]), axis=1)
         b, t = ids.shape
-        embed = self.sessions["embed"]
-        hidden = embed.run(None, {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})[0]
+        hidden = self._run("embed", {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})["inputs_embeds"]
         positions = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
         past = self._empty_past(0, self.num_layers, b)
         if self.split:
             head = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)
-            hidden, positions, self.kept_image = self.sessions["prune"].run(
-                None,
+            pruned = self._run(
+                "prune",
                 {"hidden_states": head["hidden_states"], "last_row": head["last_row"], "position_ids": positions, "image_start": np.array(start, np.int64)},
             )
+            hidden, positions, self.kept_image = pruned["kept_hidden_states"], pruned["kept_position_ids"], pruned["kept_image"]
         logits = self._run_llm("llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers)["logits"]
         tokens, all_logits = [], []
         no_image = np.zeros((b, 1, image_embeds.shape[2]), image_embeds.dtype)
@@ -140,7 +151,9 @@ class OnnxChain:
             if step + 1 == steps:
                 break
             fed = token if forced is None else forced[:, step]
-            hidden = embed.run(None, {"input_ids": fed[:, None].astype(np.int64), "image_embeds": no_image, "image_start": np.array(NO_IMAGE, np.int64)})[0]
+            hidden = self._run(
+                "embed", {"input_ids": fed[:, None].astype(np.int64), "image_embeds": no_image, "image_start": np.array(NO_IMAGE, np.int64)}
+            )["inputs_embeds"]
             positions = np.full((b, 1), t + step, np.int64)
             if self.split:
                 hidden = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)["hidden_states"]
@@ -153,7 +166,7 @@ def verify_chain(folder: Path, manifest: Manifest) -> ChainCheck:
     must be the reference's token, except at a tie: top two closer than the dtype's tolerance allows."""
     with np.load(folder / manifest.samples["chain"]) as chain:
         ref_tokens, ref_logits = chain["token_ids"], chain["step_logits"]
-        tokens, logits = OnnxChain(folder, manifest).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1], ref_tokens)
+        tokens, logits = OnnxChain(folder, manifest, low_memory=True).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1], ref_tokens)
     scale = np.abs(ref_logits[0]).max(axis=-1)
     top2 = np.sort(ref_logits[0], axis=-1)[:, -2:]
     ties = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * TOLERANCE[manifest.dtype] * scale).tolist()
