@@ -116,6 +116,7 @@ def export(
     """Export a checkpoint as a bundle of ONNX graphs, checked against PyTorch and TensorRT 10's parser rules."""
     require_export_extra(("torch", "transformers", "onnx", "onnxscript"))
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .export.bundle import ExportConfig, export_bundle, stages
@@ -132,15 +133,15 @@ def export(
 
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
     m = report.manifest
-    console.print(f"[bold]{report.out}[/bold]: {m.source['model']}, {m.dtype}, max context {m.max_context}")
+    console.print(f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {m.dtype}, max context {m.max_context}")
     console.print(pruning_line(m))
     f = report.flops
     console.print(
-        f"LLM prefill FLOPs on the sample prompt (FastV paper's formula): {f.pruned / 1e9:.3g} G vs {f.unpruned / 1e9:.3g} G unpruned "
-        f"({100 * f.ratio:.0f}%)"
+        f"LLM prefill FLOPs per layer on the sample prompt (FastV paper's Eq. 5): {f.pruned / 1e9:.3g} G vs {f.unpruned / 1e9:.3g} G "
+        f"unpruned ({100 * f.ratio:.0f}%)"
     )
     if report.shared_bytes:
-        console.print(f"weights shared between graphs (tied embeddings): {human_bytes(report.shared_bytes)} stored once")
+        console.print(f"identical weights in two graphs (tied embeddings) stored once: {human_bytes(report.shared_bytes)} saved")
     console.print(files_table(m, report.files))
     if report.checks:
         console.print(checks_table(report.checks, report.chain))
@@ -155,13 +156,14 @@ def inspect(
 ) -> None:
     """Print a bundle's graphs, inputs and outputs, op counts, sizes, keep counts and TensorRT 10 lint result."""
     from rich.console import Console
+    from rich.markup import escape
 
     from .export.report import bundle_sizes, graph_sizes, human_bytes, io_table, pruning_line
     from .manifest import load_manifest
 
     m = load_manifest(bundle)
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
-    console.print(f"[bold]{bundle}[/bold]: {m.source['model']}, {m.dtype}, max context {m.max_context}, {m.created_by}")
+    console.print(f"[bold]{escape(str(bundle))}[/bold]: {escape(m.source['model'])}, {m.dtype}, max context {m.max_context}, {m.created_by}")
     console.print(pruning_line(m))
     sizes = graph_sizes(m, bundle_sizes(bundle, m))
     try:

@@ -61,7 +61,7 @@ def reference_model(path: Path, dtype: str):
     return load_llava(path, torch.float16 if dtype == "fp16" else torch.float32)
 
 
-CASES = [(n, m, d) for n in FIXTURES for m in METHODS for d in DTYPES]
+CASES = [(n, m, d) for n in FIXTURES for m in METHODS for d in DTYPES] + [("llama_gqa", "fastv+fastervlm", d) for d in DTYPES]
 
 
 @pytest.mark.parametrize("name,method,dtype", CASES, ids=["-".join(c) for c in CASES])
@@ -87,8 +87,10 @@ def test_bundle_matches_pytorch_on_a_new_image(name, method, dtype, export_cache
     if dtype == "fp32":  # free-running too: the same 8 tokens
         assert chain.generate(input_ids.numpy(), pixel_values.numpy(), 8)[0][0].tolist() == ref.token_ids[0]
     kept = {"fastv": (chain.kept_image, ref.prefill.kept_llm), "fastervlm": (chain.kept_patches, ref.prefill.kept_vision)}
-    if method in kept:
-        got, want = kept[method][0][0].tolist(), kept[method][1][0].tolist()
+    for part in method.split("+"):
+        if part not in kept:
+            continue
+        got, want = kept[part][0][0].tolist(), kept[part][1][0].tolist()
         if dtype == "fp32":
             assert got == want
         else:  # fp16 scores round differently in the two implementations: tokens at the cut may swap
@@ -118,6 +120,7 @@ def test_every_graph_passes_the_tensorrt_lint(name, method, dtype, export_cache)
     manifest = load_manifest(folder)
     expected = {"none": ["vision", "embed", "llm_tail"], "fastervlm": ["vision", "embed", "llm_tail"]}
     assert list(manifest.graphs) == expected.get(method, ["vision", "embed", "llm_head", "prune", "llm_tail"])
+    assert manifest.pruning["method"] == method
     for spec in manifest.graphs.values():
         model = onnx.load(str(folder / spec.file), load_external_data=False)
         assert lint_model(model) == []
@@ -132,8 +135,9 @@ def test_fp16_graphs_keep_norms_and_softmax_in_fp32(name, export_cache):
         types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
         softmax_in = [types[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"]
         assert softmax_in and set(softmax_in) == {onnx.TensorProto.FLOAT}, graph
-        matmul_weights = [types.get(n.input[0]) for n in model.graph.node if n.op_type == "Gemm"]
-        assert onnx.TensorProto.FLOAT16 in matmul_weights, f"{graph}: the projections should run in fp16"
+        weights = {t.name: t.data_type for t in model.graph.initializer}
+        gemm_weights = [weights[n.input[1]] for n in model.graph.node if n.op_type == "Gemm"]
+        assert gemm_weights and set(gemm_weights) == {onnx.TensorProto.FLOAT16}, f"{graph}: projections store fp16 weights"
         if graph != "vision":  # RMSNorm: the mean of squares is taken in fp32
             means = [types[n.input[0]] for n in model.graph.node if n.op_type == "ReduceMean"]
             assert means and set(means) == {onnx.TensorProto.FLOAT}, graph
@@ -224,6 +228,37 @@ def test_failed_verification_stops_the_export(tmp_path, tiny_checkpoints, monkey
     out = tmp_path / "bundle"
     with pytest.raises(MllmEdgeError, match="llm_tail.logits"):
         export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), out, PruningConfig()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_chain_check_stops_the_export(tmp_path, tiny_checkpoints, monkeypatch):
+    """The decode chain is checked on its own: a reference with wrong decode logits is caught."""
+    real = bundle_module.make_samples
+
+    def nudged(*args, **kwargs):
+        samples = real(*args, **kwargs)
+        samples.chain["step_logits"][:, 3:] *= 1.01  # decode steps only; prefill logits stay right
+        return samples
+
+    monkeypatch.setattr(bundle_module, "make_samples", nudged)
+    with pytest.raises(MllmEdgeError, match="decode chain: logits error"):
+        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "bundle", PruningConfig.from_method("fastv", 0.5)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_only_bundles(tmp_path, tiny_checkpoints):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "important.txt").write_text("keep me")
+    with pytest.raises(MllmEdgeError, match="is not a bundle"):
+        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), precious, PruningConfig(), force=True))
+    assert (precious / "important.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_max_context_too_small_for_the_sample(tmp_path, tiny_checkpoints):
+    with pytest.raises(MllmEdgeError, match="max context 70 is too small: the sample prompt takes"):
+        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "b", PruningConfig(), max_context=70))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -185,6 +185,30 @@ def test_squeeze_axes_from_graph_input(op):
     assert finding.op == op and "axes 'axes' must be a constant" in finding.message
 
 
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax"])
+def test_reduce_axes_must_be_constant(op):
+    node = helper.make_node(op, ["x", "axes"], ["y"], name="r")
+    model = make([node], [("x", FLOAT, [2, 8]), ("axes", INT64, [1])], [("y", FLOAT, ["a", "b"])], opset=18)
+    [finding] = lint_model(model)
+    assert finding.op == op and "axes 'axes' must be a constant" in finding.message
+    constant = make([node], [("x", FLOAT, [2, 8])], [("y", FLOAT, ["a", "b"])], [i64("axes", [1])], opset=18)
+    assert lint_model(constant) == []
+
+
+def test_pad_axes_must_be_constant():
+    node = helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], name="pad")
+    model = make([node], [("x", FLOAT, [2, 8]), ("axes", INT64, [1])], [("y", FLOAT, ["a", "b"])], [i64("pads", [1, 1])], opset=18)
+    [finding] = lint_model(model)
+    assert finding.op == "Pad" and "axes 'axes' must be a constant" in finding.message
+
+
+def test_unsorted_topk_is_a_finding():
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", sorted=0)
+    model = make([node], [("x", FLOAT, [1, 8])], [("v", FLOAT, [1, 3]), ("i", INT64, [1, 3])], [i64("k", [3])])
+    [finding] = lint_model(model)
+    assert "sorted=0" in finding.message
+
+
 # -- subgraphs ------------------------------------------------------------------------------------
 
 

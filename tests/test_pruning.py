@@ -102,3 +102,19 @@ def test_gather_tokens():
     assert out.shape == (2, 2, 3)
     assert torch.equal(out[0], x[0, [0, 4]]) and torch.equal(out[1], x[1, [1, 2]])
     assert torch.equal(gather_tokens(torch.arange(5)[None], torch.tensor([[3, 1]])), torch.tensor([[3, 1]]))
+
+
+def test_flops_reproduce_the_fastv_papers_13b_row():
+    """METHODS.md: LLaVA-1.5-13B (40 layers, d 5120, m 13824), 36 text + 576 image tokens; the paper's
+    13B cells follow from its Eq. 5 exactly (per-layer averages, in billions)."""
+    from mllm_edge.pruning.flops import prefill_flops
+
+    cells = {(2, 0.5): 84.6, (2, 0.75): 50.2, (3, 0.5): 86.4, (3, 0.75): 52.9}
+    for (k, ratio), expected in cells.items():
+        keep = keep_count(576, ratio)
+        flops = prefill_flops(40, 5120, 13824, 36, 576, 576, keep, k)
+        assert round(flops.unpruned / 1e9, 1) == 154.6
+        assert round(flops.pruned / 1e9, 1) == expected
+    # no FastV (k=0), FasterVLM alone at 75%: every layer sees 36 + 144 tokens
+    alone = prefill_flops(40, 5120, 13824, 36, 576, 144, 144, 0)
+    assert alone.pruned == prefill_flops(40, 5120, 13824, 36, 144, 144, 144, 0).unpruned

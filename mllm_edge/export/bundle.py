@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from .. import __version__
 from ..errors import MllmEdgeError
-from ..manifest import Manifest, write_manifest
+from ..manifest import MANIFEST_NAME, Manifest, write_manifest
 from ..models.checkpoint import resolve_checkpoint
 from ..models.config import load_llava_spec
 from ..models.llava import Llava, load_llava
@@ -30,8 +30,8 @@ from ..pruning import PruningConfig
 from ..pruning.flops import PrefillFlops, prefill_flops
 from . import graphs as g
 from .lint import lint_model
-from .onnx_graph import export_graph, share_duplicate_weights
-from .samples import make_samples, save_samples
+from .onnx_graph import export_graph, graph_spec, share_duplicate_weights
+from .samples import CHAIN_TOKENS, make_samples, save_samples
 from .verify import ChainCheck, OutputCheck, failures, require_onnxruntime, verify_chain, verify_graphs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -71,12 +71,17 @@ def stages(config: ExportConfig) -> list[str]:
 
 
 def check_destination(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise MllmEdgeError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise MllmEdgeError(f"{out} exists and is not a folder")
-    if not out.parent.exists():
+    """Refuse to overwrite anything but a bundle (or an empty folder), and that only with --force."""
+    if not out.parent.is_dir():
         raise MllmEdgeError(f"the folder {out.parent} for the bundle does not exist")
+    if not out.exists():
+        return
+    if not force:
+        raise MllmEdgeError(f"{out} already exists; pass --force to replace it")
+    if not out.is_dir():
+        raise MllmEdgeError(f"{out} exists and is not a folder")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise MllmEdgeError(f"{out} is not a bundle (it has no {MANIFEST_NAME}); --force replaces only bundles")
 
 
 def check_max_context(max_context: int | None, spec) -> int:
@@ -98,6 +103,21 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
     check_destination(out, config.force)
     if config.verify:
         require_onnxruntime()
+    try:  # created first, so an unwritable destination fails before minutes of loading
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise MllmEdgeError(f"cannot write into {out.parent}: {e.strerror}") from None
+    try:
+        report = _export_into(config, out, tmp, on_stage)
+    except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a vanished folder
+            raise MllmEdgeError(f"writing the bundle failed: {e}") from e
+        raise
+    return report
+
+
+def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> ExportReport:
     on_stage("load")
     folder = resolve_checkpoint(config.model)
     spec = load_llava_spec(folder)
@@ -109,60 +129,58 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
 
     on_stage("reference")
     samples = make_samples(llava, folder, modules, pruning)
+    needed = samples.llm_prompt_tokens + CHAIN_TOKENS
+    if needed > max_context:
+        raise MllmEdgeError(f"max context {max_context} is too small: the sample prompt takes {samples.llm_prompt_tokens} tokens, plus {CHAIN_TOKENS} to decode")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        graph_specs = {}
-        for name, module in modules.items():
-            on_stage(name)
-            args, shapes = trace_inputs(name, module, llava, samples, max_context)
-            graph_specs[name] = export_graph(module, args, shapes, tmp, name)
-        release_weights(llava)  # before ONNX Runtime loads the graphs: see release_weights
-        del modules, llava
+    graph_specs = {}
+    for name, module in modules.items():
+        on_stage(name)
+        args, shapes = trace_inputs(name, module, llava, samples, max_context)
+        graph_specs[name] = export_graph(module, args, shapes, tmp, name)
+    release_weights(llava)  # before ONNX Runtime loads the graphs: see release_weights
+    del modules, llava
+    gc.collect()
+    shared = share_duplicate_weights(tmp, list(graph_specs))
+    for spec_ in graph_specs.values():  # data files may have changed
+        spec_.data_files[:] = graph_spec(tmp / spec_.file).data_files
+
+    on_stage("lint")
+    problems = [f"{name}: {finding}" for name, s in graph_specs.items() for finding in lint_model(tmp / s.file)]
+    if problems:
+        raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
+
+    on_stage("tokenizer")
+    sample_files = save_samples(samples, tmp / "samples")
+    tokenizer = save_tokenizer(folder, tmp / "tokenizer", spec.image_token_id)
+    manifest = Manifest(
+        source={"model": str(config.model), "revision": folder.name if folder.parent.name == "snapshots" else None},
+        architecture={**spec.to_dict(), "num_image_tokens": spec.num_image_tokens},
+        pruning=pruning_entry(pruning, spec),
+        dtype=str(DTYPES[config.dtype]).removeprefix("torch."),
+        max_context=max_context,
+        graphs=graph_specs,
+        tokenizer=tokenizer["tokenizer"],
+        preprocessing=tokenizer["preprocessing"],
+        samples=sample_files,
+        created_by=f"mllm-edge {__version__}",
+    )
+
+    checks, chain = [], None
+    if config.verify:
+        on_stage("verify graphs")
+        checks = verify_graphs(tmp, manifest)
         gc.collect()
-        shared = share_duplicate_weights(tmp, list(graph_specs))
-        for spec_ in graph_specs.values():  # data files may have changed
-            spec_.data_files[:] = _data_files(tmp, spec_.file)
+        return_freed_memory()
+        on_stage("verify chain")
+        chain = verify_chain(tmp, manifest)
+        problem = failures(checks, chain, manifest.dtype)
+        if problem:
+            raise MllmEdgeError(problem)
 
-        on_stage("lint")
-        problems = [f"{name}: {finding}" for name, s in graph_specs.items() for finding in lint_model(tmp / s.file)]
-        if problems:
-            raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
-
-        on_stage("tokenizer")
-        sample_files = save_samples(samples, tmp / "samples")
-        tokenizer = save_tokenizer(folder, tmp / "tokenizer", spec.image_token_id)
-        manifest = Manifest(
-            source={"model": str(config.model), "revision": folder.name if folder.parent.name == "snapshots" else None},
-            architecture={**spec.to_dict(), "num_image_tokens": spec.num_image_tokens},
-            pruning=pruning_entry(pruning, spec),
-            dtype=str(DTYPES[config.dtype]).removeprefix("torch."),
-            max_context=max_context,
-            graphs=graph_specs,
-            tokenizer=tokenizer["tokenizer"],
-            preprocessing=tokenizer["preprocessing"],
-            samples=sample_files,
-            created_by=f"mllm-edge {__version__}",
-        )
-
-        checks, chain = [], None
-        if config.verify:
-            on_stage("verify graphs")
-            checks = verify_graphs(tmp, manifest)
-            gc.collect()
-            return_freed_memory()
-            on_stage("verify chain")
-            chain = verify_chain(tmp, manifest)
-            problem = failures(checks, chain, manifest.dtype)
-            if problem:
-                raise MllmEdgeError(problem)
-
-        on_stage("manifest")
-        write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
-    except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    on_stage("manifest")
+    write_manifest(tmp, manifest)
+    _move_into_place(tmp, out, config.force)
     keep_vision, keep_llm = pruning.keep_counts(spec.num_image_tokens)
     t = spec.text
     flops = prefill_flops(
@@ -277,18 +295,17 @@ def save_tokenizer(model_dir: Path, dest: Path, image_token_id: int) -> dict:
     }
 
 
-def _data_files(folder: Path, graph_file: str) -> list[str]:
-    from .onnx_graph import graph_spec
-
-    return graph_spec(folder / graph_file).data_files
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    if out.exists():  # --force: swap, then delete the old one
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    if not out.exists():
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    check_destination(out, force)  # again: the folder may have appeared during the export
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old)  # onto the empty placeholder
+    try:
         os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous bundle back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

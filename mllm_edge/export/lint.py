@@ -6,7 +6,8 @@ Why each rule exists:
 - op_type in trt10_onnx_ops.json: the parser's own list of supported operators (onnx-tensorrt docs).
 - BANNED_OPS: listed by the parser, but data-dependent shapes or control flow we do not ship; or opset 23.
 - TopK k constant and < 3840: TensorRT's TopK needs k at build time and caps it below 3840.
-- Slice/Squeeze/Unsqueeze axes constant: TensorRT needs the axes at build time.
+- Slice/Squeeze/Unsqueeze/Pad/Reduce* axes constant: TensorRT needs the axes at build time.
+- TopK sorted=1: the parser supports only sorted output.
 - subgraphs are walked too: a banned op in an If or Loop body must not go unseen.
 - external data is never loaded: linting a multi-GB export must read only the graph.
 """
@@ -41,7 +42,8 @@ BANNED_OPS: dict[str, str] = {
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # input index of the axes that must be known at build time
-_CONST_AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1}
+_REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")
+_CONST_AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "Pad": 3, **{op: 1 for op in _REDUCE_OPS}}
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ def _lint_node(node: onnx.NodeProto, consts: Mapping[str, object]) -> Iterator[s
 
 
 def _lint_topk(node: onnx.NodeProto, consts: Mapping[str, object]) -> Iterator[str]:
+    if any(a.name == "sorted" and a.i == 0 for a in node.attribute):
+        yield "sorted=0: TensorRT's TopK always sorts; the parser requires sorted=1"
     if len(node.input) > 1:  # opset >= 10: k is input 1
         if node.input[1] not in consts:
             yield f"k '{node.input[1]}' must be a constant (initializer or Constant node)"

@@ -57,7 +57,11 @@ def export_graph(module: torch.nn.Module, args: tuple, dynamic_shapes, folder: P
             )
             program.save(path, external_data=True)
     except Exception as e:  # the exporter raises many kinds; all mean the same to a user
-        raise MllmEdgeError(f"exporting the {name} graph failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        root = e
+        while root.__cause__ is not None:  # the exporter wraps the real reason in its own advice
+            root = root.__cause__
+        first = next((line for line in str(root).splitlines() if line.strip()), "")
+        raise MllmEdgeError(f"exporting the {name} graph failed: {type(root).__name__}: {first}") from e
     del program
     return graph_spec(path)
 

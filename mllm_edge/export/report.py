@@ -63,7 +63,8 @@ def checks_table(checks, chain) -> Table:
     for c in checks:
         table.add_row(c.graph, c.output, f"{c.max_abs:.2e}", f"{c.rel:.2e}", "ok" if c.ok else "FAIL")
     if chain is not None:
-        same = "identical" if chain.reference == chain.onnx else ("tie" if chain.ok else "DIFFER")
+        same = "identical" if chain.reference == chain.onnx else "ties" if chain.ok else "DIFFER"
+        same = same if chain.max_rel <= chain.tolerance else "FAIL"
         table.add_row("chain", f"{len(chain.reference)} greedy tokens", "", f"{chain.max_rel:.2e}", same)
     return table
 

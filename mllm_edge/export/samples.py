@@ -30,6 +30,7 @@ class Samples:
     chain: dict[str, np.ndarray]  # input_ids (processor's, unpruned run), pixel_values, token_ids, step_logits
     prompt: str  # the rendered chat prompt
     text_tokens: int  # prompt tokens that are not image tokens
+    llm_prompt_tokens: int  # prompt tokens entering the LLM (image run after FasterVLM)
 
 
 def numpy(x: torch.Tensor) -> np.ndarray:
@@ -90,7 +91,7 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
         "step_logits": np.stack([numpy(x) for x in result.steps_logits], axis=1),  # [B, steps, V]
     }
     as_numpy = {name: ({k: numpy(v) for k, v in i.items()}, {k: numpy(v) for k, v in o.items()}) for name, (i, o) in graphs.items()}
-    return Samples(as_numpy, chain, rendered, input_ids.shape[1] - num_full)
+    return Samples(as_numpy, chain, rendered, input_ids.shape[1] - num_full, ids.shape[1])
 
 
 def save_samples(samples: Samples, folder: Path) -> dict[str, str]:

@@ -19,8 +19,10 @@ from .graphs import NO_IMAGE
 from .samples import load_sample
 
 # Scale-relative tolerances: fp32 graphs must match to 1e-4; fp16 ones (two fp16 implementations
-# rounding differently, reductions kept in fp32) to 2e-2.
+# rounding differently, reductions kept in fp32) to 2e-2 per graph, and 5e-2 over the decode chain,
+# where the fp16 cache and residual stream carry each step's rounding into the next.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+CHAIN_TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,20 @@ class OutputCheck:
 class ChainCheck:
     reference: list[int]  # PyTorch's greedy tokens
     onnx: list[int]  # ONNX Runtime's argmax at each step, fed the reference's tokens
-    ties: list[int]  # steps where the reference's top two logits are closer than the tolerance
+    ties: list[int]  # steps whose reference top-two gap is within twice that step's measured error
     max_rel: float  # worst scale-relative logits error over the steps
+    tolerance: float
 
     @property
     def ok(self) -> bool:
-        return all(a == b or step in self.ties for step, (a, b) in enumerate(zip(self.reference, self.onnx)))
+        """Logits within the chain tolerance at every step, and the same argmax except at a tie
+        (a gap the measured error can close: only there may the two implementations disagree)."""
+        same = all(a == b or step in self.ties for step, (a, b) in enumerate(zip(self.reference, self.onnx)))
+        return same and self.max_rel <= self.tolerance
 
 
 def session(path: Path):
+    """An ONNX Runtime CPU session; its failures become MllmEdgeError naming the graph."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -54,7 +61,26 @@ def session(path: Path):
     # Unoptimised, weights stay memory-mapped from the external data files.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.enable_cpu_mem_arena = False  # transient fp32 casts of fp16 weights are freed, not pooled
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return _Session(path.stem, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise MllmEdgeError(f"ONNX Runtime cannot load {path.name}: {e}") from e
+
+
+class _Session:
+    """An onnxruntime session whose run errors name the graph."""
+
+    def __init__(self, name: str, sess):
+        self.name, self.sess = name, sess
+
+    def get_outputs(self):
+        return self.sess.get_outputs()
+
+    def run(self, output_names, feeds):
+        try:
+            return self.sess.run(output_names, feeds)
+        except Exception as e:
+            raise MllmEdgeError(f"ONNX Runtime failed running the {self.name} graph: {e}") from e
 
 
 def compare(graph: str, name: str, got: np.ndarray, ref: np.ndarray, tolerance: float) -> OutputCheck:
@@ -78,6 +104,7 @@ def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
         wanted = list(outputs)
         results = sess.run(wanted, inputs)
         checks += [compare(name, out, got, outputs[out], tolerance) for out, got in zip(wanted, results)]
+        del sess  # before the next graph's session opens
     return checks
 
 
@@ -162,24 +189,27 @@ class OnnxChain:
 
 
 def verify_chain(folder: Path, manifest: Manifest) -> ChainCheck:
-    """The graphs decode the sample with their cache, fed the reference's tokens; each step's argmax
-    must be the reference's token, except at a tie: top two closer than the dtype's tolerance allows."""
+    """The graphs decode the sample with their cache, fed the reference's tokens (teacher forcing,
+    so one tie broken the other way does not derail the steps after it)."""
     with np.load(folder / manifest.samples["chain"]) as chain:
         ref_tokens, ref_logits = chain["token_ids"], chain["step_logits"]
         tokens, logits = OnnxChain(folder, manifest, low_memory=True).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1], ref_tokens)
-    scale = np.abs(ref_logits[0]).max(axis=-1)
-    top2 = np.sort(ref_logits[0], axis=-1)[:, -2:]
-    ties = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * TOLERANCE[manifest.dtype] * scale).tolist()
-    rel = float((np.abs(logits[0] - ref_logits[0]).max(axis=-1) / np.maximum(scale, 1e-30)).max())
-    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel)
+    ref, got = ref_logits[0].astype(np.float64), logits[0].astype(np.float64)
+    error = np.abs(got - ref).max(axis=-1)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    ties = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * error).tolist()
+    rel = float((error / np.maximum(np.abs(ref).max(axis=-1), 1e-30)).max())
+    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel, CHAIN_TOLERANCE[manifest.dtype])
 
 
 def failures(checks: list[OutputCheck], chain: ChainCheck | None, dtype: str) -> str | None:
     """None when everything passed, else a message for the user."""
     bad = [c for c in checks if not c.ok]
     lines = [f"{c.graph}.{c.output}: error {c.rel:.2e} of its scale (max abs {c.max_abs:.3g}) > {TOLERANCE[dtype]:.0e}" for c in bad]
+    if chain is not None and chain.max_rel > chain.tolerance:
+        lines.append(f"decode chain: logits error {chain.max_rel:.2e} of their scale > {chain.tolerance:.0e}")
     if chain is not None and not chain.ok:
-        lines.append(f"greedy tokens differ: PyTorch {chain.reference}, ONNX Runtime {chain.onnx}")
+        lines.append(f"greedy tokens: PyTorch {chain.reference}, ONNX Runtime {chain.onnx}")
     if not lines:
         return None
     return "the exported graphs do not match PyTorch:\n  " + "\n  ".join(lines)

@@ -15,7 +15,9 @@ def layer_flops(n: int, d: int, m: int) -> float:
 
 @dataclass(frozen=True)
 class PrefillFlops:
-    unpruned: float  # all layers on the full prompt
+    """Per-layer averages, as the paper reports them: [K·C(n) + (L-K)·C(n̂)] / L."""
+
+    unpruned: float  # every layer on the full prompt
     pruned: float  # layers < K on the prompt after FasterVLM, layers >= K on FastV's kept tokens
 
     @property
@@ -27,6 +29,6 @@ def prefill_flops(
     num_layers: int, d: int, m: int, text_tokens: int, image_tokens: int, vision_keep: int, llm_keep: int, k: int
 ) -> PrefillFlops:
     """text_tokens: prompt tokens that are not image tokens; k: FastV's layer (0 without FastV)."""
-    full = num_layers * layer_flops(text_tokens + image_tokens, d, m)
+    full = layer_flops(text_tokens + image_tokens, d, m)
     pruned = k * layer_flops(text_tokens + vision_keep, d, m) + (num_layers - k) * layer_flops(text_tokens + llm_keep, d, m)
-    return PrefillFlops(full, pruned)
+    return PrefillFlops(full, pruned / num_layers)
