@@ -184,5 +184,46 @@ def inspect(
         console.print("op counts and the TensorRT lint need onnx: pip install 'mllm-edge[export]'")
 
 
+@app.command()
+@user_errors
+def run(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
+    prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="The question about the image."),
+    bundle: Path = typer.Option(Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."),
+    backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Stop after this many tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+) -> None:
+    """Answer a question about an image with an exported bundle (streams the answer; figures on stderr)."""
+    import json
+    from dataclasses import asdict
+
+    from .runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(bundle, backend, device)
+    generation = pipeline.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    for piece in generation:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = generation.result
+    if as_json:
+        typer.echo(json.dumps(asdict(result), ensure_ascii=False))
+        return
+    typer.echo("")
+    t, kept = result.timings_ms, result.kept_image_tokens
+    tokens = pipeline.manifest.pruning["image_tokens"]
+    flow = f"image tokens {tokens['vision']} -> {tokens['llm']}" + (f" -> {tokens['after_fastv']}" if kept["llm"] is not None else "")
+    typer.echo(
+        f"vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, ttft {t['ttft']:.1f} ms, "
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s; {flow}; {result.backend} on {result.device}",
+        err=True,
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 # Tests never touch the network: set before anything imports huggingface_hub / transformers,
@@ -28,3 +29,28 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 def tiny_checkpoint(request, tiny_checkpoints) -> tuple[str, Path]:
     """One checkpoint per test instance: (name, folder), over every entry of FIXTURE_SPECS."""
     return request.param, tiny_checkpoints[request.param]
+
+
+RATIO = 0.5  # the pruning ratio of the cached bundles
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory, tiny_checkpoints):
+    """Bundles exported once per session: (fixture, method, dtype, ratio) -> (folder, report)."""
+    pytest.importorskip("onnxruntime", reason="verifying exports needs the onnxruntime extra")
+    from mllm_edge.export.bundle import ExportConfig, export_bundle
+    from mllm_edge.pruning import PruningConfig
+
+    root = tmp_path_factory.mktemp("bundles")
+
+    @functools.cache
+    def export(name: str, method: str, dtype: str, ratio: float):
+        out = root / f"{name}-{method}-{dtype}-{ratio}"
+        pruning = PruningConfig.from_method(method, 0.0 if method == "none" else ratio)
+        report = export_bundle(ExportConfig(str(tiny_checkpoints[name]), out, pruning, dtype))
+        return out, report
+
+    def get(name: str, method: str, dtype: str = "fp32", ratio: float = RATIO):
+        return export(name, method, dtype, ratio)  # one cache key however the caller spells it
+
+    return get

@@ -38,24 +38,6 @@ DTYPES = ("fp32", "fp16")
 RATIO = 0.5
 
 
-@pytest.fixture(scope="session")
-def export_cache(tmp_path_factory, tiny_checkpoints):
-    """Bundles exported once per session: (fixture, method, dtype, ratio) -> (folder, report)."""
-    root = tmp_path_factory.mktemp("bundles")
-
-    @functools.cache
-    def export(name: str, method: str, dtype: str, ratio: float):
-        out = root / f"{name}-{method}-{dtype}-{ratio}"
-        pruning = PruningConfig.from_method(method, 0.0 if method == "none" else ratio)
-        report = export_bundle(ExportConfig(str(tiny_checkpoints[name]), out, pruning, dtype))
-        return out, report
-
-    def get(name: str, method: str, dtype: str = "fp32", ratio: float = RATIO):
-        return export(name, method, dtype, ratio)  # one cache key however the caller spells it
-
-    return get
-
-
 @functools.cache
 def reference_model(path: Path, dtype: str):
     return load_llava(path, torch.float16 if dtype == "fp16" else torch.float32)

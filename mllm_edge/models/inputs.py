@@ -7,24 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MllmEdgeError
-
-
-def load_image(path: str | Path):
-    """Open an image file as RGB, with a clear error for a missing, empty or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if path.is_dir():
-        raise MllmEdgeError(f"image {path} is a folder, not an image file")
-    if not path.is_file():
-        raise MllmEdgeError(f"image {path} does not exist")
-    if path.stat().st_size == 0:
-        raise MllmEdgeError(f"image {path} is empty")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise MllmEdgeError(f"image {path} cannot be read: {e}") from None
+from ..runtime.image import load_image  # noqa: F401  (the runtime's loader, re-exported for the reference path)
 
 
 def prepare_inputs(model_dir: str | Path, image, prompt: str) -> tuple[torch.Tensor, torch.Tensor, str]:

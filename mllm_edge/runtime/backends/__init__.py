@@ -1,0 +1,21 @@
+"""Backends that run one graph each behind the same small interface (`base.Engine`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import MllmEdgeError
+from .base import Engine
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def load_engine(backend: str, path: Path, device: str = "cpu") -> Engine:
+    """Open one graph file with the named backend; heavy imports happen only here."""
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(path, device)
+    if backend == "tensorrt":
+        raise MllmEdgeError("the TensorRT backend comes with `mllm-edge build` (not available yet); use --backend onnxruntime")
+    raise MllmEdgeError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

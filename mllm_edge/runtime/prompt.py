@@ -1,0 +1,228 @@
+"""The chat prompt and its token ids without transformers: jinja2 for the template, `tokenizers` for the ids.
+
+The runtime must feed the exported graphs the same ids as the Hugging Face processor does on the
+export machine, so this replays transformers 5's `apply_chat_template` (the same sandboxed Jinja
+environment and template variables) and the processor's tokenization (each image token expanded
+to its placeholder run, special tokens added by tokenizer.json's post-processor).
+
+Tokenize with the tokenizer.json that transformers itself *saves* (`processor.save_pretrained`):
+transformers 5 rebuilds some tokenizers on load (LlamaTokenizer: pre-tokenizer, decoder, BOS/EOS
+post-processor from add_bos_token/add_eos_token), and the saved file holds that rebuilt pipeline,
+while a Hub checkpoint's original tokenizer.json may not.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from ..errors import MllmEdgeError
+
+# Named special tokens transformers always passes to chat templates (when set), as its special_tokens_map.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' variant: no HTML escaping (Jinja's own escapes <, >, &, ').
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the environment transformers renders them in."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateError as e:
+        raise MllmEdgeError(f"the chat template does not compile: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_special_tokens(folder: Path) -> dict[str, str]:
+    """The special tokens transformers hands to chat templates, read from tokenizer_config.json.
+
+    Named tokens (bos_token, ...), a dict `extra_special_tokens`, and any other `*_token` string
+    (e.g. image_token); special_tokens_map.json only counts for old configs without
+    `added_tokens_decoder`, as in transformers.
+    """
+    config = _read_json(folder / "tokenizer_config.json")
+    legacy = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and legacy.is_file():
+        config = {**config, **_read_json(legacy)}
+    tokens = {}
+    for key, value in config.items():
+        if key in SPECIAL_TOKEN_NAMES or key.endswith("_token"):
+            tokens[key] = _token_text(value)
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        tokens.update({key: _token_text(value) for key, value in extra.items()})
+    return {key: value for key, value in tokens.items() if value is not None}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MllmEdgeError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise MllmEdgeError(f"{path} cannot be read: {e}") from None
+
+
+def _find_chat_template(folder: Path) -> str:
+    """The chat template saved with the processor: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            template = _read_json(folder / name).get("chat_template")
+            if isinstance(template, list):  # named templates
+                template = {t.get("name"): t.get("template") for t in template}.get("default")
+            if isinstance(template, str):
+                return template
+    raise MllmEdgeError(f"{folder} has no chat template")
+
+
+class PromptBuilder:
+    """One user turn (an image and a question) -> the rendered chat prompt -> the processor's input ids."""
+
+    def __init__(
+        self,
+        tokenizer_file: Path,
+        chat_template: str,
+        image_token: str,
+        image_token_id: int,
+        num_image_tokens: int,
+        special_tokens: dict,
+        *,
+        clean_up_tokenization_spaces: bool = False,
+    ):
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises plain Exception for a bad file
+            raise MllmEdgeError(f"cannot load the tokenizer {tokenizer_file}: {e}") from None
+        self.template = compile_chat_template(chat_template)
+        self.image_token, self.image_token_id = image_token, int(image_token_id)
+        self.num_image_tokens = int(num_image_tokens)
+        # transformers leaves unset tokens out: a template then sees them undefined (""), not "None".
+        self.special_tokens = {k: str(v) for k, v in special_tokens.items() if v is not None}
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        chat_template: str | None,
+        image_token: str,
+        image_token_id: int,
+        num_image_tokens: int,
+    ) -> PromptBuilder:
+        """From a folder written by `processor.save_pretrained` (tokenizer.json, tokenizer_config.json).
+
+        chat_template None: the one saved in the folder.
+        """
+        folder = Path(folder)
+        config = _read_json(folder / "tokenizer_config.json")
+        return cls(
+            folder / "tokenizer.json",
+            chat_template if chat_template is not None else _find_chat_template(folder),
+            image_token,
+            image_token_id,
+            num_image_tokens,
+            read_special_tokens(folder),
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        )
+
+    def render(self, prompt: str) -> str:
+        """The chat template for one user turn holding the image then `prompt`, with the generation prompt."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        try:
+            return self.template.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.special_tokens
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise MllmEdgeError(f"the chat template failed: {e}") from None
+
+    def encode(self, rendered: str) -> list[int]:
+        """Ids as the HF processor gives them: the image token expanded to num_image_tokens copies, specials added."""
+        count = rendered.count(self.image_token)
+        if count != 1:
+            raise MllmEdgeError(f"the rendered prompt holds {count} image tokens {self.image_token!r}, expected 1")
+        # Expand in the text and tokenize that, as the processor does.
+        text = rendered.replace(self.image_token, self.image_token * self.num_image_tokens)
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if ids.count(self.image_token_id) != self.num_image_tokens:
+            raise MllmEdgeError(
+                f"the image token {self.image_token!r} is not the single token {self.image_token_id} in tokenizer.json"
+            )
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` without special tokens, as `tokenizer.decode(ids, skip_special_tokens=True)`."""
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        # transformers only cleans up for non-BPE models (it would corrupt BPE output).
+        if self.clean_up_tokenization_spaces and type(self.tokenizer.model).__name__ != "BPE":
+            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):  # fmt: skip
+                text = text.replace(before, after)
+        return text
+
+
+class TextStream:
+    """Turn generated ids, fed one at a time, into text pieces whose concatenation is decode(all ids).
+
+    Each push decodes the whole sequence and returns what is new. A trailing U+FFFD is held back: it
+    is usually a character whose UTF-8 bytes are split over tokens (byte-level BPE, byte fallback).
+    """
+
+    def __init__(self, builder: PromptBuilder):
+        self._decode = builder.decode
+        self._ids: list[int] = []
+        self._emitted = 0  # characters of the decoded text already returned
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back (a genuinely undecodable tail included)."""
+        return self._take(self._decode(self._ids))
+
+    def _take(self, text: str) -> str:
+        piece = text[self._emitted :]
+        self._emitted = len(text)
+        return piece

@@ -1,0 +1,213 @@
+"""The runtime (`mllm_edge.runtime`, `mllm-edge run`): bundles answer as the PyTorch reference does.
+
+The runtime does its own preprocessing, chat template and tokenization (no transformers), so equal
+greedy tokens here also say those equal the Hugging Face processor's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime", reason="the runtime tests need the onnxruntime extra")
+
+from helpers import PROMPT, our_model  # noqa: E402
+from mllm_edge.cli import app  # noqa: E402
+from mllm_edge.errors import MllmEdgeError  # noqa: E402
+from mllm_edge.models import generate  # noqa: E402
+from mllm_edge.models.inputs import prepare_inputs  # noqa: E402
+from mllm_edge.pruning import PruningConfig  # noqa: E402
+from mllm_edge.runtime.pipeline import Pipeline  # noqa: E402
+from mllm_edge.testing.checkpoints import sample_image  # noqa: E402
+
+runner = CliRunner()
+CASES = [
+    ("llama_gqa", "none"),
+    ("llama_gqa", "fastv"),
+    ("llama_gqa", "fastervlm"),
+    ("llama_gqa", "fastv+fastervlm"),
+    ("llama_mha", "fastv"),
+    ("qwen2", "fastv"),
+    ("qwen2", "fastervlm"),
+]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runtime") / "scene.png"
+    sample_image(300, 200, seed=1).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=["-".join(c) for c in CASES])
+def test_greedy_answer_equals_the_pytorch_reference(name, method, export_cache, tiny_checkpoints, image_file):
+    folder, _ = export_cache(name, method)
+    result = Pipeline.load(folder).generate(image_file, PROMPT, max_new_tokens=10)
+    path = tiny_checkpoints[name]
+    input_ids, pixel_values, rendered = prepare_inputs(path, sample_image(300, 200, seed=1), PROMPT)
+    pruning = PruningConfig.from_method(method, 0.0 if method == "none" else 0.5)
+    eos = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    ref = generate(our_model(path), input_ids, pixel_values, pruning, max_new_tokens=10, eos_token_id=eos)
+    assert result.prompt == rendered
+    assert result.prompt_token_ids == input_ids[0].tolist()
+    assert result.token_ids == ref.token_ids[0]
+    kept = result.kept_image_tokens
+    assert kept["vision"] == (ref.prefill.kept_vision[0].tolist() if ref.prefill.kept_vision is not None else None)
+    assert kept["llm"] == (ref.prefill.kept_llm[0].tolist() if ref.prefill.kept_llm is not None else None)
+
+
+def test_ratio_zero_bundle_answers_like_none(export_cache, image_file):
+    none = Pipeline.load(export_cache("llama_gqa", "none")[0]).generate(image_file, PROMPT, max_new_tokens=8)
+    zero = Pipeline.load(export_cache("llama_gqa", "fastv", ratio=0.0)[0]).generate(image_file, PROMPT, max_new_tokens=8)
+    assert zero.token_ids == none.token_ids
+    assert zero.kept_image_tokens["llm"] == list(range(64))
+
+
+def test_a_pipeline_answers_twice_the_same(export_cache, image_file):
+    """The cache is reset between requests: nothing of the first answer leaks into the second."""
+    pipeline = Pipeline.load(export_cache("llama_gqa", "fastv")[0])
+    first = pipeline.generate(image_file, PROMPT, max_new_tokens=8)
+    pipeline.generate(sample_image(seed=5), "something else entirely", max_new_tokens=5)
+    assert pipeline.generate(image_file, PROMPT, max_new_tokens=8).token_ids == first.token_ids
+
+
+def test_seeded_sampling_repeats(export_cache, image_file):
+    pipeline = Pipeline.load(export_cache("llama_gqa", "fastv")[0])
+    runs = [pipeline.generate(image_file, PROMPT, max_new_tokens=12, temperature=1.5, top_p=0.95, seed=s).token_ids for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]  # 12 tokens at temperature 1.5 from a random model: a collision would be a fluke
+    greedy = pipeline.generate(image_file, PROMPT, max_new_tokens=12).token_ids
+    assert pipeline.generate(image_file, PROMPT, max_new_tokens=12, top_p=0.5, seed=3).token_ids == greedy  # T=0 ignores top-p
+
+
+def test_generation_stops_at_end_of_sequence(export_cache, image_file):
+    pipeline = Pipeline.load(export_cache("llama_gqa", "fastv")[0])
+    free = pipeline.generate(image_file, PROMPT, max_new_tokens=6).token_ids
+    pipeline.eos = {free[2]}
+    stopped = pipeline.generate(image_file, PROMPT, max_new_tokens=6)
+    assert stopped.token_ids == free[:3]
+    assert stopped.text == pipeline.prompts.decode(free[:2])
+
+
+def test_streamed_text_equals_the_whole_answer(export_cache, image_file):
+    pipeline = Pipeline.load(export_cache("qwen2", "fastv")[0])
+    generation = pipeline.stream(image_file, PROMPT, max_new_tokens=12)
+    pieces = list(generation)
+    assert "".join(pieces) == generation.result.text
+
+
+def test_runtime_imports_no_torch(export_cache, image_file):
+    folder, _ = export_cache("llama_gqa", "fastv")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from mllm_edge.runtime.pipeline import Pipeline
+        result = Pipeline.load({str(folder)!r}).generate({str(image_file)!r}, "hello", max_new_tokens=3)
+        heavy = [m for m in ("torch", "transformers", "onnx", "onnxscript") if m in sys.modules]
+        print(heavy, len(result.token_ids))
+        sys.exit(1 if heavy else 0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_streams_and_reports(export_cache, image_file):
+    folder, _ = export_cache("llama_gqa", "fastv")
+    text = runner.invoke(app, ["run", str(image_file), "--prompt", PROMPT, "--bundle", str(folder), "--max-new-tokens", "6"])
+    assert text.exit_code == 0, text.output + text.stderr
+    assert "image tokens 64 -> 64 -> 32" in text.stderr and "tokens/s" in text.stderr
+    as_json = runner.invoke(app, ["run", str(image_file), "--prompt", PROMPT, "--bundle", str(folder), "--max-new-tokens", "6", "--json"])
+    assert as_json.exit_code == 0, as_json.output + as_json.stderr
+    result = json.loads(as_json.stdout)
+    assert result["text"] == text.stdout.rstrip("\n")
+    assert set(result) >= {"text", "prompt", "prompt_token_ids", "token_ids", "kept_image_tokens", "timings_ms", "decode_tokens_per_s", "backend", "device", "peak_rss_mb"}
+    assert set(result["timings_ms"]) == {"preprocess", "vision", "prefill", "ttft", "decode_per_token"}
+    assert result["backend"] == "onnxruntime" and result["device"] == "cpu"
+    assert result["kept_image_tokens"]["vision"] is None and len(result["kept_image_tokens"]["llm"]) == 32
+
+
+def _run_error(args):
+    result = runner.invoke(app, ["run", *args])
+    assert result.exit_code == 1, result.output + result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    return result.stderr
+
+
+def test_bad_input_gets_a_clear_error(export_cache, image_file, tmp_path):
+    folder, _ = export_cache("llama_gqa", "fastv")
+    empty, corrupt = tmp_path / "empty.png", tmp_path / "corrupt.jpg"
+    empty.write_bytes(b"")
+    corrupt.write_bytes(b"not a picture")
+    good = [str(image_file), "--bundle", str(folder)]
+    cases = [
+        ([str(tmp_path / "missing.png"), "--bundle", str(folder)], "missing.png does not exist"),
+        ([str(empty), "--bundle", str(folder)], "is empty"),
+        ([str(corrupt), "--bundle", str(folder)], "cannot be read"),
+        ([str(image_file), "--bundle", str(tmp_path / "nothing")], "does not exist"),
+        ([*good, "--max-new-tokens", "-3"], "max new tokens must be a whole number >= 1"),
+        ([*good, "--max-new-tokens", "0"], "max new tokens must be a whole number >= 1"),
+        ([*good, "--temperature", "-1"], "temperature must be a number >= 0"),
+        ([*good, "--temperature", "nan"], "temperature must be a number >= 0"),
+        ([*good, "--top-p", "0"], "top-p must be in (0, 1]"),
+        ([*good, "--top-p", "1.5"], "top-p must be in (0, 1]"),
+        ([*good, "--seed", "-1"], "seed must be a whole number >= 0"),
+        ([*good, "--backend", "tvm"], "unknown backend 'tvm'"),
+        ([*good, "--device", "tpu"], "unknown device 'tpu'"),
+        ([*good, "--prompt", "word " * 3000], "the bundle's max context is 2048"),
+    ]
+    for args, message in cases:
+        assert message in _run_error(args), args
+
+
+def test_damaged_bundles_are_named(export_cache, image_file, tmp_path):
+    source, _ = export_cache("llama_gqa", "fastv")
+    for victim, message in [("llm_head.onnx", "llm_head.onnx does not match its sha256"), ("manifest.json", "not valid JSON")]:
+        folder = tmp_path / victim
+        shutil.copytree(source, folder)
+        data = bytearray((folder / victim).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / victim).write_bytes(bytes(data))
+        assert message in _run_error([str(image_file), "--bundle", str(folder)])
+    with pytest.raises(MllmEdgeError, match="schema version"):
+        folder = tmp_path / "old"
+        shutil.copytree(source, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["schema_version"] = 0
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        Pipeline.load(folder)
+
+
+def test_cuda_without_onnxruntime_gpu_is_refused(export_cache, image_file):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has onnxruntime-gpu")
+    assert "--device cuda needs onnxruntime-gpu" in _run_error([str(image_file), "--bundle", str(export_cache("llama_gqa", "none")[0]), "--device", "cuda"])
+
+
+def test_decode_positions_follow_the_unpruned_prompt(export_cache, tiny_checkpoints, image_file):
+    """FastV keeps original positions: decoding must continue at the full prompt length, not the kept one.
+    Shifting the runtime's positions by the pruned count must change the answer, or this check is blind."""
+    folder, _ = export_cache("llama_gqa", "fastv", ratio=0.75)
+    pipeline = Pipeline.load(folder)
+    right = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
+    original = pipeline._run_llm
+
+    def shifted(graph, group, name, hidden, positions):
+        if hidden.shape[1] == 1:
+            positions = positions - 48  # as if positions were renumbered after pruning 48 of 64
+        return original(graph, group, name, hidden, positions)
+
+    pipeline._run_llm = shifted
+    wrong = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
+    assert wrong != right
+    ref = generate(our_model(tiny_checkpoints["llama_gqa"]), *prepare_inputs(tiny_checkpoints["llama_gqa"], sample_image(300, 200, seed=1), PROMPT)[:2],
+                   PruningConfig.from_method("fastv", 0.75), max_new_tokens=10, eos_token_id=2)
+    assert right == ref.token_ids[0]
