@@ -197,6 +197,7 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    show_pruning: Optional[Path] = typer.Option(None, "--show-pruning", help="Write the image with pruned patches dimmed, kept ones outlined (PNG)."),
 ) -> None:
     """Answer a question about an image with an exported bundle (streams the answer; figures on stderr)."""
     import json
@@ -204,6 +205,8 @@ def run(
 
     from .runtime.pipeline import Pipeline
 
+    if show_pruning is not None and not show_pruning.parent.is_dir():
+        raise MllmEdgeError(f"cannot write {show_pruning}: the folder {show_pruning.parent} does not exist")
     pipeline = Pipeline.load(bundle, backend, device)
     generation = pipeline.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     for piece in generation:
@@ -211,6 +214,14 @@ def run(
             sys.stdout.write(piece)
             sys.stdout.flush()
     result = generation.result
+    if show_pruning is not None:
+        from .runtime.image import load_image
+        from .runtime.show_pruning import draw_pruning
+
+        vision = pipeline.manifest.architecture["vision"]
+        kept = result.kept_image_tokens
+        pixels = pipeline.preprocess(load_image(image))
+        draw_pruning(pixels, pipeline.manifest.preprocessing, vision["image_size"] // vision["patch_size"], kept["vision"], kept["llm"], show_pruning)
     if as_json:
         typer.echo(json.dumps(asdict(result), ensure_ascii=False))
         return

@@ -211,3 +211,57 @@ def test_decode_positions_follow_the_unpruned_prompt(export_cache, tiny_checkpoi
     ref = generate(our_model(tiny_checkpoints["llama_gqa"]), *prepare_inputs(tiny_checkpoints["llama_gqa"], sample_image(300, 200, seed=1), PROMPT)[:2],
                    PruningConfig.from_method("fastv", 0.75), max_new_tokens=10, eos_token_id=2)
     assert right == ref.token_ids[0]
+
+
+def test_show_pruning_marks_the_kept_patches(export_cache, image_file, tmp_path):
+    """Patches pruned by FasterVLM are darkest, those FastV dropped dimmer, the survivors outlined."""
+    import numpy as np
+    from PIL import Image
+
+    from mllm_edge.runtime.show_pruning import LLM_PRUNED_DIM, VISION_PRUNED_DIM, kept_patches
+
+    folder, _ = export_cache("llama_gqa", "fastv+fastervlm")
+    out = tmp_path / "pruning.png"
+    result = runner.invoke(app, ["run", str(image_file), "--bundle", str(folder), "--max-new-tokens", "2", "--show-pruning", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    kept = json.loads(result.stdout)["kept_image_tokens"]
+    entered, final = kept_patches(64, kept["vision"], kept["llm"])
+    assert len(entered) == 32 and len(final) == 16 and final <= entered
+    pipeline = Pipeline.load(folder)
+    from mllm_edge.runtime.image import load_image
+    from mllm_edge.runtime.show_pruning import model_view
+
+    plain = np.asarray(model_view(pipeline.preprocess(load_image(image_file)), pipeline.manifest.preprocessing), np.float32)
+    drawn = np.asarray(Image.open(out).convert("RGB"), np.float32)
+    assert drawn.shape == plain.shape == (64, 64, 3)
+    for patch in range(64):
+        row, col = divmod(patch, 8)
+        inner = (slice(row * 8 + 1, row * 8 + 7), slice(col * 8 + 1, col * 8 + 7))  # inside the outline
+        ratio = drawn[inner].sum() / max(plain[inner].sum(), 1.0)
+        expected = 1.0 if patch in final else LLM_PRUNED_DIM if patch in entered else VISION_PRUNED_DIM
+        assert abs(ratio - expected) < 0.03, (patch, ratio, expected)
+    assert "does not exist" in _run_error([str(image_file), "--bundle", str(folder), "--show-pruning", str(tmp_path / "no" / "x.png")])
+
+
+def test_cached_decoding_equals_recomputation(export_cache, image_file):
+    """Each token the runtime decodes with its cache is the argmax of the whole sequence recomputed
+    from scratch (no cache) through the same graphs."""
+    import numpy as np
+
+    pipeline = Pipeline.load(export_cache("qwen2", "none")[0])
+    result = pipeline.generate(image_file, PROMPT, max_new_tokens=8)
+    from mllm_edge.runtime.image import load_image
+
+    image_embeds = pipeline.engines["vision"].run({"pixel_values": pipeline.preprocess(load_image(image_file))})["image_embeds"]
+    ids = np.asarray(result.prompt_token_ids, np.int64)
+    start = int(np.argmax(ids == pipeline.manifest.tokenizer["image_token_id"]))
+    sequence = list(result.prompt_token_ids)
+    text = pipeline.manifest.architecture["text"]
+    for token in result.token_ids:
+        batch = np.asarray([sequence], np.int64)
+        embeds = pipeline.engines["embed"].run({"input_ids": batch, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})["inputs_embeds"]
+        empty = np.zeros((1, 0, text["num_kv_heads"], text["head_dim"]), np.float32)
+        past = {f"past_{kind}.{i}": empty for i in range(text["num_layers"]) for kind in ("key", "value")}
+        logits = pipeline.engines["llm_tail"].run({"hidden_states": embeds, "position_ids": np.arange(batch.shape[1])[None], **past})["logits"]
+        assert int(logits[0].argmax()) == token
+        sequence.append(token)

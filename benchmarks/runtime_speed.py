@@ -1,0 +1,331 @@
+"""Runtime speed on the CPU: our ONNX Runtime pipeline against PyTorch, pruning speed-ups, overheads.
+
+A random LLaVA-1.5-shaped model (CLIP 336/14 = 576 image tokens, a small vision tower, a ~85M
+Llama by default) is written with `make_tiny_llava` and exported (fp32, no verification) as bundles
+for method none, FastV (K=2, R=0.5) and FasterVLM (R=0.75); a second model, identical but for a
+112/14 image grid (64 image tokens), gets a none bundle with max context 2048. None of that is timed.
+Then, in one process, each figure is the median of --repeats runs after one warm-up:
+
+1. TTFT and decode tokens/s, greedy, --max-new-tokens each: the runtime (its own timings_ms),
+   transformers' LlavaForConditionalGeneration.generate (min_new_tokens = max_new_tokens) and our
+   PyTorch reference mllm_edge.models.generate. For both PyTorch paths TTFT is the wall time of a
+   generate of 1 token and decode s/token is (t(N) - t(1)) / (N - 1); both start from the processor's
+   tensors, while the runtime's TTFT also includes its own preprocessing. Target: runtime decode
+   tokens/s >= 2x transformers.
+2. Prefill (timings_ms["prefill"]: embed and LLM graphs, after the vision graph) per method; achieved
+   speed-up t_none / t_method against the FastV paper's FLOPs model (pruning.flops.prefill_flops, text
+   tokens = prompt length - 576). Target: achieved >= 85% of predicted.
+3. Time outside the graphs during decode: every engine wrapped in a timing proxy; the decode wall time
+   (first token to end) minus the graph calls after prefill. Target: < 5% of a decode step.
+4. Decode ms/token at a context of ~100 and ~1500 tokens (the 64-image-token model, prompts padded with
+   "red circle"), against the per-token FLOPs model 2P + 4·L·d·ctx (P: LLM parameters less the input
+   embeddings, ctx: the mean context over the decode). Target: measured ratio <= predicted ratio.
+
+    .venv/bin/python benchmarks/runtime_speed.py                       # default sizes: ~30-60 min on 2 cores
+    .venv/bin/python benchmarks/runtime_speed.py --hidden 128 --intermediate 256 --layers 2 --heads 2 \\
+        --kv-heads 2 --vision-hidden 64 --vision-intermediate 128 --vision-layers 2 --vision-heads 2 \\
+        --max-new-tokens 4 --repeats 1 --json /tmp/smoke.json        # smoke run
+
+Results go to benchmarks/results/runtime_speed.json (--json). Needs the export extra and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from export_memory import machine  # this folder is sys.path[0] when run as a script
+
+SIZES = {  # option -> (TinyLlavaSpec field, default)
+    "image_size": ("image_size", 336), "patch_size": ("patch_size", 14),
+    "vision_hidden": ("vision_hidden_size", 256), "vision_intermediate": ("vision_intermediate_size", 1024),
+    "vision_layers": ("vision_layers", 4), "vision_heads": ("vision_heads", 4),
+    "hidden": ("hidden_size", 768), "intermediate": ("intermediate_size", 2048),
+    "layers": ("num_layers", 12), "heads": ("num_heads", 12), "kv_heads": ("num_kv_heads", 12),
+}
+PROMPT = "Describe the picture in detail."
+
+
+def med(values) -> float:
+    return statistics.median(values)
+
+
+class TimedEngine:
+    """Same .run as the engine it wraps; appends (graph, seconds inside run) to a shared log."""
+
+    def __init__(self, graph: str, engine, log: list):
+        self.graph, self.engine, self.log = graph, engine, log
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, inputs, outputs=None):
+        start = time.perf_counter()
+        try:
+            return self.engine.run(inputs, outputs)
+        finally:
+            self.log.append((self.graph, time.perf_counter() - start))
+
+
+def bench_runtime(bundle: Path, image, prompt: str, n: int, repeats: int, proxies: bool = False) -> dict:
+    from mllm_edge.runtime.pipeline import Pipeline
+
+    pipeline, log = Pipeline.load(bundle), []
+    if proxies:
+        pipeline.engines = {g: TimedEngine(g, e, log) for g, e in pipeline.engines.items()}
+    runs = []
+    for i in range(repeats + 1):  # the first is the warm-up
+        log.clear()
+        r = pipeline.generate(image, prompt, max_new_tokens=n, temperature=0.0)
+        steps = len(r.token_ids) - 1
+        row = {**r.timings_ms, "tokens": len(r.token_ids), "prompt_tokens": len(r.prompt_token_ids), "token_ids": r.token_ids}
+        if proxies:  # decode = every graph call after prefill's (first) llm_tail
+            first_tail = next(j for j, (g, _) in enumerate(log) if g == "llm_tail")
+            in_graphs = sum(s for _, s in log[first_tail + 1 :]) * 1000
+            row["decode_wall_ms"] = r.timings_ms["decode_per_token"] * steps
+            row["outside_ms_per_step"] = (row["decode_wall_ms"] - in_graphs) / max(steps, 1)
+        if i:
+            runs.append(row)
+    out = {k: round(med([r[k] for r in runs]), 3) for k in runs[0] if k != "token_ids"}
+    out["decode_tokens_per_s"] = round(1000 / out["decode_per_token"], 2) if out["decode_per_token"] else 0.0
+    out["token_ids"] = runs[-1]["token_ids"]
+    del pipeline
+    gc.collect()
+    return out
+
+
+def two_point(generate, n: int, repeats: int) -> dict:
+    """generate(k) -> token ids; TTFT = t(1), decode s/token = (t(N) - t(1)) / (N - 1), medians."""
+    def timed(k):
+        start = time.perf_counter()
+        ids = generate(k)
+        return time.perf_counter() - start, ids
+
+    timed(1), timed(n)  # warm-up
+    t1, tn = [], []
+    for _ in range(repeats):
+        t1.append(timed(1)[0])
+        seconds, ids = timed(n)
+        tn.append(seconds)
+    per_token = (med(tn) - med(t1)) / (n - 1)
+    return {"ttft": round(med(t1) * 1000, 3), "decode_per_token": round(per_token * 1000, 3), "total_ms": round(med(tn) * 1000, 3),
+            "decode_tokens_per_s": round(1 / per_token, 2), "tokens": len(ids), "token_ids": ids}
+
+
+def bench_hf(folder: Path, image, prompt: str, n: int, repeats: int, attn: str) -> dict:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mllm_edge.models.inputs import prepare_inputs
+
+    ids, pixels, _ = prepare_inputs(folder, image, prompt)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
+
+    @torch.inference_mode()
+    def generate(k):
+        out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        return out[0, ids.shape[1] :].tolist()
+
+    result = two_point(generate, n, repeats)
+    del model
+    gc.collect()
+    return result
+
+
+def bench_reference(folder: Path, image, prompt: str, n: int, repeats: int) -> dict:
+    from mllm_edge.models.generate import generate
+    from mllm_edge.models.inputs import prepare_inputs
+    from mllm_edge.models.llava import load_llava
+    from mllm_edge.pruning import PruningConfig
+
+    ids, pixels, _ = prepare_inputs(folder, image, prompt)
+    llava = load_llava(folder).eval()
+    result = two_point(lambda k: generate(llava, ids, pixels, PruningConfig(), max_new_tokens=k).token_ids[0], n, repeats)
+    del llava
+    gc.collect()
+    return result
+
+
+def llm_matmul_params(folder: Path) -> int:
+    """Parameters a decode step multiplies by: the language model and LM head, less the input embeddings."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            total += sum(prod(f.get_slice(k).get_shape()) for k in f.keys()
+                         if ("language_model" in k or "lm_head" in k) and "embed_tokens" not in k)
+    return total
+
+
+def padded_prompt(bundle: Path, target: int) -> str:
+    """A prompt of "red circle" repeats whose rendered prompt takes about `target` tokens (image included)."""
+    from mllm_edge.manifest import load_manifest
+    from mllm_edge.runtime.prompt import PromptBuilder
+
+    manifest = load_manifest(bundle)
+    tok, images = manifest.tokenizer, manifest.pruning["image_tokens"]["vision"]
+    prompts = PromptBuilder.from_folder(bundle / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], images)
+    count = lambda text: len(prompts.encode(prompts.render(text)))  # noqa: E731
+    base, per = count(""), (count("red circle " * 50) - count("")) / 50
+    k = max(round((target - base) / per), 0)
+    while k > 0 and count("red circle " * k) > target:
+        k -= 1
+    while count("red circle " * (k + 1)) <= target:
+        k += 1
+    return ("red circle " * k).strip() or "red"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, help="checkpoints and bundles go here [default: a temp dir, deleted unless --keep]")
+    p.add_argument("--keep", action="store_true", help="keep --work (or the temp dir) afterwards")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="transformers' attention implementation")
+    p.add_argument("--init-range", type=float, default=0.02, help="initializer_range of the random weights")
+    p.add_argument("--fastv-k", type=int, default=2)
+    p.add_argument("--fastv-ratio", type=float, default=0.5)
+    p.add_argument("--fastervlm-ratio", type=float, default=0.75)
+    p.add_argument("--ctx-image-size", type=int, default=112, help="image size of the context model (4.)")
+    p.add_argument("--contexts", type=int, nargs=2, default=[100, 1500], metavar=("SHORT", "LONG"))
+    p.add_argument("--max-context", type=int, default=2048, help="max context of the context model's bundle")
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "runtime_speed.json")
+    for opt, (_, default) in SIZES.items():
+        p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
+    args = p.parse_args()
+    if args.max_new_tokens < 2 or args.repeats < 1:
+        p.error("--max-new-tokens must be >= 2 and --repeats >= 1")
+
+    import torch
+
+    from mllm_edge.export.bundle import ExportConfig, export_bundle
+    from mllm_edge.pruning import PruningConfig
+    from mllm_edge.pruning.flops import prefill_flops
+    from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava, sample_image
+
+    sizes = {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
+    n, repeats = args.max_new_tokens, args.repeats
+    work = args.work or Path(tempfile.mkdtemp(prefix="runtime_speed.", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    finished = False
+    try:
+        print(f"building checkpoints and bundles in {work} (not timed) ...", flush=True)
+        spec = TinyLlavaSpec(name="bench_speed", initializer_range=args.init_range, seed=0, **sizes)
+        ctx_spec = TinyLlavaSpec(name="bench_ctx", initializer_range=args.init_range, seed=0, **{**sizes, "image_size": args.ctx_image_size})
+        folder, ctx_folder = make_tiny_llava(work / "checkpoint", spec), make_tiny_llava(work / "checkpoint-ctx", ctx_spec)
+        methods = {"none": PruningConfig(), "fastv": PruningConfig.from_method("fastv", args.fastv_ratio, k=args.fastv_k),
+                   "fastervlm": PruningConfig.from_method("fastervlm", args.fastervlm_ratio)}
+        bundles = {}
+        for name, pruning in methods.items():
+            bundles[name] = work / f"bundle-{name}"
+            export_bundle(ExportConfig(str(folder), bundles[name], pruning, dtype="fp32", verify=False, force=True))
+        ctx_bundle = work / "bundle-ctx"
+        export_bundle(ExportConfig(str(ctx_folder), ctx_bundle, PruningConfig(), dtype="fp32", max_context=args.max_context, verify=False, force=True))
+        gc.collect()
+        image = sample_image(640, 480, seed=0)
+        P = llm_matmul_params(folder)
+        print(f"LLM: {P / 1e6:.1f} M matmul parameters; {spec.num_image_tokens} image tokens; torch threads {torch.get_num_threads()}", flush=True)
+
+        # 1. runtime vs transformers vs our PyTorch reference
+        print("1. runtime / transformers / reference ...", flush=True)
+        speed = {"runtime (onnxruntime)": bench_runtime(bundles["none"], image, PROMPT, n, repeats),
+                 f"transformers ({args.attn})": bench_hf(folder, image, PROMPT, n, repeats, args.attn),
+                 "reference (mllm_edge.models)": bench_reference(folder, image, PROMPT, n, repeats)}
+        rt, hf = speed["runtime (onnxruntime)"], speed[f"transformers ({args.attn})"]
+        decode_speedup = rt["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+
+        # 2. prefill speed-ups against the FLOPs model
+        print("2. prefill per method ...", flush=True)
+        text_tokens = rt["prompt_tokens"] - spec.num_image_tokens
+        prefill = {}
+        for name, pruning in methods.items():
+            r = rt if name == "none" else bench_runtime(bundles[name], image, PROMPT, n, repeats)
+            vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)
+            flops = prefill_flops(args.layers, args.hidden, args.intermediate, text_tokens, spec.num_image_tokens, vision_keep, llm_keep, pruning.split_layer)
+            prefill[name] = {"prefill_ms": r["prefill"], "vision_ms": r["vision"], "ttft_ms": r["ttft"],
+                             "vision_keep": vision_keep, "llm_keep": llm_keep, "flops_per_layer": flops.pruned}
+        for row in prefill.values():
+            row["achieved"] = round(prefill["none"]["prefill_ms"] / row["prefill_ms"], 3)
+            row["predicted"] = round(prefill["none"]["flops_per_layer"] / row["flops_per_layer"], 3)
+            row["achieved_over_predicted"] = round(row["achieved"] / row["predicted"], 3)
+
+        # 3. time outside the graphs per decode step
+        print("3. decode overhead outside the graphs ...", flush=True)
+        overhead = bench_runtime(bundles["none"], image, PROMPT, n, repeats, proxies=True)
+        overhead["outside_share"] = round(overhead["outside_ms_per_step"] / overhead["decode_per_token"], 4)
+
+        # 4. decode step time at a short and a long context
+        print("4. decode at two contexts ...", flush=True)
+        context = {}
+        for target in args.contexts:
+            r = bench_runtime(ctx_bundle, image, padded_prompt(ctx_bundle, target), n, repeats)
+            ctx = r["prompt_tokens"] + n / 2  # mean context over the decode steps
+            context[target] = {"prompt_tokens": r["prompt_tokens"], "mean_context": ctx, "decode_ms_per_token": r["decode_per_token"],
+                               "tokens": r["tokens"], "flops_per_token": 2 * P + 4 * args.layers * args.hidden * ctx}
+        short, long_ = (context[t] for t in args.contexts)
+        measured_ratio = long_["decode_ms_per_token"] / short["decode_ms_per_token"]
+        predicted_ratio = long_["flops_per_token"] / short["flops_per_token"]
+
+        # tables
+        print(f"\n1. time to first token and decode speed ({n} new tokens, median of {repeats})")
+        print(f"{'engine':<30} {'TTFT ms':>9} {'decode ms/tok':>14} {'tok/s':>8} {'tokens':>7}  same tokens as transformers")
+        for name, r in speed.items():
+            print(f"{name:<30} {r['ttft']:>9.1f} {r['decode_per_token']:>14.2f} {r['decode_tokens_per_s']:>8.1f} {r['tokens']:>7}  {r['token_ids'] == hf['token_ids']}")
+        print(f"target: runtime decode tok/s >= 2x transformers: {decode_speedup:.2f}x, {'met' if decode_speedup >= 2 else 'NOT met'}")
+
+        print(f"\n2. prefill speed-up (prompt {rt['prompt_tokens']} tokens, {text_tokens} text)")
+        print(f"{'method':<10} {'kept vision/llm':>16} {'prefill ms':>11} {'achieved':>9} {'predicted':>10} {'ach/pred':>9}")
+        for name, r in prefill.items():
+            print(f"{name:<10} {str(r['vision_keep']) + '/' + str(r['llm_keep']):>16} {r['prefill_ms']:>11.1f} {r['achieved']:>8.2f}x {r['predicted']:>9.2f}x {r['achieved_over_predicted']:>8.0%}")
+        prefill_ok = all(r["achieved_over_predicted"] >= 0.85 for r in prefill.values())
+        print(f"target: achieved >= 85% of predicted: {'met' if prefill_ok else 'NOT met'}")
+
+        print("\n3. decode step: inside and outside the graphs")
+        o = overhead
+        print(f"{'ms/step':>9} {'in graphs':>10} {'outside':>9} {'share':>7}")
+        print(f"{o['decode_per_token']:>9.3f} {o['decode_per_token'] - o['outside_ms_per_step']:>10.3f} {o['outside_ms_per_step']:>9.3f} {o['outside_share']:>7.1%}")
+        print(f"target: outside < 5% of a step: {'met' if o['outside_share'] < 0.05 else 'NOT met'}")
+
+        print(f"\n4. decode ms/token against context ({ctx_spec.num_image_tokens} image tokens)")
+        print(f"{'target ctx':>10} {'prompt tokens':>14} {'decode ms/tok':>14} {'GFLOP/tok':>10}")
+        for target, r in context.items():
+            print(f"{target:>10} {r['prompt_tokens']:>14} {r['decode_ms_per_token']:>14.3f} {r['flops_per_token'] / 1e9:>10.3f}")
+        print(f"ratio long/short: measured {measured_ratio:.3f}, predicted {predicted_ratio:.3f}; "
+              f"target measured <= predicted: {'met' if measured_ratio <= predicted_ratio else 'NOT met'}")
+
+        for r in [*speed.values(), overhead]:
+            r.pop("token_ids", None)
+        record = {"machine": {**machine(), "torch_threads": torch.get_num_threads()},
+                  "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("work", "keep", "json")},
+                  "model": {**sizes, "vision_feature_layer": -2, "llm_matmul_params": P, "image_tokens": spec.num_image_tokens,
+                            "ctx_image_tokens": ctx_spec.num_image_tokens},
+                  "prompt": PROMPT,
+                  "speed": speed, "decode_speedup_vs_transformers": round(decode_speedup, 3),
+                  "prefill": prefill, "decode_overhead": overhead,
+                  "context": {"runs": context, "measured_ratio": round(measured_ratio, 3), "predicted_ratio": round(predicted_ratio, 3)},
+                  "targets_met": {"decode >= 2x transformers": decode_speedup >= 2, "prefill achieved >= 85% predicted": prefill_ok,
+                                  "outside graphs < 5% of a step": o["outside_share"] < 0.05,
+                                  "context ratio <= predicted": measured_ratio <= predicted_ratio}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        finished = True
+    finally:
+        if finished and not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    main()
