@@ -21,10 +21,13 @@ Then, in one process, each figure is the median of --repeats runs after one warm
    "red circle"), against the per-token FLOPs model 2P + 4·L·d·ctx (P: LLM parameters less the input
    embeddings, ctx: the mean context over the decode). Target: measured ratio <= predicted ratio.
 
-    .venv/bin/python benchmarks/runtime_speed.py                       # default sizes: ~30-60 min on 2 cores
+Run it on an idle machine: with other processes on the cores, torch's thread pool slows down many
+times over (the load average at the start and end goes into the JSON, and a warning is printed).
+
+    .venv/bin/python benchmarks/runtime_speed.py                       # default sizes (~10-20 min on 2 idle cores, estimated)
     .venv/bin/python benchmarks/runtime_speed.py --hidden 128 --intermediate 256 --layers 2 --heads 2 \\
         --kv-heads 2 --vision-hidden 64 --vision-intermediate 128 --vision-layers 2 --vision-heads 2 \\
-        --max-new-tokens 4 --repeats 1 --json /tmp/smoke.json        # smoke run
+        --fastv-k 1 --max-new-tokens 4 --repeats 1 --json /tmp/smoke.json  # smoke run
 
 Results go to benchmarks/results/runtime_speed.json (--json). Needs the export extra and onnxruntime.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -232,6 +236,9 @@ def main() -> None:
         ctx_bundle = work / "bundle-ctx"
         export_bundle(ExportConfig(str(ctx_folder), ctx_bundle, PruningConfig(), dtype="fp32", max_context=args.max_context, verify=False, force=True))
         gc.collect()
+        load_start = os.getloadavg()
+        if load_start[0] > 0.5:
+            print(f"warning: load average {load_start[0]:.2f}: other processes compete for the CPU (torch suffers most)")
         image = sample_image(640, 480, seed=0)
         P = llm_matmul_params(folder)
         print(f"LLM: {P / 1e6:.1f} M matmul parameters; {spec.num_image_tokens} image tokens; torch threads {torch.get_num_threads()}", flush=True)
@@ -305,7 +312,8 @@ def main() -> None:
 
         for r in [*speed.values(), overhead]:
             r.pop("token_ids", None)
-        record = {"machine": {**machine(), "torch_threads": torch.get_num_threads()},
+        load = {"loadavg_1_5_15_start": [round(x, 2) for x in load_start], "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()]}
+        record = {"machine": {**machine(), "torch_threads": torch.get_num_threads(), **load},
                   "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("work", "keep", "json")},
                   "model": {**sizes, "vision_feature_layer": -2, "llm_matmul_params": P, "image_tokens": spec.num_image_tokens,
                             "ctx_image_tokens": ctx_spec.num_image_tokens},
