@@ -17,6 +17,7 @@ from .errors import MllmEdgeError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BUNDLE = "bundle"  # where `export` writes and `run` reads when given no folder
+NO_IMAGE = -1  # the embed graph's image_start when the ids hold no image (decode steps)
 
 
 @dataclass(frozen=True)

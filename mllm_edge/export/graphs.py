@@ -16,11 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..manifest import NO_IMAGE  # noqa: F401  (part of the embed graph's contract)
 from ..models.llava import Llava
 from ..pruning import fastervlm_select, fastv_select, gather_tokens
-
-# embed: an image_start that matches no slot, for decode steps and text-only chunks.
-NO_IMAGE = -1
 
 
 def past_names(start: int, stop: int) -> list[str]:

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..manifest import Manifest
-from .graphs import NO_IMAGE
+from ..manifest import NO_IMAGE, Manifest
 from .samples import load_sample
 
 # Scale-relative tolerances: fp32 graphs must match to 1e-4; fp16 ones (two fp16 implementations

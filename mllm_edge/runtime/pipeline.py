@@ -16,14 +16,12 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..manifest import DEFAULT_BUNDLE, Manifest, load_manifest
+from ..manifest import DEFAULT_BUNDLE, NO_IMAGE, Manifest, load_manifest
 from .backends import load_engine
 from .cache import KVCache
 from .image import ImagePreprocessor, load_image
 from .prompt import PromptBuilder, TextStream
 from .sampling import Sampler
-
-NO_IMAGE = -1  # embed's image_start when the ids hold no image (decode)
 
 
 @dataclass
