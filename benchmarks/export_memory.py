@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from importlib.metadata import version
 from pathlib import Path
+
+from common import GB, machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
 STAGES = ["verify graphs", "verify chain", "reference", "llm_head", "llm_tail", "tokenizer", "manifest",
           "vision", "embed", "prune", "load", "lint", "done"]  # longest first where one prefixes another
@@ -47,7 +45,6 @@ SIZES = {  # option -> (TinyLlavaSpec field, default)
     "hidden": ("hidden_size", 2048), "intermediate": ("intermediate_size", 5632),
     "layers": ("num_layers", 16), "heads": ("num_heads", 32), "kv_heads": ("num_kv_heads", 4),
 }
-GB = 1e9
 
 
 def build_checkpoint(folder: Path, sizes: dict, dtype: str) -> dict:
@@ -125,14 +122,6 @@ def measure(name: str, cmd: list[str], log: Path) -> dict:
             "sampled_peak_by_stage_gb": peaks, "sampled_peak_stage": top, "stage_start_s": state["first"]}
 
 
-def machine() -> dict:
-    meminfo = Path("/proc/meminfo").read_text()
-    total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "ram_total_gb": round(total_kib * 1024 / GB, 1), "torch": version("torch"),
-            "transformers": version("transformers"), "onnxruntime": version("onnxruntime")}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, help="checkpoint and bundles go here [default: a temp dir, deleted unless --keep]")
@@ -151,10 +140,8 @@ def main() -> None:
         print(json.dumps(build_checkpoint(args._build, sizes, args.dtype)))
         return
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="export_memory.", dir="/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    folder, finished = work / "checkpoint", False
-    try:
+    with work_dir(args.work, args.keep, "export_memory") as work:
+        folder = work / "checkpoint"
         print(f"building the checkpoint in {folder} (not timed) ...", flush=True)
         built = subprocess.run([sys.executable, __file__, "--_build", str(folder), "--dtype", args.dtype]
                                + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES],
@@ -186,15 +173,7 @@ def main() -> None:
                   "dtype": args.dtype, "method": args.method, "ratio": args.ratio, "weights_bytes": weights,
                   "target": "peak RSS <= 2x weights", "target_met": ok, "runs": results,
                   "saved_by_make_tiny_llava": info["saved_by_make_tiny_llava"]}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
-        finished = True
-    finally:  # a temp dir goes unless --keep, or something failed (its logs are there)
-        if finished and not args.keep and not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from export_memory import machine  # this folder is sys.path[0] when run as a script
+from common import machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
 SIZES = {  # option -> (TinyLlavaSpec field, default)
     "image_size": ("image_size", 336), "patch_size": ("patch_size", 14),
@@ -219,10 +216,7 @@ def main() -> None:
 
     sizes = {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
     n, repeats = args.max_new_tokens, args.repeats
-    work = args.work or Path(tempfile.mkdtemp(prefix="runtime_speed.", dir="/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    finished = False
-    try:
+    with work_dir(args.work, args.keep, "runtime_speed") as work:
         print(f"building checkpoints and bundles in {work} (not timed) ...", flush=True)
         spec = TinyLlavaSpec(name="bench_speed", initializer_range=args.init_range, seed=0, **sizes)
         ctx_spec = TinyLlavaSpec(name="bench_ctx", initializer_range=args.init_range, seed=0, **{**sizes, "image_size": args.ctx_image_size})
@@ -324,15 +318,7 @@ def main() -> None:
                   "targets_met": {"decode >= 2x transformers": decode_speedup >= 2, "prefill achieved >= 85% predicted": prefill_ok,
                                   "outside graphs < 5% of a step": o["outside_share"] < 0.05,
                                   "context ratio <= predicted": measured_ratio <= predicted_ratio}}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
-        finished = True
-    finally:
-        if finished and not args.keep and not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

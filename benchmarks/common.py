@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: the machine description, the work folder, the JSON record."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+GB = 1e9
+
+
+def machine() -> dict:
+    meminfo = Path("/proc/meminfo").read_text()
+    total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "ram_total_gb": round(total_kib * 1024 / GB, 1), "torch": version("torch"),
+            "transformers": version("transformers"), "onnxruntime": version("onnxruntime")}
+
+
+@contextlib.contextmanager
+def work_dir(work: Path | None, keep: bool, prefix: str):
+    """The folder for checkpoints and bundles: `work`, or a temp dir deleted afterwards unless `keep`
+    or something failed (its logs are there)."""
+    folder = work or Path(tempfile.mkdtemp(prefix=f"{prefix}.", dir="/tmp"))
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = False
+    try:
+        yield folder
+        finished = True
+    finally:
+        if finished and not keep and not work:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"kept {folder}")
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
