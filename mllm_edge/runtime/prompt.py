@@ -202,27 +202,31 @@ class PromptBuilder:
 class TextStream:
     """Turn generated ids, fed one at a time, into text pieces whose concatenation is decode(all ids).
 
-    Each push decodes the whole sequence and returns what is new. A trailing U+FFFD is held back: it
-    is usually a character whose UTF-8 bytes are split over tokens (byte-level BPE, byte fallback).
+    Each push decodes only a short window: the ids since the last emitted piece plus the piece
+    before them as context (so leading-space rules see the same neighbours), and returns the text
+    beyond what that context decodes to. Decoding the whole answer at every token would make a
+    long answer quadratic in the decode loop. A trailing U+FFFD is held back: it is usually a
+    character whose UTF-8 bytes are split over tokens (byte-level BPE, byte fallback).
     """
 
     def __init__(self, builder: PromptBuilder):
         self._decode = builder.decode
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already returned
+        self._prefix = 0  # window start: the context ids before the unread ones
+        self._read = 0  # ids up to here have been returned as text
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._take(text)
+        return self._take(hold_back=True)
 
     def flush(self) -> str:
         """Whatever is still held back (a genuinely undecodable tail included)."""
-        return self._take(self._decode(self._ids))
+        return self._take(hold_back=False)
 
-    def _take(self, text: str) -> str:
-        piece = text[self._emitted :]
-        self._emitted = len(text)
-        return piece
+    def _take(self, hold_back: bool) -> str:
+        context = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(context) or (hold_back and text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context) :]
