@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import MllmEdgeError
 from ..manifest import NO_IMAGE, Manifest
+from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
 from .samples import load_sample
 
 # Scale-relative tolerances: fp32 graphs must match to 1e-4; fp16 ones (two fp16 implementations
@@ -49,37 +50,11 @@ class ChainCheck:
         return same and self.max_rel <= self.tolerance
 
 
-def session(path: Path):
-    """An ONNX Runtime CPU session; its failures become MllmEdgeError naming the graph."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    # No graph optimisation: the graph is checked as written, and ONNX Runtime's CPU provider would
-    # otherwise constant-fold fp32 copies of every fp16 weight (it has no fp16 Gemm), doubling memory.
-    # Unoptimised, weights stay memory-mapped from the external data files.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = False  # transient fp32 casts of fp16 weights are freed, not pooled
-    try:
-        return _Session(path.stem, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise MllmEdgeError(f"ONNX Runtime cannot load {path.name}: {e}") from e
-
-
-class _Session:
-    """An onnxruntime session whose run errors name the graph."""
-
-    def __init__(self, name: str, sess):
-        self.name, self.sess = name, sess
-
-    def get_outputs(self):
-        return self.sess.get_outputs()
-
-    def run(self, output_names, feeds):
-        try:
-            return self.sess.run(output_names, feeds)
-        except Exception as e:
-            raise MllmEdgeError(f"ONNX Runtime failed running the {self.name} graph: {e}") from e
+def session(path: Path) -> OnnxRuntimeEngine:
+    """The runtime's ONNX Runtime engine on the CPU, unoptimised and without its memory arena: the
+    graph is checked as written, and the CPU provider (no fp16 Gemm) would otherwise keep fp32
+    copies of every fp16 weight; unoptimised, weights stay memory-mapped from the data files."""
+    return OnnxRuntimeEngine(path, "cpu", low_memory=True)
 
 
 def compare(graph: str, name: str, got: np.ndarray, ref: np.ndarray, tolerance: float) -> OutputCheck:
@@ -99,11 +74,8 @@ def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
     checks = []
     for name, spec in manifest.graphs.items():
         inputs, outputs = load_sample(folder / manifest.samples[name])
-        sess = session(folder / spec.file)
-        wanted = list(outputs)
-        results = sess.run(wanted, inputs)
-        checks += [compare(name, out, got, outputs[out], tolerance) for out, got in zip(wanted, results)]
-        del sess  # before the next graph's session opens
+        results = session(folder / spec.file).run(inputs)  # the session closes before the next opens
+        checks += [compare(name, out, results[out], ref, tolerance) for out, ref in outputs.items()]
     return checks
 
 
@@ -135,8 +107,8 @@ class OnnxChain:
         return values
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sess = self.sessions.get(name) or session(self.folder / self.manifest.graphs[name].file)
-        return dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feeds)))
+        engine = self.sessions.get(name) or session(self.folder / self.manifest.graphs[name].file)
+        return engine.run(feeds)
 
     @staticmethod
     def _past_names(start, stop):

@@ -23,7 +23,9 @@ def _import_onnxruntime():
 
 
 class OnnxRuntimeEngine:
-    def __init__(self, path: Path, device: str = "cpu"):
+    def __init__(self, path: Path, device: str = "cpu", low_memory: bool = False):
+        """low_memory: no graph optimisation and no memory arena (export's verification on big
+        fp16 graphs: the CPU provider would keep fp32 copies of the weights)."""
         ort = _import_onnxruntime()
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
@@ -34,6 +36,9 @@ class OnnxRuntimeEngine:
             raise MllmEdgeError(f"unknown device '{device}' (choose cpu or cuda)")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if low_memory:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.enable_cpu_mem_arena = False
         self.name = path.stem
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
