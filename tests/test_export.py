@@ -146,7 +146,8 @@ def test_manifest_describes_the_bundle(name, method, export_cache, tiny_checkpoi
     tail = manifest.graphs["llm_tail"]
     assert [t.name for t in tail.outputs][:3] == ["logits", f"new_key.{manifest.pruning['split_layer']}", f"new_value.{manifest.pruning['split_layer']}"]
     assert tail.input("hidden_states").shape == ["batch", "seq", spec.text.hidden_size]
-    assert tail.inputs[2].shape == ["batch", "past", spec.text.num_kv_heads, spec.text.head_dim]
+    assert tail.inputs[2].shape == ["past", "batch", spec.text.num_kv_heads, spec.text.head_dim]  # sequence-first
+    assert tail.output(f"new_key.{spec.text.num_layers - 1}").shape == ["seq", "batch", spec.text.num_kv_heads, spec.text.head_dim]
     assert tail.output("logits").shape == ["batch", spec.text.vocab_size] and tail.output("logits").dtype == "float32"
 
 

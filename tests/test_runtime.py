@@ -260,7 +260,7 @@ def test_cached_decoding_equals_recomputation(export_cache, image_file):
     for token in result.token_ids:
         batch = np.asarray([sequence], np.int64)
         embeds = pipeline.engines["embed"].run({"input_ids": batch, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})["inputs_embeds"]
-        empty = np.zeros((1, 0, text["num_kv_heads"], text["head_dim"]), np.float32)
+        empty = np.zeros((1, 1, text["num_kv_heads"], text["head_dim"]), np.float32)  # the null row alone
         past = {f"past_{kind}.{i}": empty for i in range(text["num_layers"]) for kind in ("key", "value")}
         logits = pipeline.engines["llm_tail"].run({"hidden_states": embeds, "position_ids": np.arange(batch.shape[1])[None], **past})["logits"]
         assert int(logits[0].argmax()) == token

@@ -231,9 +231,10 @@ def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):
     """
     batch = Dim("batch", min=1, max=MAX_BATCH)
     seq = Dim("seq", min=1, max=max_context)
-    past = Dim("past", min=0, max=max_context)
+    past = Dim("past", min=1, max=max_context + 1)  # the null row and up to max_context tokens
     inputs, _ = samples.graphs[name]
-    twice = {k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v) for k, v in inputs.items()}
+    if name in ("vision", "embed", "prune"):  # batch-first inputs: the sample, twice
+        twice = {k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v) for k, v in inputs.items()}
     if name == "vision":
         return (twice["pixel_values"],), ({0: batch},)
     if name == "embed":
@@ -250,8 +251,8 @@ def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):
     hidden = torch.randn(2, s, t.hidden_size, generator=generator).to(dtype)
     positions = torch.arange(p, p + s).expand(2, s).contiguous()
     num_past = len(module.input_names) - 2
-    pasts = [torch.randn(2, p, t.num_kv_heads, t.head_dim, generator=generator).to(dtype) for _ in range(num_past)]
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 1: past} for _ in range(num_past)))
+    pasts = [torch.randn(p, 2, t.num_kv_heads, t.head_dim, generator=generator).to(dtype) for _ in range(num_past)]  # sequence-first
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: past, 1: batch} for _ in range(num_past)))
     return (hidden, positions, *pasts), shapes
 
 

@@ -17,6 +17,7 @@ import torch
 from ..models.generate import generate
 from ..models.inputs import prepare_inputs
 from ..models.llava import Llava
+from ..parity import load_sample  # noqa: F401 (re-exported: samples are written here, read there)
 from ..pruning import PruningConfig
 from ..testing.checkpoints import sample_image
 
@@ -44,8 +45,9 @@ def llm_prompt_ids(input_ids: torch.Tensor, start: int, num_full: int, num_kept:
 
 
 def empty_past(llava: Llava, count: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The past of a fresh prompt: the null row alone, [1, batch, G, D] (Decoder.run_layers)."""
     t = llava.spec.text
-    return [torch.zeros(1, 0, t.num_kv_heads, t.head_dim, dtype=dtype) for _ in range(2 * count)]
+    return [torch.zeros(1, 1, t.num_kv_heads, t.head_dim, dtype=dtype) for _ in range(2 * count)]
 
 
 @torch.no_grad()
@@ -105,10 +107,3 @@ def save_samples(samples: Samples, folder: Path) -> dict[str, str]:
     np.savez(folder / "chain.npz", **samples.chain)
     files["chain"] = f"{folder.name}/chain.npz"
     return files
-
-
-def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    with np.load(path) as data:
-        inputs = {k[3:]: data[k] for k in data.files if k.startswith("in.")}
-        outputs = {k[4:]: data[k] for k in data.files if k.startswith("out.")}
-    return inputs, outputs

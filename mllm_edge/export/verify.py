@@ -15,23 +15,8 @@ import numpy as np
 
 from ..errors import MllmEdgeError
 from ..manifest import NO_IMAGE, Manifest
+from ..parity import CHAIN_TOLERANCE, TOLERANCE, OutputCheck, compare, load_sample  # noqa: F401 (re-exported)
 from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
-from .samples import load_sample
-
-# Scale-relative tolerances: fp32 graphs must match to 1e-4; fp16 ones (two fp16 implementations
-# rounding differently, reductions kept in fp32) to 2e-2 per graph, and 5e-2 over the decode chain,
-# where the fp16 cache and residual stream carry each step's rounding into the next.
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
-CHAIN_TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
-
-
-@dataclass(frozen=True)
-class OutputCheck:
-    graph: str
-    output: str
-    max_abs: float
-    rel: float  # max_abs / max |reference|; for integer outputs 0 when equal, 1 when not
-    ok: bool
 
 
 @dataclass(frozen=True)
@@ -55,18 +40,6 @@ def session(path: Path) -> OnnxRuntimeEngine:
     graph is checked as written, and the CPU provider (no fp16 Gemm) would otherwise keep fp32
     copies of every fp16 weight; unoptimised, weights stay memory-mapped from the data files."""
     return OnnxRuntimeEngine(path, "cpu", low_memory=True)
-
-
-def compare(graph: str, name: str, got: np.ndarray, ref: np.ndarray, tolerance: float) -> OutputCheck:
-    if got.shape != ref.shape:
-        return OutputCheck(graph, name, float("inf"), float("inf"), False)
-    if np.issubdtype(ref.dtype, np.integer):
-        equal = bool(np.array_equal(got, ref))
-        return OutputCheck(graph, name, 0.0 if equal else float(np.abs(got - ref).max()), 0.0 if equal else 1.0, equal)
-    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
-    scale = float(np.abs(ref.astype(np.float64)).max()) if ref.size else 0.0
-    rel = diff / scale if scale > 0 else diff
-    return OutputCheck(graph, name, diff, rel, rel <= tolerance)
 
 
 def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
@@ -95,7 +68,7 @@ class OnnxChain:
 
     def _empty_past(self, start: int, stop: int, batch: int) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs["llm_tail"].input(f"past_key.{self.num_layers - 1}")
-        shape = (batch, 0, *spec.shape[2:])
+        shape = (1, batch, *spec.shape[2:])  # sequence-first: the null row alone
         return {f"past_{kind}.{i}": np.zeros(shape, spec.dtype) for i in range(start, stop) for kind in ("key", "value")}
 
     def _run_llm(self, name, hidden_name, hidden, positions, past, start, stop):
@@ -103,7 +76,7 @@ class OnnxChain:
         values = self._run(name, feeds)
         for i in range(start, stop):
             for kind in ("key", "value"):
-                past[f"past_{kind}.{i}"] = np.concatenate((past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=1)
+                past[f"past_{kind}.{i}"] = np.concatenate((past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=0)
         return values
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -8,14 +8,24 @@ tokens' keys/values, so the caller writes S rows into a preallocated slot and co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import TextSpec
-from .layers import Linear, RMSNorm, activation, attention, attention_row, causal_mask
+from .layers import Linear, RMSNorm, activation, cached_attention, cached_attention_row, causal_mask
 from .rope import RotaryEmbedding, apply_rope
+
+
+class Rope(NamedTuple):
+    """cos, sin [B, S, 1, D] for the queries; the same sequence-first, [S, B, 1, D], for the keys."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_seq: torch.Tensor
+    sin_seq: torch.Tensor
 
 
 class SelfAttention(nn.Module):
@@ -29,17 +39,17 @@ class SelfAttention(nn.Module):
         self.v_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
         self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.arch == "llama" and spec.attention_bias)
 
-    def forward(self, x, cos, sin, past_k, past_v, mask, want_last_row: bool = False):
-        """x: [B, S, C]; past_k, past_v: [B, P, G, D] -> out [B, S, C], new k, v [B, S, G, D], row [B, T] | None."""
+    def forward(self, x, rope: Rope, past_k, past_v, mask, want_last_row: bool = False):
+        """x: [B, S, C]; past_k, past_v: [1+P, B, G, D] -> out [B, S, C], new k, v [S, B, G, D], row [B, P+S] | None."""
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)
-        k_new = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
-        v_new = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        k = torch.cat((past_k, k_new), dim=1)  # [B, T, G, D]
-        v = torch.cat((past_v, v_new), dim=1)
-        out = self.o_proj(attention(q, k, v, mask, self.scale))
+        q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), rope.cos, rope.sin)
+        # Keys and values come out sequence-first, the cache's layout: the rows are reordered once.
+        x_seq = x.transpose(0, 1)
+        k_new = apply_rope(self.k_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim), rope.cos_seq, rope.sin_seq)
+        v_new = self.v_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim)
+        out = self.o_proj(cached_attention(q, past_k, past_v, k_new, v_new, mask, self.scale))
         # The last query sees every key (causal), so its row needs no mask.
-        row = attention_row(q[:, -1], k, self.scale) if want_last_row else None
+        row = cached_attention_row(q[:, -1], past_k, k_new, self.scale) if want_last_row else None
         return out, k_new, v_new, row
 
 
@@ -63,8 +73,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, past_k, past_v, mask, want_last_row: bool = False):
-        attn, k_new, v_new, row = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, want_last_row)
+    def forward(self, x, rope: Rope, past_k, past_v, mask, want_last_row: bool = False):
+        attn, k_new, v_new, row = self.self_attn(self.input_layernorm(x), rope, past_k, past_v, mask, want_last_row)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_new, v_new, row
@@ -73,7 +83,7 @@ class DecoderLayer(nn.Module):
 @dataclass
 class LayersOutput:
     hidden: torch.Tensor  # [B, S, C]
-    new_keys: list[torch.Tensor]  # per layer run: [B, S, G, D]
+    new_keys: list[torch.Tensor]  # per layer run: [S, B, G, D]
     new_values: list[torch.Tensor]
     last_row: torch.Tensor | None  # [B, T] head-mean attention of the last token at `row_layer`
 
@@ -102,21 +112,24 @@ class Decoder(nn.Module):
     ) -> LayersOutput:
         """Run layers [start, stop) on hidden [B, S, C] at position_ids [B, S].
 
-        past[i] is the (keys, values) prefix [B, P, G, D] of layer start + i; all layers of a group share P.
-        The mask is causal in cache order, which is position order: pruned tokens leave gaps in the
-        position ids but never reorder them.
+        past[i] is the (keys, values) prefix [1 + P, B, G, D] of layer start + i, sequence-first, its
+        row 0 a null row that attention masks out; all layers of a group share P. The null row keeps
+        the past from ever being empty: ONNX Runtime's fused transposed MatMul crashes on an empty
+        operand, and TensorRT needs no zero-size tensors. The mask is causal in cache order, which is
+        position order: pruned tokens leave gaps in the position ids but never reorder them.
         """
         b, s, _ = hidden.shape
         if past is None:
-            empty = hidden.new_zeros(b, 0, self.spec.num_kv_heads, self.spec.head_dim)
-            past = [(empty, empty)] * (stop - start)
+            null = hidden.new_zeros(1, b, self.spec.num_kv_heads, self.spec.head_dim)
+            past = [(null, null)] * (stop - start)
         # Built for S = 1 too: a graph traced with one shape must stay right for every other.
-        mask = causal_mask(s, past[0][0].shape[1], device=hidden.device)
+        mask = causal_mask(s, device=hidden.device)
         cos, sin = self.rotary(position_ids, hidden.dtype)
+        rope = Rope(cos, sin, cos.transpose(0, 1), sin.transpose(0, 1))
         keys, values, row = [], [], None
         for i, layer_idx in enumerate(range(start, stop)):
             want = layer_idx == row_layer
-            hidden, k, v, r = self.layers[layer_idx](hidden, cos, sin, past[i][0], past[i][1], mask, want)
+            hidden, k, v, r = self.layers[layer_idx](hidden, rope, past[i][0], past[i][1], mask, want)
             keys.append(k)
             values.append(v)
             if want:

@@ -23,30 +23,31 @@ from .llava import Llava
 
 
 class KVCache:
-    """Per layer one preallocated [B, max_len, G, D] buffer for keys and one for values.
+    """Per layer one preallocated [1 + max_len, B, G, D] buffer for keys and one for values.
 
-    A layer group's past is the prefix view [:, :length]; new rows are written in place into
-    [:, length:length + S] (gpt-fast style), so a step copies nothing else.
+    Row 0 is the null row (Decoder.run_layers). A layer group's past is the prefix view
+    [:1 + length]; new rows are written in place into [1 + length:1 + length + S] (gpt-fast style),
+    so a step copies nothing else.
     """
 
     def __init__(self, llava: Llava, batch: int, max_len: int, dtype: torch.dtype, device=None):
         t = llava.spec.text
-        shape = (batch, max_len, t.num_kv_heads, t.head_dim)
+        shape = (1 + max_len, batch, t.num_kv_heads, t.head_dim)
         self.max_len = max_len
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
         self.lengths = [0] * t.num_layers
 
     def past(self, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.keys[i][:, : self.lengths[i]], self.values[i][:, : self.lengths[i]]) for i in range(start, stop)]
+        return [(self.keys[i][: 1 + self.lengths[i]], self.values[i][: 1 + self.lengths[i]]) for i in range(start, stop)]
 
     def append(self, start: int, new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> None:
         for i, (k, v) in enumerate(zip(new_keys, new_values), start=start):
-            n, s = self.lengths[i], k.shape[1]
+            n, s = self.lengths[i], k.shape[0]
             if n + s > self.max_len:
                 raise MllmEdgeError(f"context of {n + s} tokens exceeds the cache's {self.max_len}")
-            self.keys[i][:, n : n + s] = k
-            self.values[i][:, n : n + s] = v
+            self.keys[i][1 + n : 1 + n + s] = k
+            self.values[i][1 + n : 1 + n + s] = v
             self.lengths[i] = n + s
 
 

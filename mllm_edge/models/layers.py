@@ -105,9 +105,52 @@ def attention_row(q_row: torch.Tensor, k: torch.Tensor, scale: float, mask_row: 
     return torch.softmax(scores, dim=-1).reshape(b, h, -1).mean(dim=1)
 
 
-def causal_mask(num_new: int, num_past: int, device=None) -> torch.Tensor:
-    """[S, T] additive mask: new token i (cache slot P + i) sees cache slots 0 .. P + i."""
-    key = torch.arange(num_past + num_new, device=device)
-    query = torch.arange(num_new, device=device) + num_past
-    visible = key[None, :] <= query[:, None]
+def null_row_mask(num_past: int, device=None) -> torch.Tensor:
+    """[P] additive mask over a past whose row 0 is the null row: -inf there, 0 elsewhere."""
+    return torch.where(torch.arange(num_past, device=device) == 0, float("-inf"), 0.0)
+
+
+def cached_attention(q, past_k, past_v, new_k, new_v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of S new queries over a cache prefix and their own keys, without joining the two.
+
+    q: [B, S, H, D]; past_k, past_v: [1 + P, B, G, D] and new_k, new_v: [S, B, G, D], sequence-first
+    as the cache stores them; past row 0 is the null row (never attended: the past is never empty,
+    see Decoder.run_layers); mask: additive [S, S] over the new keys (every real past key is visible
+    to every new query). Returns [B, S, H*D].
+
+    Keys and values are read where they lie: the permutes below move the sequence axis of a
+    sequence-first tensor, which ONNX Runtime folds into its MatMul (transBatch) instead of copying,
+    so a decode step never copies the context. Only the scores are joined for the softmax and the
+    probabilities split again: [B, G, R*S, 1+P+S], small when decoding; in prefill (P = 0) an S x S
+    copy per head, which costs less than joining the keys and values costs a long decode.
+    """
+    b, s, h, d = q.shape
+    g = new_k.shape[2]
+    num_past = past_k.shape[0]
+    qg = group_queries(q * scale, g)  # [B, G, R*S, D]
+    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(num_past, q.device)  # [B, G, R*S, 1+P]
+    scores_new = torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()  # [B, G, R*S, S]
+    scores_new = (scores_new.reshape(b, g, h // g, s, s) + mask).reshape(b, g, (h // g) * s, s)
+    probs = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., :num_past], past_v.permute(1, 2, 0, 3)) + torch.matmul(probs[..., num_past:], new_v.permute(1, 2, 0, 3))
+    return out.reshape(b, g, h // g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, h * d)
+
+
+def cached_attention_row(q_row: torch.Tensor, past_k: torch.Tensor, new_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention_row of the last new query over the real past keys and the new keys: [B, P+S] fp32.
+
+    past_k: [1 + P, B, G, D] with its null row first (masked, then dropped from the row).
+    """
+    b, h, d = q_row.shape
+    g = new_k.shape[2]
+    qg = (q_row * scale).reshape(b, g, h // g, d)
+    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(past_k.shape[0], q_row.device)
+    scores = torch.cat((scores_past, torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()), dim=-1)
+    return torch.softmax(scores, dim=-1).reshape(b, h, -1).mean(dim=1)[:, 1:]
+
+
+def causal_mask(num_new: int, device=None) -> torch.Tensor:
+    """[S, S] additive mask over the new keys: new token i sees new tokens 0 .. i."""
+    index = torch.arange(num_new, device=device)
+    visible = index[None, :] <= index[:, None]
     return torch.zeros(visible.shape, device=device).masked_fill(~visible, float("-inf"))
