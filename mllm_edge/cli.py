@@ -186,6 +186,50 @@ def inspect(
 
 @app.command()
 @user_errors
+def build(
+    bundle: Path = typer.Argument(Path(DEFAULT_BUNDLE), help="Bundle folder made by `mllm-edge export`."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 | fp32 | bf16 (default: the bundle's dtype)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Largest context the engines take (default: the bundle's)."),
+    workspace: Optional[int] = typer.Option(None, "--workspace", help="TensorRT workspace in MB (default: 4096; 1024 on a Jetson)."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, reused and updated (default: in the bundle's engines/)."),
+    trtexec: bool = typer.Option(False, "--trtexec", help="Also write the equivalent trtexec command lines (trtexec.sh) beside the engines."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run each engine on export's samples and compare with the reference outputs."),
+) -> None:
+    """Build TensorRT engines for this GPU, one per graph, into BUNDLE/engines/<gpu>-sm<cc>-trt<version>/."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .build.build import BuildConfig, build_bundle
+    from .manifest import load_manifest
+
+    manifest = load_manifest(bundle)  # a clear error for a missing or damaged bundle before TensorRT loads
+    try:
+        from .export.lint import lint_model
+    except ImportError:
+        lint_model = None
+    if lint_model is not None:  # the graphs must parse in TensorRT 10: say which rule breaks, not a parser trace
+        for name, spec in manifest.graphs.items():
+            findings = lint_model(bundle / spec.file)
+            if findings:
+                raise MllmEdgeError(f"{spec.file} breaks TensorRT 10's ONNX rules: " + "; ".join(map(str, findings)))
+    config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("build")
+        plan, checks = build_bundle(config, lambda text: progress.update(task, description=text))
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]{escape(str(plan.folder))}[/bold]: {plan.settings.precision}, max context {plan.max_context}, TensorRT {plan.target.tensorrt}")
+    for graph in plan.profiles:
+        console.print(f"  {graph}: " + ", ".join(p.name for p in plan.profiles[graph]))
+    if checks:
+        worst = max(c.rel for c in checks)
+        console.print(f"verified on export's samples: worst scale-relative error {worst:.2e}")
+    elif not verify:
+        console.print("not verified (--no-verify)")
+
+
+@app.command()
+@user_errors
 def run(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
     prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="The question about the image."),

@@ -19,6 +19,7 @@ from ..errors import MllmEdgeError
 from ..manifest import DEFAULT_BUNDLE, NO_IMAGE, Manifest, load_manifest
 from .backends import load_engine
 from .cache import KVCache
+from .device_cache import DeviceKVCache
 from .image import ImagePreprocessor, load_image
 from .prompt import PromptBuilder, TextStream
 from .sampling import Sampler
@@ -56,7 +57,14 @@ def _ms(seconds: float) -> float:
 class Pipeline:
     def __init__(self, folder: Path, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu"):
         self.folder, self.manifest, self.backend, self.device = folder, manifest, backend, device
-        self.engines = {name: load_engine(backend, folder / spec.file, device) for name, spec in manifest.graphs.items()}
+        max_len, memory = manifest.max_context, None
+        if backend == "tensorrt":
+            from .backends.tensorrt import open_engines
+
+            self.device = "cuda"
+            self.engines, memory, max_len = open_engines(folder, manifest)
+        else:
+            self.engines = {name: load_engine(backend, folder / spec.file, device) for name, spec in manifest.graphs.items()}
         self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
         tok = manifest.tokenizer
         num_image = manifest.pruning["image_tokens"]["vision"]
@@ -64,7 +72,9 @@ class Pipeline:
         text = manifest.architecture["text"]
         self.split = manifest.pruning["split_layer"]
         dtype = np.dtype(manifest.graphs["llm_tail"].input("hidden_states").dtype)
-        self.cache = KVCache(text["num_layers"], self.split, manifest.max_context, text["num_kv_heads"], text["head_dim"], dtype)
+        shape = (text["num_layers"], self.split, max_len, text["num_kv_heads"], text["head_dim"], dtype)
+        self.cache = KVCache(*shape) if memory is None else DeviceKVCache(memory, *shape)  # TensorRT: in device memory
+        self.max_context = max_len
         self.dtype = dtype
         self.eos = set(tok["eos_token_ids"])
 
@@ -74,7 +84,9 @@ class Pipeline:
         folder = Path(bundle if bundle is not None else DEFAULT_BUNDLE)
         manifest = load_manifest(folder)
         if backend == "auto":
-            backend = "onnxruntime"  # the TensorRT backend joins with `mllm-edge build`
+            from .backends.tensorrt import engines_for_this_machine
+
+            backend = "tensorrt" if engines_for_this_machine(folder) else "onnxruntime"
         return cls(folder, manifest, backend, device)
 
     def generate(self, image, prompt: str, **options) -> RunResult:
@@ -115,9 +127,9 @@ class Pipeline:
         num_full, n = int((ids == image_token).sum()), image_embeds.shape[1]
         ids = np.concatenate((ids[:image_start], np.full(n, image_token, np.int64), ids[image_start + num_full :]))[None]
         length = ids.shape[1]
-        if length + 1 > self.manifest.max_context:
-            raise MllmEdgeError(f"the prompt takes {length} tokens; the bundle's max context is {self.manifest.max_context}")
-        max_new_tokens = min(max_new_tokens, self.manifest.max_context - length)
+        if length + 1 > self.max_context:
+            raise MllmEdgeError(f"the prompt takes {length} tokens; the {'engines' if self.backend == 'tensorrt' else 'bundle'}' max context is {self.max_context}".replace("bundle'", "bundle's"))
+        max_new_tokens = min(max_new_tokens, self.max_context - length)
 
         self.cache.reset()
         embeds = self.engines["embed"].run({"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(image_start, np.int64)})["inputs_embeds"]

@@ -1,0 +1,74 @@
+"""Optimization profiles for each graph of a bundle, derived from its manifest.
+
+Engines are built for batch 1, the runtime's batch. The LLM graphs get two profiles, prefill (a
+prompt of 1 .. max_context tokens after the null past row) and decode (one token after a past of
+up to max_context rows); the embed graph the same two; prune only prefill; vision one static shape.
+A past input holds the null row and then the tokens (Decoder.run_layers), so its length is >= 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MllmEdgeError
+from ..manifest import Manifest
+
+Shape = tuple[int, ...]
+OPT_TEXT_TOKENS = 64  # the prompt text around the image that profiles are tuned for
+OPT_ANSWER_TOKENS = 256  # the decode context profiles are tuned for, past the prompt
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # "prefill", "decode" or "static"
+    shapes: dict[str, tuple[Shape, Shape, Shape]]  # dynamic input -> (min, opt, max)
+
+
+def _shape(dims: list, sizes: dict[str, tuple[int, int, int]], which: int, graph: str, tensor: str) -> Shape:
+    out = []
+    for d in dims:
+        if isinstance(d, int):
+            out.append(d)
+        elif d in sizes:
+            out.append(sizes[d][which])
+        else:
+            raise MllmEdgeError(f"{graph}: input {tensor} has a dimension '{d}' this version cannot size; re-export the bundle")
+    return tuple(out)
+
+
+def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = None) -> list[Profile]:
+    """The profiles one graph's engine is built with. max_context may lower the bundle's."""
+    ctx = manifest.max_context if max_context is None else max_context
+    if ctx < 2 or ctx > manifest.max_context:
+        raise MllmEdgeError(f"--max-context must be between 2 and the bundle's {manifest.max_context}, got {ctx}")
+    spec = manifest.graphs[graph]
+    image = manifest.pruning["image_tokens"]
+    llm_images = image["llm"]  # image tokens the vision graph outputs (after FasterVLM)
+    prompt_opt = min(llm_images + OPT_TEXT_TOKENS, ctx)
+    past_opt = min(prompt_opt + OPT_ANSWER_TOKENS, ctx)
+    one = (1, 1, 1)
+    if graph == "vision":
+        plans = {"static": {"batch": one}}
+    elif graph == "embed":
+        plans = {"prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "image_tokens": (llm_images,) * 3},
+                 "decode": {"batch": one, "seq": one, "image_tokens": one}}
+    elif graph == "prune":  # its output has seq - (image tokens dropped) rows: the prompt holds every image token
+        plans = {"prefill": {"batch": one, "seq": (llm_images, prompt_opt, ctx)}}
+    elif graph in ("llm_head", "llm_tail"):
+        plans = {"prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "past": one},
+                 "decode": {"batch": one, "seq": one, "past": (1, past_opt, ctx)}}
+    else:
+        raise MllmEdgeError(f"the bundle has a graph '{graph}' this version cannot build; re-export it")
+    profiles = []
+    for name, sizes in plans.items():
+        shapes = {}
+        for t in spec.inputs:
+            if all(isinstance(d, int) for d in t.shape):
+                continue  # static: TensorRT needs no profile entry
+            shapes[t.name] = tuple(_shape(t.shape, sizes, i, graph, t.name) for i in range(3))
+        profiles.append(Profile(name, shapes))
+    return profiles
+
+
+def profile_index(profiles: list[Profile], name: str) -> int:
+    return next(i for i, p in enumerate(profiles) if p.name == name)

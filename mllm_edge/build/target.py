@@ -1,0 +1,123 @@
+"""The machine engines are built for: GPU, compute capability, TensorRT version, Jetson or not.
+
+Engines only run on the GPU model and TensorRT version they were built with, so they live in a
+folder named after all three, `engines/<gpu>-sm<cc>-trt<version>/`, and the runtime picks the
+folder of the machine it runs on. Reading the GPU needs CUDA (`gpu_info`, thin); naming, Jetson
+detection from the platform's files and the match check are plain Python.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import MllmEdgeError
+
+ENGINES_DIR = "engines"
+
+
+@dataclass(frozen=True)
+class Target:
+    gpu: str  # the CUDA device name, e.g. "NVIDIA GeForce RTX 4090", "Orin"
+    compute_capability: tuple[int, int]
+    tensorrt: str  # tensorrt.__version__
+    jetson: bool
+    total_memory_mb: int = 0
+    free_memory_mb: int = 0
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def folder_name(self) -> str:
+        return f"{slug(self.gpu)}-{self.sm}-trt{self.tensorrt}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compute_capability"] = list(self.compute_capability)
+        return d
+
+
+def slug(text: str) -> str:
+    """A folder-safe lower-case name: 'NVIDIA GeForce RTX 4090' -> 'nvidia-geforce-rtx-4090'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def engine_folder(bundle: Path, target: Target) -> Path:
+    return bundle / ENGINES_DIR / target.folder_name
+
+
+def detect_jetson(root: Path = Path("/")) -> str | None:
+    """The Jetson's model string ('NVIDIA Jetson AGX Orin ...'), or None when this is no Jetson.
+
+    L4T writes /etc/nv_tegra_release; the device tree names the board. Containers may lack the
+    device tree, so the release file alone also counts.
+    """
+    model_file = root / "proc/device-tree/model"
+    model = model_file.read_bytes().decode(errors="replace").rstrip("\x00").strip() if model_file.is_file() else ""
+    if "jetson" in model.lower():
+        return model
+    if (root / "etc/nv_tegra_release").is_file():
+        return model or "NVIDIA Jetson"
+    return None
+
+
+def same_machine(built: dict, here: Target) -> str | None:
+    """Why engines built for `built` (metadata's target) cannot run here, or None when they can."""
+    cc = tuple(built.get("compute_capability", ()))
+    problems = []
+    if cc != here.compute_capability:
+        problems.append(f"compute capability sm{''.join(map(str, cc))} (this GPU: {here.sm})")
+    if built.get("tensorrt") != here.tensorrt:
+        problems.append(f"TensorRT {built.get('tensorrt')} (installed: {here.tensorrt})")
+    if not problems:
+        return None
+    return f"the engines were built for {built.get('gpu', '?')} with " + " and ".join(problems) + ": rebuild them here with `mllm-edge build`"
+
+
+def gpu_info(tensorrt_version: str, root: Path = Path("/")) -> Target:
+    """Ask CUDA about device 0 (cuda-python, else libcudart through ctypes). Needs a GPU."""
+    name, cc, total, free = _cuda_device()
+    return Target(name, cc, tensorrt_version, detect_jetson(root) is not None, total // (1 << 20), free // (1 << 20))
+
+
+def _cuda_device() -> tuple[str, tuple[int, int], int, int]:
+    try:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        except ImportError:
+            from cuda import cudart  # older cuda-python (the TensorRT 10.3 samples' spelling)
+    except ImportError:
+        return _cuda_device_ctypes()
+    err, prop = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise MllmEdgeError(f"CUDA cannot see a GPU ({err}); TensorRT engines need one")
+    err, free, total = cudart.cudaMemGetInfo()
+    name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+    return name.rstrip("\x00"), (prop.major, prop.minor), int(total), int(free)
+
+
+def _cuda_device_ctypes() -> tuple[str, tuple[int, int], int, int]:
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")  # the driver API: stable symbols for name and attributes
+    except OSError:
+        raise MllmEdgeError("no CUDA driver (libcuda.so.1) on this machine; TensorRT engines need an NVIDIA GPU") from None
+    if cuda.cuInit(0) != 0:
+        raise MllmEdgeError("the CUDA driver found no usable GPU")
+    dev = ctypes.c_int()
+    cuda.cuDeviceGet(ctypes.byref(dev), 0)
+    buf = ctypes.create_string_buffer(256)
+    cuda.cuDeviceGetName(buf, 256, dev)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+    ctx = ctypes.c_void_p()
+    cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+    cuda.cuCtxSetCurrent(ctx)
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+    return buf.value.decode(), (major.value, minor.value), total.value, free.value

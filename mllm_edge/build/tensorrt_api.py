@@ -1,0 +1,89 @@
+"""The thin layer over NVIDIA's TensorRT Python API (10.x and 11.x): build one engine, open one.
+
+Everything TensorRT-specific that can only run with TensorRT and a GPU is here and kept short; the
+rest of `mllm_edge.build` decides what to pass. Failures in TensorRT mostly come back as None or
+False with the reason sent to the logger, so a logger that keeps the errors turns them into our
+MllmEdgeError. Never run in this repository's CI (TensorRT cannot be installed there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MllmEdgeError
+from .profiles import Profile
+from .settings import BuildSettings
+
+INSTALL_HINT = (
+    "TensorRT is not installed: on a Jetson (JetPack 6) it comes with the system: make the venv with "
+    "`python3 -m venv --system-site-packages .venv`; on a desktop: pip install 'mllm-edge[tensorrt]'"
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise MllmEdgeError(INSTALL_HINT) from None
+    return tensorrt
+
+
+def make_logger(trt):
+    """A trt.ILogger that prints warnings and keeps the errors for our messages."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(msg)
+
+    return Logger()
+
+
+def build_engine(onnx_path: Path, profiles: list[Profile], settings: BuildSettings, timing_cache: bytes | None) -> tuple[bytes, bytes]:
+    """-> (serialized engine, updated timing cache)."""
+    trt = import_tensorrt()
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)  # kept referenced until the build ends
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weight data resolves
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise MllmEdgeError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    config.builder_optimization_level = settings.optimization_level
+    for name in settings.builder_flags:
+        flag = getattr(trt.BuilderFlag, name, None)  # by name: 11 renumbered and removed flags
+        if flag is None:
+            raise MllmEdgeError(f"TensorRT {trt.__version__} has no builder flag {name}; export the bundle in that precision instead")
+        config.set_flag(flag)
+    for p in profiles:
+        if not p.shapes:
+            continue
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in p.shapes.items():
+            profile.set_shape(name, low, opt, high)
+        if config.add_optimization_profile(profile) < 0:
+            raise MllmEdgeError(f"TensorRT rejected the {p.name} profile of {onnx_path.name}: {'; '.join(logger.errors)}")
+    cache = config.create_timing_cache(timing_cache or b"")
+    config.set_timing_cache(cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise MllmEdgeError(f"TensorRT could not build {onnx_path.name}: {'; '.join(logger.errors) or 'see the messages above'}")
+    return bytes(memoryview(plan)), bytes(memoryview(config.get_timing_cache().serialize()))
+
+
+def load_engine(path: Path):
+    """-> (trt module, ICudaEngine)."""
+    trt = import_tensorrt()
+    logger = make_logger(trt)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise MllmEdgeError(f"TensorRT cannot open {path.name} ({'; '.join(logger.errors)}): rebuild with `mllm-edge build`")
+    return trt, engine

@@ -1,0 +1,131 @@
+"""The KV cache in device memory, for the TensorRT backend: addresses instead of arrays.
+
+The same layout and bookkeeping as `cache.KVCache` (sequence-first [1 + max_len, B, G, D] per layer,
+row 0 the null row, the two layer groups with their own lengths), but past() and slots() give
+DeviceTensors: a base address plus an offset, which the engine binds with set_tensor_address. A step
+writes its S new rows straight into the slot. TensorRT wants 256-byte aligned addresses; when a
+row is not a multiple of 256 bytes a slot can be misaligned, and then the rows are written to an
+aligned scratch buffer and copied into the slot (S rows, device to device) when the step is
+committed with advance().
+
+`memory` is anything with malloc(nbytes) -> address, free(address), memset(address, value, nbytes)
+and copy(dst, src, nbytes): `CudaMemory` on a GPU, `HostMemory` (plain host bytes) to check the
+bookkeeping where there is none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import MllmEdgeError
+
+ALIGNMENT = 256  # bytes, TensorRT's rule for tensor addresses
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    address: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+class HostMemory:
+    """Host bytes behind the device-memory interface (keeps every buffer alive until freed)."""
+
+    def __init__(self):
+        self.buffers: dict[int, np.ndarray] = {}
+
+    def malloc(self, nbytes: int) -> int:
+        buf = np.zeros(nbytes + ALIGNMENT, np.uint8)
+        address = -(-buf.ctypes.data // ALIGNMENT) * ALIGNMENT  # aligned like cudaMalloc's
+        self.buffers[address] = buf
+        return address
+
+    def free(self, address: int) -> None:
+        self.buffers.pop(address, None)
+
+    def memset(self, address: int, value: int, nbytes: int) -> None:
+        ctypes.memset(address, value, nbytes)
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+
+class DeviceKVCache:
+    def __init__(self, memory, num_layers: int, split: int, max_len: int, kv_heads: int, head_dim: int, dtype, batch: int = 1):
+        self.memory, self.dtype = memory, np.dtype(dtype)
+        self.row_shape = (batch, kv_heads, head_dim)
+        self.row_bytes = batch * kv_heads * head_dim * self.dtype.itemsize
+        self.max_len, self.split, self.num_layers = max_len, split, num_layers
+        size = (1 + max_len) * self.row_bytes
+        self.keys = [memory.malloc(size) for _ in range(num_layers)]
+        self.values = [memory.malloc(size) for _ in range(num_layers)]
+        for address in (*self.keys, *self.values):
+            memory.memset(address, 0, self.row_bytes)  # the null row
+        self.scratch: dict[str, int] = {}  # output name -> aligned buffer, for misaligned slots
+        self.scratch_rows = 0
+        self.pending: list[tuple[int, int, int]] = []  # (dst, src, nbytes) to copy on advance()
+        self.lengths = {"head": 0, "tail": 0}
+
+    def group(self, name: str) -> range:
+        return range(0, self.split) if name == "head" else range(self.split, self.num_layers)
+
+    def _tensor(self, base: int, first_row: int, rows: int) -> DeviceTensor:
+        return DeviceTensor(base + first_row * self.row_bytes, (rows, *self.row_shape), self.dtype)
+
+    def past(self, name: str) -> dict[str, DeviceTensor]:
+        n = 1 + self.lengths[name]
+        out = {}
+        for i in self.group(name):
+            out[f"past_key.{i}"] = self._tensor(self.keys[i], 0, n)
+            out[f"past_value.{i}"] = self._tensor(self.values[i], 0, n)
+        return out
+
+    def slots(self, name: str, count: int) -> dict[str, DeviceTensor]:
+        if self.lengths[name] + count > self.max_len:
+            raise MllmEdgeError(f"the context would exceed the engines' max context of {self.max_len} tokens")
+        first = 1 + self.lengths[name]
+        self.pending = []
+        out = {}
+        for i in self.group(name):
+            for kind, bases in (("key", self.keys), ("value", self.values)):
+                slot = self._tensor(bases[i], first, count)
+                if slot.address % ALIGNMENT == 0:
+                    out[f"new_{kind}.{i}"] = slot
+                else:
+                    scratch = self._scratch(f"new_{kind}.{i}", count)
+                    out[f"new_{kind}.{i}"] = DeviceTensor(scratch, slot.shape, self.dtype)
+                    self.pending.append((slot.address, scratch, slot.nbytes))
+        return out
+
+    def _scratch(self, name: str, rows: int) -> int:
+        if rows > self.scratch_rows:  # grow every scratch buffer together
+            for address in self.scratch.values():
+                self.memory.free(address)
+            self.scratch, self.scratch_rows = {}, rows
+        if name not in self.scratch:
+            self.scratch[name] = self.memory.malloc(self.scratch_rows * self.row_bytes)
+        return self.scratch[name]
+
+    def advance(self, name: str, count: int) -> None:
+        """Commit a step: the rows written to scratch go to their slot."""
+        for dst, src, nbytes in self.pending:
+            self.memory.copy(dst, src, nbytes)
+        self.pending = []
+        self.lengths[name] += count
+
+    def reset(self) -> None:
+        self.lengths = {"head": 0, "tail": 0}
+        self.pending = []
+
+    def close(self) -> None:
+        for address in (*self.keys, *self.values, *self.scratch.values()):
+            self.memory.free(address)
+        self.keys, self.values, self.scratch = [], [], {}
