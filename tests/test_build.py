@@ -14,7 +14,7 @@ from mllm_edge.build.build import BuildConfig, plan_build, write_trtexec
 from mllm_edge.build.metadata import EngineEntry, EngineSet, load_engine_set, profile_record, write_engine_set
 from mllm_edge.build.profiles import graph_profiles
 from mllm_edge.build.settings import choose_settings
-from mllm_edge.build.target import Target, detect_jetson, same_machine, slug
+from mllm_edge.build.target import Target, available_memory, detect_jetson, same_machine, slug
 from mllm_edge.errors import MllmEdgeError
 from mllm_edge.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from mllm_edge.runtime.backends.tensorrt import pick_profile
@@ -60,7 +60,7 @@ def test_every_profile_shape_runs_in_the_graphs(method, export_cache):
     manifest = load_manifest(folder)
     for graph, spec in manifest.graphs.items():
         engine = OnnxRuntimeEngine(folder / spec.file)
-        for profile in graph_profiles(manifest, graph, max_context=64):
+        for profile in graph_profiles(manifest, graph, max_context=manifest.pruning["image_tokens"]["llm"] + 40):  # small: quick max shapes
             for which in range(3):
                 feeds = {}
                 for t in spec.inputs:
@@ -87,8 +87,8 @@ def test_profiles_follow_the_manifest(export_cache):
     embed = {p.name: p for p in graph_profiles(manifest, "embed")}
     assert embed["prefill"].shapes["image_embeds"][0][1] == images and embed["decode"].shapes["image_embeds"][2][1] == 1
     assert graph_profiles(manifest, "llm_tail", max_context=256)[1].shapes["past_key.2"][2][0] == 256
-    for bad in (1, ctx + 1):
-        with pytest.raises(MllmEdgeError, match="--max-context must be between 2"):
+    for bad in (images, ctx + 1):  # a prompt holds every image token and some text; the graphs were checked up to ctx
+        with pytest.raises(MllmEdgeError, match=f"--max-context must be above the {images} image tokens and at most the bundle's {ctx}"):
             graph_profiles(manifest, "llm_tail", max_context=bad)
 
 
@@ -126,6 +126,9 @@ def test_jetson_is_detected_from_the_platform_files(tmp_path):
     (tmp_path / "proc/device-tree").mkdir(parents=True)
     (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
     assert detect_jetson(tmp_path) == "NVIDIA Jetson AGX Orin Developer Kit"
+    assert available_memory(tmp_path) == 0
+    (tmp_path / "proc/meminfo").write_text("MemTotal:       7834000 kB\nMemFree:         900000 kB\nMemAvailable:   5120000 kB\n")
+    assert available_memory(tmp_path) == 5120000 * 1024  # the page cache counts on a Jetson
     container = tmp_path / "container"
     (container / "etc").mkdir(parents=True)
     (container / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")

@@ -64,6 +64,11 @@ def plan_build(config: BuildConfig, target: Target) -> BuildPlan:
     settings = choose_settings(target.tensorrt, manifest.dtype, config.precision, config.workspace_mb, target.jetson)
     max_context = config.max_context or manifest.max_context
     profiles = {g: graph_profiles(manifest, g, max_context) for g in manifest.graphs}
+    if config.verify:
+        sample_ids = load_sample(config.bundle / manifest.samples["embed"])[0]["input_ids"]
+        if sample_ids.shape[1] > max_context:
+            raise MllmEdgeError(f"export's sample prompt takes {sample_ids.shape[1]} tokens, more than --max-context {max_context}: "
+                                "raise --max-context or build with --no-verify")
     folder = engine_folder(config.bundle, target)
     cache = config.timing_cache or folder.parent / f"timing-{target.folder_name}.cache"
     return BuildPlan(config.bundle, manifest, target, settings, max_context, folder, cache, profiles)
@@ -136,6 +141,7 @@ def build_bundle(config: BuildConfig, progress: Callable[[str], None] = lambda _
                 progress(f"verifying {graph}")
                 engine = TensorRTEngine(tmp / plan.engine_file(graph), meta.engines[graph].profiles, memory)
                 checks += verify_engine(plan, graph, engine)
+                engine.close()
                 del engine
                 gc.collect()
             bad = [c for c in checks if not c.ok]

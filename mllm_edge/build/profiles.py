@@ -39,11 +39,11 @@ def _shape(dims: list, sizes: dict[str, tuple[int, int, int]], which: int, graph
 def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = None) -> list[Profile]:
     """The profiles one graph's engine is built with. max_context may lower the bundle's."""
     ctx = manifest.max_context if max_context is None else max_context
-    if ctx < 2 or ctx > manifest.max_context:
-        raise MllmEdgeError(f"--max-context must be between 2 and the bundle's {manifest.max_context}, got {ctx}")
-    spec = manifest.graphs[graph]
     image = manifest.pruning["image_tokens"]
     llm_images = image["llm"]  # image tokens the vision graph outputs (after FasterVLM)
+    if ctx <= llm_images or ctx > manifest.max_context:  # a prompt holds every image token and some text
+        raise MllmEdgeError(f"--max-context must be above the {llm_images} image tokens and at most the bundle's {manifest.max_context}, got {ctx}")
+    spec = manifest.graphs[graph]
     prompt_opt = min(llm_images + OPT_TEXT_TOKENS, ctx)
     past_opt = min(prompt_opt + OPT_ANSWER_TOKENS, ctx)
     one = (1, 1, 1)

@@ -78,9 +78,26 @@ def same_machine(built: dict, here: Target) -> str | None:
 
 
 def gpu_info(tensorrt_version: str, root: Path = Path("/")) -> Target:
-    """Ask CUDA about device 0 (cuda-python, else libcudart through ctypes). Needs a GPU."""
+    """Ask CUDA about device 0 (cuda-python, else the driver API through ctypes). Needs a GPU.
+
+    On a Jetson the memory is the system's, and CUDA's free figure leaves out the page cache the
+    kernel would give back: /proc/meminfo's MemAvailable is the honest one there.
+    """
     name, cc, total, free = _cuda_device()
-    return Target(name, cc, tensorrt_version, detect_jetson(root) is not None, total // (1 << 20), free // (1 << 20))
+    jetson = detect_jetson(root) is not None
+    if jetson:
+        free = max(free, available_memory(root))
+    return Target(name, cc, tensorrt_version, jetson, total // (1 << 20), free // (1 << 20))
+
+
+def available_memory(root: Path = Path("/")) -> int:
+    """MemAvailable from /proc/meminfo in bytes, 0 when unreadable."""
+    meminfo = root / "proc/meminfo"
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _cuda_device() -> tuple[str, tuple[int, int], int, int]:
@@ -92,9 +109,11 @@ def _cuda_device() -> tuple[str, tuple[int, int], int, int]:
     except ImportError:
         return _cuda_device_ctypes()
     err, prop = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise MllmEdgeError(f"CUDA cannot see a GPU ({err}); TensorRT engines need one")
+    if int(err) != 0:  # e.g. a cuda-python newer than the driver: the driver API may still answer
+        return _cuda_device_ctypes()
     err, free, total = cudart.cudaMemGetInfo()
+    if int(err) != 0:
+        raise MllmEdgeError(f"CUDA cannot report the GPU's memory ({err})")
     name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
     return name.rstrip("\x00"), (prop.major, prop.minor), int(total), int(free)
 
@@ -106,18 +125,24 @@ def _cuda_device_ctypes() -> tuple[str, tuple[int, int], int, int]:
         cuda = ctypes.CDLL("libcuda.so.1")  # the driver API: stable symbols for name and attributes
     except OSError:
         raise MllmEdgeError("no CUDA driver (libcuda.so.1) on this machine; TensorRT engines need an NVIDIA GPU") from None
-    if cuda.cuInit(0) != 0:
-        raise MllmEdgeError("the CUDA driver found no usable GPU")
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise MllmEdgeError(f"the CUDA driver failed at {what} (error {status}); TensorRT engines need a working GPU")
+
+    check(cuda.cuInit(0), "cuInit")
     dev = ctypes.c_int()
-    cuda.cuDeviceGet(ctypes.byref(dev), 0)
+    check(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
     buf = ctypes.create_string_buffer(256)
-    cuda.cuDeviceGetName(buf, 256, dev)
+    check(cuda.cuDeviceGetName(buf, 256, dev), "cuDeviceGetName")
     major, minor = ctypes.c_int(), ctypes.c_int()
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+    check(cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "the compute capability")  # ..._COMPUTE_CAPABILITY_MAJOR
+    check(cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev), "the compute capability")  # ..._MINOR
     ctx = ctypes.c_void_p()
-    cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
-    cuda.cuCtxSetCurrent(ctx)
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    try:
+        check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")  # cuMemGetInfo needs a current context
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        check(cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "cuMemGetInfo")
+    finally:
+        cuda.cuDevicePrimaryCtxRelease(dev)
     return buf.value.decode(), (major.value, minor.value), total.value, free.value

@@ -8,6 +8,7 @@ MllmEdgeError. Never run in this repository's CI (TensorRT cannot be installed t
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import MllmEdgeError
@@ -29,7 +30,7 @@ def import_tensorrt():
 
 
 def make_logger(trt):
-    """A trt.ILogger that prints warnings and keeps the errors for our messages."""
+    """A trt.ILogger that prints warnings and errors to stderr and keeps the errors for our messages."""
 
     class Logger(trt.ILogger):
         def __init__(self):
@@ -39,6 +40,8 @@ def make_logger(trt):
         def log(self, severity, msg):
             if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
                 self.errors.append(msg)
+            if severity <= trt.ILogger.WARNING:  # severities are ordered, most severe first
+                print(f"TensorRT: {msg}", file=sys.stderr)
 
     return Logger()
 
@@ -67,23 +70,29 @@ def build_engine(onnx_path: Path, profiles: list[Profile], settings: BuildSettin
             continue
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in p.shapes.items():
-            profile.set_shape(name, low, opt, high)
+            try:
+                profile.set_shape(name, low, opt, high)
+            except RuntimeError as e:  # inconsistent min/opt/max: a bug of profiles.py, said plainly
+                raise MllmEdgeError(f"{onnx_path.name}: TensorRT refused the {p.name} shapes of {name} {low} {opt} {high}: {e}") from None
         if config.add_optimization_profile(profile) < 0:
             raise MllmEdgeError(f"TensorRT rejected the {p.name} profile of {onnx_path.name}: {'; '.join(logger.errors)}")
     cache = config.create_timing_cache(timing_cache or b"")
-    config.set_timing_cache(cache, False)
+    if cache is None or not config.set_timing_cache(cache, False):  # made on another GPU or TensorRT
+        print("TensorRT: the timing cache does not fit this GPU or TensorRT version; starting a new one", file=sys.stderr)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise MllmEdgeError(f"TensorRT could not build {onnx_path.name}: {'; '.join(logger.errors) or 'see the messages above'}")
-    return bytes(memoryview(plan)), bytes(memoryview(config.get_timing_cache().serialize()))
+    updated = config.get_timing_cache()
+    return bytes(memoryview(plan)), bytes(memoryview(updated.serialize())) if updated is not None else (timing_cache or b"")
 
 
 def load_engine(path: Path):
-    """-> (trt module, ICudaEngine)."""
+    """-> (trt module, ICudaEngine, logger): keep the logger to explain later failures."""
     trt = import_tensorrt()
     logger = make_logger(trt)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
         raise MllmEdgeError(f"TensorRT cannot open {path.name} ({'; '.join(logger.errors)}): rebuild with `mllm-edge build`")
-    return trt, engine
+    return trt, engine, logger

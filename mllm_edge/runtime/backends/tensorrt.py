@@ -69,7 +69,7 @@ def pick_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> in
 
 class TensorRTEngine:
     def __init__(self, path: Path, profiles: list[dict], memory: CudaMemory):
-        self.trt, self.engine = load_engine(path)
+        self.trt, self.engine, self.logger = load_engine(path)
         self.name, self.profiles, self.memory = path.stem, profiles, memory
         self.context = self.engine.create_execution_context()
         mode = self.trt.TensorIOMode.INPUT
@@ -78,6 +78,13 @@ class TensorRTEngine:
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.staging: dict[str, tuple[int, int]] = {}  # name -> (address, capacity in bytes)
         self.active_profile = 0
+
+    def _why(self) -> str:
+        return "; ".join(self.logger.errors[-3:]) or "no message from TensorRT"
+
+    def _bind(self, name: str, address: int) -> None:
+        if not self.context.set_tensor_address(name, address):  # unknown name or a misaligned address
+            raise MllmEdgeError(f"{self.name}: TensorRT refused the address of {name} ({self._why()})")
 
     def _stage(self, name: str, nbytes: int) -> int:
         address, capacity = self.staging.get(name, (0, 0))
@@ -99,14 +106,17 @@ class TensorRTEngine:
         for name in self.input_names:
             value = inputs[name]
             if not self.context.set_input_shape(name, shapes[name]):
-                raise MllmEdgeError(f"{self.name}: TensorRT refused shape {shapes[name]} for {name}")
+                raise MllmEdgeError(f"{self.name}: TensorRT refused shape {shapes[name]} for {name} ({self._why()})")
+            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            if np.dtype(value.dtype) != dtype:
+                raise MllmEdgeError(f"{self.name}: input {name} is {np.dtype(value.dtype)}, the engine takes {dtype}")  # our bug
             if isinstance(value, DeviceTensor):
                 address = value.address
             else:
                 host = np.ascontiguousarray(value)
                 address = self._stage(name, host.nbytes)
                 self.memory.wrapper.memcpy(address, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice, stream.ptr)
-            self.context.set_tensor_address(name, address)
+            self._bind(name, address)
         returned = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -114,18 +124,23 @@ class TensorRTEngine:
                 target = outputs[name]
                 if tuple(target.shape) != shape:
                     raise MllmEdgeError(f"{self.name}: output {name} is {shape}, its binding {tuple(target.shape)}")  # our bug
-                self.context.set_tensor_address(name, target.address)
+                self._bind(name, target.address)
             else:
                 dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
                 returned[name] = np.empty(shape, dtype)
-                self.context.set_tensor_address(name, self._stage(name, returned[name].nbytes))
+                self._bind(name, self._stage(name, returned[name].nbytes))
         if not self.context.execute_async_v3(stream.ptr):
-            raise MllmEdgeError(f"TensorRT failed running the {self.name} engine")
+            raise MllmEdgeError(f"TensorRT failed running the {self.name} engine ({self._why()})")
         for name, host in returned.items():
             address = self.staging[name][0]
             self.memory.wrapper.memcpy(host.ctypes.data, address, host.nbytes, cuda.MemcpyKind.DeviceToHost, stream.ptr)
         stream.synchronize()
         return returned
+
+    def close(self) -> None:
+        for address, _ in self.staging.values():
+            self.memory.free(address)
+        self.staging = {}
 
 
 def open_engines(bundle: Path, manifest) -> tuple[dict[str, TensorRTEngine], CudaMemory, int]:
@@ -158,5 +173,5 @@ def engines_for_this_machine(bundle: Path) -> bool:
         import tensorrt
 
         return (engine_folder(bundle, gpu_info(tensorrt.__version__)) / ENGINES_META).is_file()
-    except (ImportError, MllmEdgeError, OSError):
+    except Exception:  # no TensorRT, no GPU, a CUDA library that fails: not this backend's machine
         return False
