@@ -102,7 +102,7 @@ def reference(
 @app.command()
 @user_errors
 def export(
-    model: str = typer.Option(..., "--model", "-m", help="LLaVA checkpoint: a local folder or a Hugging Face hub id."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="LLaVA checkpoint: a local folder or a Hugging Face hub id (default: the built-in model)."),
     out: Path = typer.Option(Path(DEFAULT_BUNDLE), "--out", "-o", help="Bundle folder to write."),
     method: str = typer.Option("none", "--method", help="none | fastv | fastervlm | fastv+fastervlm"),
     ratio: float = typer.Option(0.0, "--ratio", help="Fraction of image tokens pruned, 0 <= R < 1."),
@@ -123,6 +123,10 @@ def export(
     from .export.report import checks_table, files_table, human_bytes, pruning_line
     from .pruning import PruningConfig
 
+    if model is None:
+        from .default_model import checkpoint
+
+        model = str(checkpoint())
     config = ExportConfig(model, out, PruningConfig.from_method(method, ratio, k, vision_ratio), dtype, max_context, not no_verify, force)
     names = stages(config)
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -182,6 +186,42 @@ def inspect(
         console.print(line, highlight=False)
     if op_counts is None:
         console.print("op counts and the TensorRT lint need onnx: pip install 'mllm-edge[export]'")
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    bundle: Path = typer.Option(Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help='JSONL lines {"image": path, "question": ..., "answer": ...}, paths relative to the file.'),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="N held-out synthetic scenes of the built-in model's world (default: 200 when no --dataset)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An unpruned bundle of the same model: report how often the answers agree with it."),
+    backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with every answer) instead of a summary."),
+) -> None:
+    """Exact-match accuracy of a bundle's answers, agreement with an unpruned baseline, prefill time, image tokens kept."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluate import evaluate, load_jsonl, synthetic_items
+
+    if dataset is not None and synthetic is not None:
+        raise MllmEdgeError("give --dataset or --synthetic, not both")
+    items = load_jsonl(dataset) if dataset is not None else synthetic_items(200 if synthetic is None else synthetic)
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("eval", total=len(items))
+        report = evaluate(bundle, items, baseline, backend, lambda done: progress.update(task, completed=done))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    console = Console(soft_wrap=True)
+    agreement = "" if report.agreement is None else f", agreement with the baseline {report.agreement:.1%}"
+    console.print(f"{report.bundle} ({report.method}): exact match {report.accuracy:.1%} of {report.items}{agreement}; "
+                  f"mean prefill {report.mean_prefill_ms:.1f} ms; image tokens kept {report.image_tokens_kept} of {report.image_tokens}")
+    if report.by_kind:
+        console.print("by question kind: " + ", ".join(f"{k} {v:.0%}" for k, v in report.by_kind.items()))
 
 
 @app.command()

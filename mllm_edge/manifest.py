@@ -108,7 +108,7 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
-        raise MllmEdgeError(f"bundle {folder} does not exist (make one with `mllm-edge export`)")
+        raise MllmEdgeError(f"bundle {folder} does not exist: make one with `mllm-edge export` (with no --model it exports the built-in model)")
     if not path.is_file():
         raise MllmEdgeError(f"{folder} is not a bundle: it has no {MANIFEST_NAME}")
     try:

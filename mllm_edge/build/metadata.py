@@ -71,7 +71,7 @@ def load_engine_set(folder: Path, bundle: Path, here: Target | None = None, veri
     if here is not None and (why := same_machine(meta.target, here)):
         raise MllmEdgeError(why)
     if verify_files:
-        for name, entry in meta.engines.items():
+        for entry in meta.engines.values():
             file = folder / entry.file
             if not file.is_file():
                 raise MllmEdgeError(f"engine {entry.file} is missing from {folder}: rebuild with `mllm-edge build {bundle}`")

@@ -1,0 +1,117 @@
+"""`mllm-edge eval`: exact-match accuracy of a bundle's answers, and what pruning costs.
+
+Runs the runtime (no torch) on a JSONL of {"image": path, "question": ..., "answer": ...} lines
+(paths relative to the file) or on N held-out synthetic scenes of the built-in model's world.
+Reports exact-match accuracy (case, surrounding space and a final full stop ignored), agreement with
+a baseline bundle's answers (the unpruned model, when given), mean prefill time and image tokens kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import MllmEdgeError
+
+HELD_OUT_SEED = 1_000_003  # the synthetic held-out set: never drawn from in training (train.py uses small seeds)
+MAX_NEW_TOKENS = 8  # answers are a word or two
+
+
+@dataclass
+class EvalItem:
+    image: object  # a path or a PIL image
+    question: str
+    answer: str
+    kind: str = ""
+
+
+@dataclass
+class EvalReport:
+    bundle: str
+    method: str
+    items: int
+    accuracy: float
+    agreement: float | None  # share of answers equal to the baseline's, None without a baseline
+    mean_prefill_ms: float
+    image_tokens_kept: int  # image tokens that reach the LLM's last layers
+    image_tokens: int  # the vision tower's
+    by_kind: dict = field(default_factory=dict)  # accuracy per question kind, where the data has kinds
+    answers: list[dict] = field(default_factory=list)  # per item: question, answer, predicted, correct[, baseline]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalise(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+def load_jsonl(path: Path) -> list[EvalItem]:
+    if not path.is_file():
+        raise MllmEdgeError(f"dataset {path} does not exist")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, question, answer = row["image"], row["question"], row["answer"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MllmEdgeError(f"{path}:{number}: not a JSON object with image, question and answer ({e})") from None
+        if not all(isinstance(v, str) and v for v in (image, question, answer)):
+            raise MllmEdgeError(f"{path}:{number}: image, question and answer must be non-empty strings")
+        items.append(EvalItem(path.parent / image, question, answer, str(row.get("kind", ""))))
+    if not items:
+        raise MllmEdgeError(f"dataset {path} holds no questions")
+    return items
+
+
+def synthetic_items(count: int, seed: int = HELD_OUT_SEED) -> list[EvalItem]:
+    from .default_model.scenes import sample
+
+    if count < 1:
+        raise MllmEdgeError(f"--synthetic must be >= 1, got {count}")
+    rng = random.Random(seed)
+    items = []
+    for _ in range(count):
+        scene, q = sample(rng)
+        items.append(EvalItem(scene.render(), q.text, q.answer, q.kind))
+    return items
+
+
+def evaluate(bundle: Path, items: list[EvalItem], baseline: Path | None = None, backend: str = "auto",
+             progress: Callable[[int], None] = lambda _: None) -> EvalReport:
+    from .runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend=backend)
+    base = Pipeline.load(baseline, backend=backend) if baseline is not None else None
+    answers, prefill = [], []
+    for i, item in enumerate(items):
+        result = pipe.generate(item.image, item.question, max_new_tokens=MAX_NEW_TOKENS)
+        row = {"question": item.question, "answer": item.answer, "kind": item.kind, "predicted": result.text,
+               "correct": normalise(result.text) == normalise(item.answer)}
+        if isinstance(item.image, (str, Path)):
+            row["image"] = str(item.image)
+        if base is not None:
+            row["baseline"] = base.generate(item.image, item.question, max_new_tokens=MAX_NEW_TOKENS).text
+        answers.append(row)
+        prefill.append(result.timings_ms["prefill"])
+        progress(i + 1)
+    tokens = pipe.manifest.pruning["image_tokens"]
+    kinds = sorted({a["kind"] for a in answers if a["kind"]})
+    return EvalReport(
+        bundle=str(bundle),
+        method=pipe.manifest.pruning["method"],
+        items=len(answers),
+        accuracy=sum(a["correct"] for a in answers) / len(answers),
+        agreement=(sum(normalise(a["predicted"]) == normalise(a["baseline"]) for a in answers) / len(answers)) if base else None,
+        mean_prefill_ms=round(statistics.mean(prefill), 3),
+        image_tokens_kept=tokens.get("after_fastv") or tokens["llm"],
+        image_tokens=tokens["vision"],
+        by_kind={k: sum(a["correct"] for a in answers if a["kind"] == k) / sum(a["kind"] == k for a in answers) for k in kinds},
+        answers=answers,
+    )

@@ -1,0 +1,134 @@
+"""The built-in default model: its synthetic world, `mllm-edge eval`, and the shipped checkpoint itself."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mllm_edge.cli import app
+from mllm_edge.default_model import CHECKPOINT
+from mllm_edge.default_model.scenes import COLOURS, NUMBERS, SHAPES, SIZE, dataset, make_scene, questions, sample, write_jsonl
+from mllm_edge.errors import MllmEdgeError
+from mllm_edge.evaluate import HELD_OUT_SEED, evaluate, load_jsonl, normalise, synthetic_items
+
+SHIPPED = (CHECKPOINT / "config.json").is_file()
+runner = CliRunner()
+
+
+def test_scenes_are_reproducible_and_the_held_out_set_is_new():
+    a, b = dataset(0, 30), dataset(0, 30)
+    assert [(s.items, q) for s, q in a] == [(s.items, q) for s, q in b]
+    assert np.array_equal(np.asarray(a[3][0].render()), np.asarray(b[3][0].render()))
+    train = {s.items for s, _ in dataset(0, 2000)}
+    held_out = {s.items for s, _ in dataset(HELD_OUT_SEED, 200)}
+    assert not train & held_out
+
+
+def test_every_question_has_the_answer_the_picture_shows():
+    rng = random.Random(5)
+    for _ in range(60):
+        scene = make_scene(rng)
+        pixels = np.asarray(scene.render()).astype(int)
+        assert len({it.shape for it in scene.items}) == len({it.colour for it in scene.items}) == len(scene.items)  # unambiguous
+        for it in scene.items:  # the centre pixel is the item's colour: what the picture shows
+            assert np.abs(pixels[it.y, it.x] - COLOURS[it.colour]).max() <= 1
+        by_shape = {it.shape: it for it in scene.items}
+        for q in questions(scene):
+            words = q.text.rstrip("?").split()
+            if q.kind == "colour":
+                assert q.answer == by_shape[words[-1]].colour
+            elif q.kind == "shape":
+                assert q.answer == next(it.shape for it in scene.items if it.colour == words[-2])
+            elif q.kind == "count":
+                assert q.answer == NUMBERS[len(scene.items) - 1]
+            elif q.kind == "exists":
+                assert q.answer == ("yes" if words[-1] in by_shape else "no")
+            elif q.kind == "horizontal":
+                x = by_shape[words[2]].x
+                assert abs(x - SIZE / 2) > 20 and q.answer == ("left" if x < SIZE / 2 else "right")
+            else:
+                y = by_shape[words[2]].y
+                assert abs(y - SIZE / 2) > 20 and q.answer == ("top" if y < SIZE / 2 else "bottom")
+    kinds = [sample(rng)[1].kind for _ in range(600)]
+    assert {k: kinds.count(k) > 60 for k in set(kinds)} == {k: True for k in ("colour", "shape", "count", "exists", "horizontal", "vertical")}
+
+
+def test_patch_labels_follow_the_geometry():
+    from mllm_edge.default_model.train import patch_labels
+
+    scene = make_scene(random.Random(2))
+    colours, shapes = patch_labels(scene, 24)
+    for it in scene.items:
+        patch = (it.y // 14) * 24 + it.x // 14  # the patch under the item's centre
+        assert colours[patch] == 1 + list(COLOURS).index(it.colour) and shapes[patch] == 1 + SHAPES.index(it.shape)
+    import math
+
+    background = [p for p in range(24 * 24) if all(math.hypot((p % 24) * 14 + 7 - it.x, (p // 24) * 14 + 7 - it.y) > it.radius + 1 for it in scene.items)]
+    assert background and all(colours[p] == shapes[p] == 0 for p in background)  # outside every item's circle: background
+
+
+def test_eval_reports_the_accuracy_of_its_answers(export_cache, tmp_path):
+    folder, _ = export_cache("llama_mha", "fastv")  # 336 px / 14: the scenes' geometry
+    jsonl = write_jsonl(dataset(HELD_OUT_SEED, 6), tmp_path / "data")
+    result = runner.invoke(app, ["eval", "--bundle", str(folder), "--dataset", str(jsonl), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    truth = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [a["answer"] for a in report["answers"]] == [t["answer"] for t in truth] and report["items"] == 6
+    recomputed = sum(normalise(a["predicted"]) == normalise(t["answer"]) for a, t in zip(report["answers"], truth)) / 6
+    assert report["accuracy"] == recomputed
+    assert report["image_tokens_kept"] == 288 and report["image_tokens"] == 576 and report["mean_prefill_ms"] > 0
+    same = evaluate(folder, load_jsonl(jsonl), baseline=folder)
+    assert same.agreement == 1.0 and same.accuracy == report["accuracy"]  # a bundle agrees with itself
+
+
+def test_eval_bad_input_is_named(export_cache, tmp_path):
+    folder, _ = export_cache("llama_mha", "none")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "question": "q?"}\n')
+    cases = [(["--dataset", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+             (["--dataset", str(bad)], "bad.jsonl:1: not a JSON object with image, question and answer"),
+             (["--synthetic", "0"], "--synthetic must be >= 1"),
+             (["--synthetic", "2", "--dataset", str(bad)], "not both")]
+    for args, message in cases:
+        result = runner.invoke(app, ["eval", "--bundle", str(folder), *args])
+        assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
+        assert message in result.stderr, (args, result.stderr)
+    with pytest.raises(MllmEdgeError, match="holds no questions"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        load_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_synthetic_items_are_the_held_out_scenes():
+    items = synthetic_items(5)
+    expected = dataset(HELD_OUT_SEED, 5)
+    assert [(i.question, i.answer) for i in items] == [(q.text, q.answer) for _, q in expected]
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the built-in checkpoint is not in this checkout")
+def test_the_shipped_model_exports_with_no_model_option_and_answers_held_out_scenes(tmp_path, monkeypatch):
+    """The README's main job, offline: export with no --model, then answer held-out scenes."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: nothing may touch the network
+    result = runner.invoke(app, ["export", "--method", "fastv", "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+    report = evaluate(tmp_path / "bundle", synthetic_items(40))
+    assert report.accuracy >= 0.85, report.by_kind
+    scene = tmp_path / "scene.png"
+    make_scene(random.Random(HELD_OUT_SEED)).render().save(scene)
+    run = runner.invoke(app, ["run", str(scene), "--prompt", questions(make_scene(random.Random(HELD_OUT_SEED)))[0].text, "--json"])
+    assert run.exit_code == 0 and json.loads(run.stdout)["text"].strip()
+
+
+@pytest.mark.skipif(SHIPPED, reason="checks the message shown while the built-in checkpoint is absent")
+def test_export_without_a_model_says_the_built_in_one_is_missing(tmp_path):
+    result = runner.invoke(app, ["export", "--out", str(tmp_path / "b"), "--method", "fastv", "--ratio", "0.5"])
+    assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
+    assert "the built-in model is missing" in result.stderr and not (tmp_path / "b").exists()
