@@ -128,7 +128,8 @@ class Pipeline:
         ids = np.concatenate((ids[:image_start], np.full(n, image_token, np.int64), ids[image_start + num_full :]))[None]
         length = ids.shape[1]
         if length + 1 > self.max_context:
-            raise MllmEdgeError(f"the prompt takes {length} tokens; the {'engines' if self.backend == 'tensorrt' else 'bundle'}' max context is {self.max_context}".replace("bundle'", "bundle's"))
+            owner = "engines'" if self.backend == "tensorrt" else "bundle's"
+            raise MllmEdgeError(f"the prompt takes {length} tokens; the {owner} max context is {self.max_context}")
         max_new_tokens = min(max_new_tokens, self.max_context - length)
 
         self.cache.reset()
