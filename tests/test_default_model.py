@@ -61,14 +61,17 @@ def test_patch_labels_follow_the_geometry():
     from mllm_edge.default_model.train import patch_labels
 
     scene = make_scene(random.Random(2))
+    pixels, items = np.asarray(scene.render()).astype(int), scene.item_map()
+    for i, it in enumerate(scene.items):  # the label map is where the picture shows the item
+        assert (items == i + 1).sum() > 500 and np.abs(pixels[items == i + 1] - COLOURS[it.colour]).max() == 0
     colours, shapes = patch_labels(scene, 24)
     for it in scene.items:
         patch = (it.y // 14) * 24 + it.x // 14  # the patch under the item's centre
         assert colours[patch] == 1 + list(COLOURS).index(it.colour) and shapes[patch] == 1 + SHAPES.index(it.shape)
     import math
 
-    background = [p for p in range(24 * 24) if all(math.hypot((p % 24) * 14 + 7 - it.x, (p // 24) * 14 + 7 - it.y) > it.radius + 1 for it in scene.items)]
-    assert background and all(colours[p] == shapes[p] == 0 for p in background)  # outside every item's circle: background
+    background = [p for p in range(24 * 24) if all(math.hypot((p % 24) * 14 + 7 - it.x, (p // 24) * 14 + 7 - it.y) > 1.25 * it.radius + 1 for it in scene.items)]
+    assert background and all(colours[p] == shapes[p] == 0 for p in background)  # beyond every item's reach (a square's corner is 1.2 r out): background
 
 
 def test_eval_reports_the_accuracy_of_its_answers(export_cache, tmp_path):

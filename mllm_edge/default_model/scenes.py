@@ -23,6 +23,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -59,9 +60,17 @@ class Scene:
             image = Image.blend(image, Image.merge("RGB", (grain, grain, grain)), 0.25)
         draw = ImageDraw.Draw(image)
         for it in self.items:
-            draw.polygon(_outline(it), fill=COLOURS[it.colour]) if it.shape != "circle" else draw.ellipse(
-                (it.x - it.radius, it.y - it.radius, it.x + it.radius, it.y + it.radius), fill=COLOURS[it.colour])
+            _draw(draw, it, COLOURS[it.colour])
         return image
+
+    def item_map(self, size: int = SIZE) -> np.ndarray:
+        """[size, size] uint8: at each pixel 1 + the index of the item drawn there, 0 for background
+        (drawn exactly as render() draws, so labels and picture agree)."""
+        canvas = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(canvas)
+        for index, it in enumerate(self.items):
+            _draw(draw, it, index + 1)
+        return np.asarray(canvas)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,13 @@ class Question:
     kind: str
     text: str
     answer: str
+
+
+def _draw(draw: ImageDraw.ImageDraw, it: Item, fill) -> None:
+    if it.shape == "circle":
+        draw.ellipse((it.x - it.radius, it.y - it.radius, it.x + it.radius, it.y + it.radius), fill=fill)
+    else:
+        draw.polygon(_outline(it), fill=fill)
 
 
 def _outline(it: Item) -> list[tuple[float, float]]:

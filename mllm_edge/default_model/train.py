@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..evaluate import HELD_OUT_SEED, normalise
 from ..testing.checkpoints import TinyLlavaSpec, make_tiny_llava
-from .scenes import COLOURS, SHAPES, SIZE, Item, Question, Scene, sample
+from .scenes import COLOURS, SHAPES, SIZE, Question, Scene, sample
 
 SPEC = TinyLlavaSpec(
     name="scenes",
@@ -58,33 +58,14 @@ SPEC = TinyLlavaSpec(
 )
 
 
-def inside(item: Item, x: float, y: float) -> bool:
-    dx, dy, r = x - item.x, y - item.y, item.radius
-    if item.shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if item.shape == "square":
-        return abs(dx) <= 0.85 * r and abs(dy) <= 0.85 * r
-    if item.shape == "diamond":
-        return abs(dx) + abs(dy) <= r
-    # triangle: apex up at (0, -r), base corners at (+-r*cos30, r/2)
-    if dy > r / 2 or dy < -r:
-        return False
-    half_width = (dy + r) / 1.5 * math.cos(math.pi / 6)
-    return abs(dx) <= half_width
-
-
 def patch_labels(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch (raster order) the colour and shape class under its centre; 0 is background."""
-    colours, shapes = np.zeros(grid * grid, np.int64), np.zeros(grid * grid, np.int64)
+    """Per patch (raster order) the colour and shape class of the item under its centre; 0 is background."""
     step = SIZE / grid
-    for i in range(grid):
-        for j in range(grid):
-            x, y = (j + 0.5) * step, (i + 0.5) * step
-            for item in scene.items:
-                if inside(item, x, y):
-                    colours[i * grid + j] = 1 + list(COLOURS).index(item.colour)
-                    shapes[i * grid + j] = 1 + SHAPES.index(item.shape)
-    return colours, shapes
+    centres = ((np.arange(grid) + 0.5) * step).astype(int)
+    items = scene.item_map()[np.ix_(centres, centres)].reshape(-1)  # 1 + item index, or 0
+    colour_of = np.array([0] + [1 + list(COLOURS).index(it.colour) for it in scene.items])
+    shape_of = np.array([0] + [1 + SHAPES.index(it.shape) for it in scene.items])
+    return colour_of[items].astype(np.int64), shape_of[items].astype(np.int64)
 
 
 def target_shape(scene: Scene, q: Question) -> str | None:
