@@ -98,11 +98,6 @@ def test_bad_models_and_folders_get_a_clear_error(tiny_checkpoints, tmp_path, cl
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
-def test_missing_model_option_is_a_usage_error(tmp_path):
-    result = _export_error(["--out", str(tmp_path / "b")])
-    assert result.exit_code == 2 and "--model" in result.output + result.stderr
-
-
 def test_inspect_refuses_missing_and_damaged_bundles(tmp_path, cli_bundle):
     result = runner.invoke(app, ["inspect", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "does not exist" in result.stderr
