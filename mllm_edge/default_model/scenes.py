@@ -154,16 +154,6 @@ def write_jsonl(items: list[tuple[Scene, Question]], folder: Path) -> Path:
     return path
 
 
-def vocabulary() -> list[str]:
-    """Every word the questions and answers use."""
-    words = set()
-    for template in ("What colour is the", "What shape is the thing", "How many shapes are there", "Is there a",
-                     "Is the on the left or the right", "Is the at the top or the bottom"):
-        words.update(template.lower().split())
-    words.update(SHAPES, COLOURS, NUMBERS, ("yes", "no"))
-    return sorted(words)
-
-
 def main(argv: list[str] | None = None) -> None:
     """python -m mllm_edge.default_model.scenes OUT.png [--seed N]: a held-out scene and its questions."""
     import argparse

@@ -17,7 +17,6 @@ import torch
 from ..models.generate import generate
 from ..models.inputs import prepare_inputs
 from ..models.llava import Llava
-from ..parity import load_sample  # noqa: F401 (re-exported: samples are written here, read there)
 from ..pruning import PruningConfig
 from ..testing.checkpoints import sample_image
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import MllmEdgeError
 from ..manifest import NO_IMAGE, Manifest
-from ..parity import CHAIN_TOLERANCE, TOLERANCE, OutputCheck, compare, load_sample  # noqa: F401 (re-exported)
+from ..parity import CHAIN_TOLERANCE, TOLERANCE, OutputCheck, compare, load_sample
 from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
 
 

@@ -76,6 +76,7 @@ class TensorRTEngine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.dtypes = {n: np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}  # fixed: not per call
         self.staging: dict[str, tuple[int, int]] = {}  # name -> (address, capacity in bytes)
         self.active_profile = 0
 
@@ -107,7 +108,7 @@ class TensorRTEngine:
             value = inputs[name]
             if not self.context.set_input_shape(name, shapes[name]):
                 raise MllmEdgeError(f"{self.name}: TensorRT refused shape {shapes[name]} for {name} ({self._why()})")
-            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            dtype = self.dtypes[name]
             if np.dtype(value.dtype) != dtype:
                 raise MllmEdgeError(f"{self.name}: input {name} is {np.dtype(value.dtype)}, the engine takes {dtype}")  # our bug
             if isinstance(value, DeviceTensor):
@@ -126,8 +127,7 @@ class TensorRTEngine:
                     raise MllmEdgeError(f"{self.name}: output {name} is {shape}, its binding {tuple(target.shape)}")  # our bug
                 self._bind(name, target.address)
             else:
-                dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-                returned[name] = np.empty(shape, dtype)
+                returned[name] = np.empty(shape, self.dtypes[name])
                 self._bind(name, self._stage(name, returned[name].nbytes))
         if not self.context.execute_async_v3(stream.ptr):
             raise MllmEdgeError(f"TensorRT failed running the {self.name} engine ({self._why()})")
