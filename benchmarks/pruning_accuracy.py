@@ -50,7 +50,13 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "pruning_accuracy.json")
     p.add_argument("--plot", type=Path, default=Path(__file__).parent / "results" / "pruning_accuracy.png")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from --json's saved rows")
     args = p.parse_args()
+    if args.replot:
+        import json
+
+        plot(json.loads(args.json.read_text())["settings"], args.plot)
+        return
 
     from mllm_edge.default_model import checkpoint
     from mllm_edge.evaluate import evaluate, synthetic_items

@@ -1,7 +1,9 @@
 """Synthetic scenes with questions and one-word answers: the built-in default model's world.
 
 A scene holds one to four shapes, each of a different kind and a different colour, of varied sizes
-at varied, non-overlapping positions, on a plain or noisy background. Every question is answerable
+at varied, non-overlapping positions, on a plain or noisy background. Shapes have a dark outline, as
+flat icons do: an edge then looks the same whatever the fill colour, so a small vision tower learns
+the outlines (and with them the shapes) from far fewer pictures. Every question is answerable
 from the picture alone and has exactly one right one-word answer:
 
   what colour is the X?              -> red | green | blue | yellow | purple | orange
@@ -33,6 +35,8 @@ BACKGROUNDS = ((245, 245, 245), (225, 225, 215), (200, 205, 210), (235, 230, 245
 NUMBERS = ("one", "two", "three", "four")
 SIZE = 336  # pixels, the model's input size
 MARGIN = 40  # pixels from the centre line a shape must be for a left/right or top/bottom question
+OUTLINE = (25, 25, 25)
+OUTLINE_WIDTH = 3  # pixels
 QUESTION_KINDS = ("colour", "shape", "count", "exists", "horizontal", "vertical")
 
 
@@ -60,7 +64,7 @@ class Scene:
             image = Image.blend(image, Image.merge("RGB", (grain, grain, grain)), 0.25)
         draw = ImageDraw.Draw(image)
         for it in self.items:
-            _draw(draw, it, COLOURS[it.colour])
+            _draw(draw, it, COLOURS[it.colour], OUTLINE)
         return image
 
     def item_map(self, size: int = SIZE) -> np.ndarray:
@@ -69,7 +73,7 @@ class Scene:
         canvas = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(canvas)
         for index, it in enumerate(self.items):
-            _draw(draw, it, index + 1)
+            _draw(draw, it, index + 1, index + 1)
         return np.asarray(canvas)
 
 
@@ -80,11 +84,12 @@ class Question:
     answer: str
 
 
-def _draw(draw: ImageDraw.ImageDraw, it: Item, fill) -> None:
+def _draw(draw: ImageDraw.ImageDraw, it: Item, fill, outline) -> None:
     if it.shape == "circle":
-        draw.ellipse((it.x - it.radius, it.y - it.radius, it.x + it.radius, it.y + it.radius), fill=fill)
+        box = (it.x - it.radius, it.y - it.radius, it.x + it.radius, it.y + it.radius)
+        draw.ellipse(box, fill=fill, outline=outline, width=OUTLINE_WIDTH)
     else:
-        draw.polygon(_outline(it), fill=fill)
+        draw.polygon(_outline(it), fill=fill, outline=outline, width=OUTLINE_WIDTH)
 
 
 def _outline(it: Item) -> list[tuple[float, float]]:
