@@ -363,7 +363,7 @@ def main() -> None:
     p.add_argument("--seeing-steps", type=int, default=1500)
     p.add_argument("--seeing-batch", type=int, default=16)
     p.add_argument("--seeing-lr", type=float, default=2e-3)
-    p.add_argument("--answering-steps", type=int, default=2000)
+    p.add_argument("--answering-steps", type=int, default=3000)
     p.add_argument("--answering-batch", type=int, default=4, help="pictures per step")
     p.add_argument("--questions-per-picture", type=int, default=6)
     p.add_argument("--answering-lr", type=float, default=1e-3)
