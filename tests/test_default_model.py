@@ -13,6 +13,7 @@ from mllm_edge.cli import app
 from mllm_edge.default_model import CHECKPOINT
 from mllm_edge.default_model.scenes import (
     COLOURS,
+    MARGIN,
     NUMBERS,
     SHAPES,
     SIZE,
@@ -75,7 +76,13 @@ def test_every_question_has_the_answer_the_picture_shows():
 
 def test_patch_labels_follow_the_geometry():
     from mllm_edge.default_model.scenes import OUTLINE
-    from mllm_edge.default_model.train import COVER, patch_items, patch_labels
+    from mllm_edge.default_model.train import (
+        COVER,
+        HEIGHTS,
+        SIDES,
+        patch_items,
+        patch_labels,
+    )
 
     scene = make_scene(random.Random(2))
     pixels, owner = np.asarray(scene.render()).astype(int), scene.item_map()
@@ -85,16 +92,20 @@ def test_patch_labels_follow_the_geometry():
         is_outline = np.abs(drawn - OUTLINE).max(1) == 0
         assert (owner == i + 1).sum() > 500 and (is_fill | is_outline).all() and is_fill.mean() > 0.6
     items = patch_items(scene, 24)
-    colours, shapes = patch_labels(scene, 24)
+    labels = patch_labels(scene, 24)
+    colours, shapes = labels["colours"], labels["shapes"]
     for i, it in enumerate(scene.items):
         patch = (it.y // 14) * 24 + it.x // 14  # the patch under the item's centre
         assert items[patch] == i + 1
         assert colours[patch] == 1 + list(COLOURS).index(it.colour) and shapes[patch] == 1 + SHAPES.index(it.shape)
+        side = "middle" if abs(it.x - SIZE / 2) <= MARGIN else "left" if it.x < SIZE / 2 else "right"
+        height = "middle" if abs(it.y - SIZE / 2) <= MARGIN else "top" if it.y < SIZE / 2 else "bottom"
+        assert SIDES[labels["sides"][patch] - 1] == side and HEIGHTS[labels["heights"][patch] - 1] == height
     for p in range(24 * 24):  # a patch is an item's exactly when that item covers at least COVER of it
         block = owner[(p // 24) * 14 : (p // 24 + 1) * 14, (p % 24) * 14 : (p % 24 + 1) * 14]
         share = max((block == i + 1).mean() for i in range(len(scene.items)))
         assert (items[p] > 0) == (share >= COVER)
-        assert (colours[p] > 0) == (shapes[p] > 0) == (items[p] > 0)
+        assert all((labels[name][p] > 0) == (items[p] > 0) for name in labels)
 
 
 def test_the_scene_table_answers_every_question():
@@ -177,8 +188,9 @@ def blind_accuracy(items) -> float:
 
 @pytest.mark.skipif(not SHIPPED, reason="the built-in checkpoint is not in this checkout")
 def test_the_shipped_model_exports_with_no_model_option_and_answers_held_out_scenes(tmp_path, monkeypatch):
-    """The README's main job, offline: export with no --model, then answer held-out scenes far better
-    than anything blind to the picture could."""
+    """The README's main job, offline: export with no --model (FastV K=2 R=0.5, as the README runs it),
+    then answer held-out scenes: near the 90% the built-in model is trained to reach (a 60-question
+    sample of the FastV bundle, hence the margin), far above anything blind to the picture."""
     import os
 
     monkeypatch.chdir(tmp_path)
@@ -189,7 +201,7 @@ def test_the_shipped_model_exports_with_no_model_option_and_answers_held_out_sce
     items = synthetic_items(60)
     report = evaluate(tmp_path / "bundle", items)
     blind = blind_accuracy(items)
-    assert blind < 0.5 and report.accuracy >= blind + 0.2, (report.accuracy, blind, report.by_kind)
+    assert blind < 0.5 and report.accuracy >= 0.85, (report.accuracy, blind, report.by_kind)
     assert report.by_kind["count"] >= 0.9, report.by_kind  # the number of items: read off the picture alone
     scene = tmp_path / "scene.png"
     make_scene(random.Random(HELD_OUT_SEED)).render().save(scene)
@@ -218,10 +230,13 @@ def test_shared_prefix_training_is_single_turn_training(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     examples = Examples(folder)
     rng = random.Random(3)
-    items = [picture_questions(rng, 4) for _ in range(2)]
-    assert [len(qs) for _, qs in items] == [4, 4] and len({q.kind for q in items[0][1]}) == 4
+    items = [picture_questions(rng) for _ in range(2)]
+    for scene, asked in items:  # every colour and shape question, one of each other kind
+        kinds = [q.kind for q in asked]
+        assert kinds.count("colour") == kinds.count("shape") == len(scene.items) and kinds.count("count") == 1
+        assert {k: kinds.count(k) for k in set(kinds) - {"colour", "shape"}} == {k: 1 for k in set(kinds) - {"colour", "shape"}}
     with torch.no_grad():
-        shared, _ = answer_loss(model, examples.questions(items))
+        shared, _, word_loss = answer_loss(model, examples.questions(items))
         rows, labels, pixels = [], [], []
         for scene, asked in items:
             for q in asked:
@@ -233,5 +248,30 @@ def test_shared_prefix_training_is_single_turn_training(tmp_path):
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
         lab = torch.tensor([lb + [-100] * (width - len(lb)) for lb in labels])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        plain = model(input_ids=ids, attention_mask=mask, pixel_values=torch.from_numpy(np.stack(pixels)), labels=lab).loss
-    assert shared.item() > 0.1 and abs(shared.item() - plain.item()) < 1e-4 * plain.item()
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=torch.from_numpy(np.stack(pixels)), labels=lab)
+    assert shared.item() > 0.1 and abs(shared.item() - out.loss.item()) < 1e-4 * out.loss.item()
+    # The word loss, from transformers' logits at each picture's image tokens (its first question's row).
+    first_rows = [sum(len(asked) for _, asked in items[:i]) for i in range(len(items))]
+    logp = out.logits[first_rows][:, ids[0] == examples.image_token_id].log_softmax(-1)  # [pictures, 576, V]
+    named = [(logp[i, patch, word].item()) for i, (scene, _) in enumerate(items)
+             for patch, words in enumerate(examples.patch_words(scene)) for word in words if word != -100]
+    assert len(named) > 100 and abs(word_loss.item() + np.mean(named)) < 1e-4 * word_loss.item()
+
+
+def test_patch_words_name_the_covering_item(tmp_path):
+    from mllm_edge.default_model.train import Examples, patch_items
+    from mllm_edge.testing import FIXTURE_SPECS, make_tiny_llava
+
+    examples = Examples(make_tiny_llava(tmp_path / "m", FIXTURE_SPECS["llama_mha"]))
+    rng = random.Random(4)
+    for _ in range(5):
+        scene = make_scene(rng)
+        words, owner = examples.patch_words(scene), patch_items(scene, 24)
+        assert (words[owner == 0] == -100).all()
+        for i, it in enumerate(scene.items):
+            side = "" if abs(it.x - SIZE / 2) <= MARGIN else "left" if it.x < SIZE / 2 else "right"
+            height = "" if abs(it.y - SIZE / 2) <= MARGIN else "top" if it.y < SIZE / 2 else "bottom"
+            for row in words[owner == i + 1]:  # each word's first token starts the word (blue: "blu" "e")
+                said = ["" if t == -100 else examples.prompts.decode([int(t)]).strip() for t in row]
+                expected = [it.colour, it.shape, side, height]
+                assert all(e.startswith(w) and (w != "") == (e != "") for w, e in zip(said, expected)), (said, expected)
