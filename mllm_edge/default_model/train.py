@@ -306,13 +306,12 @@ def kept_patches(rng: random.Random, scene: Scene, keep: int) -> np.ndarray:
 
 
 def asked_item(scene: Scene, q: Question) -> int | None:
-    """Index of the one item a question is about; None for questions about the whole scene."""
-    words = q.text.rstrip("?").split()
-    if q.kind == "shape":
-        return next(i for i, it in enumerate(scene.items) if it.colour == words[-2])
-    if q.kind in ("colour", "horizontal", "vertical"):
-        return next(i for i, it in enumerate(scene.items) if it.shape in words)
-    return None
+    """Index of the one item a question is about (by its named_word); None for questions about the
+    whole scene (count, exists)."""
+    if q.kind not in ("colour", "shape", "horizontal", "vertical"):
+        return None
+    word = NAMED_WORDS[named_word(q)]
+    return next(i for i, it in enumerate(scene.items) if word in (it.shape, it.colour))
 
 
 def picture_questions(rng: random.Random) -> tuple[Scene, list[Question]]:
