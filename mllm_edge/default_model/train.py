@@ -21,10 +21,11 @@ this file's sizes, then learns in two stages:
    and shape question and one of each other kind per picture sharing the picture's prompt prefix
    (answer_loss); plus a focus loss that pulls the last layer's attention from the answer position
    onto the item the question names, and a word loss that makes the output at each item patch name
-   the item (its colour, shape, side, height), so that answering becomes finding and copying. Half
-   the steps show the pictures shortened to a random 288, 144 or 58 patches (the items' first) with
-   the text renumbered right after them, so that the model does not depend on every image token
-   being there at its place (SHORTENED_SHARE).
+   the item (its colour, shape, side, height), so that answering becomes finding and copying, and a
+   key loss that makes the answer position know, before the last layer, the word that names the
+   item (answer_loss). Half the steps show the pictures shortened to a random 288, 144 or 58
+   patches (the items' first) with the text renumbered right after them, so that the model does
+   not depend on every image token being there at its place (SHORTENED_SHARE).
 
 `--only seeing` stops after stage 1 and `--only answering` continues from that checkpoint, to
 iterate on stage 2 alone.
