@@ -15,6 +15,7 @@ the sampled peak was.
 
     .venv/bin/python benchmarks/export_memory.py                      # ~1B, fp16, fastv 0.5
     .venv/bin/python benchmarks/export_memory.py --no-verify --layers 12 --work /tmp/bench --keep
+    .venv/bin/python benchmarks/export_memory.py --dtype fp32 --quantize int8 --json benchmarks/results/export_memory_int8.json
 
 Results go to benchmarks/results/export_memory.json (--json). Needs the export extra and
 onnxruntime; on 2 CPU cores the default model takes ~10-25 minutes.
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from common import GB, machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
-STAGES = ["verify graphs", "verify chain", "reference", "llm_head", "llm_tail", "tokenizer", "manifest",
-          "vision", "embed", "prune", "load", "lint", "done"]  # longest first where one prefixes another
+STAGES = ["quantize llm_head", "quantize llm_tail", "verify graphs", "verify chain", "reference", "llm_head", "llm_tail",
+          "tokenizer", "manifest", "vision", "embed", "prune", "load", "lint", "done"]  # longest first where one prefixes another
 STAGE_LINE = re.compile(r"^(" + "|".join(re.escape(s) for s in STAGES) + r") +\S")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 SIZES = {  # option -> (TinyLlavaSpec field, default)
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "export_memory.json")
     p.add_argument("--no-verify", action="store_true", help="only measure the export without verification")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="also measure a verified export with --quantize (needs --dtype fp32)")
     for opt, (_, default) in SIZES.items():
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
     p.add_argument("--_build", type=Path, help=argparse.SUPPRESS)  # internal: the checkpoint-building child
@@ -152,19 +154,21 @@ def main() -> None:
               f"make_tiny_llava saved {info['saved_by_make_tiny_llava']})", flush=True)
 
         runs = [("no-verify", ["--no-verify"])] if args.no_verify else [("verify", []), ("no-verify", ["--no-verify"])]
+        if args.quantize:
+            runs.append((f"{args.quantize}, verify", ["--quantize", args.quantize]))
         results = []
         for name, extra in runs:
-            cmd = [sys.executable, "-m", "mllm_edge.cli", "export", "--model", str(folder), "--out", str(work / f"bundle-{name}"),
+            cmd = [sys.executable, "-m", "mllm_edge.cli", "export", "--model", str(folder), "--out", str(work / f"bundle-{name.replace(', ', '-')}"),
                    "--method", args.method, "--ratio", str(args.ratio), "--dtype", args.dtype, "--force", *extra]
             print(f"export ({name}) ...", flush=True)
-            r = measure(name, cmd, work / f"export-{name}.log")
+            r = measure(name, cmd, work / f"export-{name.replace(', ', '-')}.log")
             r["weights_gb"] = round(weights / GB, 3)
             r["peak_over_weights"] = round(r["peak_rss_gb"] * GB / weights, 2)
             results.append(r)
 
-        print(f"\n{'run':<10} {'wall s':>8} {'peak RSS GB':>12} {'weights GB':>11} {'peak/weights':>13}  sampled peak in stage")
+        print(f"\n{'run':<14} {'wall s':>8} {'peak RSS GB':>12} {'weights GB':>11} {'peak/weights':>13}  sampled peak in stage")
         for r in results:
-            print(f"{r['run']:<10} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['weights_gb']:>11.2f} "
+            print(f"{r['run']:<14} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['weights_gb']:>11.2f} "
                   f"{r['peak_over_weights']:>13.2f}  {r['sampled_peak_stage']}")
         ok = all(r["peak_over_weights"] <= 2 for r in results)
         print(f"target: peak RSS <= 2x weights: {'met' if ok else 'NOT met'}")

@@ -4,14 +4,21 @@ A random LLaVA-1.5-shaped model (CLIP 336/14 = 576 image tokens, a small vision 
 Llama by default) is written with `make_tiny_llava` and exported (fp32, no verification) as bundles
 for method none, FastV (K=2, R=0.5) and FasterVLM (R=0.75); a second model, identical but for a
 112/14 image grid (64 image tokens), gets a none bundle with max context 2048. None of that is timed.
-Then, in one process, each figure is the median of --repeats runs after one warm-up:
+Then, in one process, each figure is the median of --repeats runs after one warm-up, and what a
+section compares runs side by side: every engine in turn, round after round, so that a slow spell of
+the machine (seen here: 20% for minutes) falls on all of them alike:
 
 1. TTFT and decode tokens/s, greedy, --max-new-tokens each: the runtime (its own timings_ms),
    transformers' LlavaForConditionalGeneration.generate (min_new_tokens = max_new_tokens) and our
-   PyTorch reference mllm_edge.models.generate. For both PyTorch paths TTFT is the wall time of a
-   generate of 1 token and decode s/token is (t(N) - t(1)) / (N - 1); both start from the processor's
-   tensors, while the runtime's TTFT also includes its own preprocessing. Target: runtime decode
-   tokens/s >= 2x transformers.
+   PyTorch reference mllm_edge.models.generate. transformers is timed as the runtime times itself,
+   by a streamer stamping each token (TTFT: the first; decode: the mean step after it); the
+   reference has no such hook, so its TTFT is the wall time of a generate of 1 token and its decode
+   s/token is (t(N) - t(1)) / (N - 1), which prefill's run-to-run noise makes the least steady
+   figure. Both PyTorch paths start from the processor's tensors, while the runtime's TTFT also
+   includes its own preprocessing. Target: runtime decode
+   tokens/s >= 2x transformers. Two more rows run the same model exported with `--quantize int8` and
+   `--quantize int4` (weight-only LLM graphs, ONNX Runtime's MatMulNBits): other weights than
+   transformers', so they are reported beside the target, not as meeting it.
 2. Prefill (timings_ms["prefill"]: embed and LLM graphs, after the vision graph) per method; achieved
    speed-up t_none / t_method against the FastV paper's FLOPs model (pruning.flops.prefill_flops, text
    tokens = prompt length - 576). Target: achieved >= 85% of predicted.
@@ -74,73 +81,119 @@ class TimedEngine:
             self.log.append((self.graph, time.perf_counter() - start))
 
 
-def bench_runtime(bundle: Path, image, prompt: str, n: int, repeats: int, proxies: bool = False) -> dict:
-    from mllm_edge.runtime.pipeline import Pipeline
+class RuntimeRun:
+    """One bundle in our runtime: once() generates and returns that run's figures."""
 
-    pipeline, log = Pipeline.load(bundle), []
-    if proxies:
-        pipeline.engines = {g: TimedEngine(g, e, log) for g, e in pipeline.engines.items()}
-    runs = []
-    for i in range(repeats + 1):  # the first is the warm-up
-        log.clear()
-        r = pipeline.generate(image, prompt, max_new_tokens=n, temperature=0.0)
+    def __init__(self, bundle: Path, image, prompt: str, n: int, proxies: bool = False):
+        from mllm_edge.runtime.pipeline import Pipeline
+
+        self.pipeline, self.log = Pipeline.load(bundle), []
+        self.image, self.prompt, self.n, self.proxies = image, prompt, n, proxies
+        if proxies:
+            self.pipeline.engines = {g: TimedEngine(g, e, self.log) for g, e in self.pipeline.engines.items()}
+
+    def once(self) -> dict:
+        self.log.clear()
+        r = self.pipeline.generate(self.image, self.prompt, max_new_tokens=self.n, temperature=0.0)
         steps = len(r.token_ids) - 1
         row = {**r.timings_ms, "tokens": len(r.token_ids), "prompt_tokens": len(r.prompt_token_ids), "token_ids": r.token_ids}
-        if proxies:  # decode = every graph call after prefill's (first) llm_tail
-            first_tail = next(j for j, (g, _) in enumerate(log) if g == "llm_tail")
-            in_graphs = sum(s for _, s in log[first_tail + 1 :]) * 1000
+        if self.proxies:  # decode = every graph call after prefill's (first) llm_tail
+            first_tail = next(j for j, (g, _) in enumerate(self.log) if g == "llm_tail")
+            in_graphs = sum(s for _, s in self.log[first_tail + 1 :]) * 1000
             row["decode_wall_ms"] = r.timings_ms["decode_per_token"] * steps
             row["outside_ms_per_step"] = (row["decode_wall_ms"] - in_graphs) / max(steps, 1)
-        if i:
-            runs.append(row)
-    out = {k: round(med([r[k] for r in runs]), 3) for k in runs[0] if k != "token_ids"}
-    out["decode_tokens_per_s"] = round(1000 / out["decode_per_token"], 2) if out["decode_per_token"] else 0.0
-    out["token_ids"] = runs[-1]["token_ids"]
-    del pipeline
-    gc.collect()
-    return out
+        return row
+
+    @staticmethod
+    def summary(runs: list[dict]) -> dict:
+        out = {k: round(med([r[k] for r in runs]), 3) for k in runs[0] if k != "token_ids"}
+        out["decode_tokens_per_s"] = round(1000 / out["decode_per_token"], 2) if out["decode_per_token"] else 0.0
+        out["token_ids"] = runs[-1]["token_ids"]
+        return out
 
 
-def two_point(generate, n: int, repeats: int) -> dict:
-    """generate(k) -> token ids; TTFT = t(1), decode s/token = (t(N) - t(1)) / (N - 1), medians."""
-    def timed(k):
+class TwoPointRun:
+    """A PyTorch generate(k) -> token ids: once() times k = 1 and k = N; TTFT = t(1), decode
+    s/token = (t(N) - t(1)) / (N - 1), from the medians."""
+
+    def __init__(self, generate, n: int):
+        self.generate, self.n = generate, n
+
+    def once(self) -> dict:
         start = time.perf_counter()
-        ids = generate(k)
-        return time.perf_counter() - start, ids
+        self.generate(1)
+        t1 = time.perf_counter() - start
+        start = time.perf_counter()
+        ids = self.generate(self.n)
+        return {"t1": t1, "tn": time.perf_counter() - start, "token_ids": ids}
 
-    timed(1), timed(n)  # warm-up
-    t1, tn = [], []
+    @staticmethod
+    def summary(runs: list[dict]) -> dict:
+        t1, tn, n = med([r["t1"] for r in runs]), med([r["tn"] for r in runs]), len(runs[-1]["token_ids"])
+        per_token = (tn - t1) / (n - 1)
+        return {"ttft": round(t1 * 1000, 3), "decode_per_token": round(per_token * 1000, 3), "total_ms": round(tn * 1000, 3),
+                "decode_tokens_per_s": round(1 / per_token, 2), "tokens": n, "token_ids": runs[-1]["token_ids"]}
+
+
+def side_by_side(runs: dict, repeats: int) -> dict[str, dict]:
+    """Each run once as a warm-up, then `repeats` rounds taking every run in turn, so that a slow
+    spell of the machine falls on all of them rather than on whichever ran then; medians."""
+    for run in runs.values():
+        run.once()
+    rows = {name: [] for name in runs}
     for _ in range(repeats):
-        t1.append(timed(1)[0])
-        seconds, ids = timed(n)
-        tn.append(seconds)
-    per_token = (med(tn) - med(t1)) / (n - 1)
-    return {"ttft": round(med(t1) * 1000, 3), "decode_per_token": round(per_token * 1000, 3), "total_ms": round(med(tn) * 1000, 3),
-            "decode_tokens_per_s": round(1 / per_token, 2), "tokens": len(ids), "token_ids": ids}
+        for name, run in runs.items():
+            rows[name].append(run.once())
+    return {name: run.summary(rows[name]) for name, run in runs.items()}
 
 
-def bench_hf(folder: Path, image, prompt: str, n: int, repeats: int, attn: str) -> dict:
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from mllm_edge.models.inputs import prepare_inputs
-
-    ids, pixels, _ = prepare_inputs(folder, image, prompt)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
-
-    @torch.inference_mode()
-    def generate(k):
-        out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=k, min_new_tokens=k, do_sample=False)
-        return out[0, ids.shape[1] :].tolist()
-
-    result = two_point(generate, n, repeats)
-    del model
+def bench_runtime(bundle: Path, image, prompt: str, n: int, repeats: int, proxies: bool = False) -> dict:
+    result = side_by_side({"run": RuntimeRun(bundle, image, prompt, n, proxies)}, repeats)["run"]
     gc.collect()
     return result
 
 
-def bench_reference(folder: Path, image, prompt: str, n: int, repeats: int) -> dict:
+class HfRun:
+    """transformers' generate, timed by a streamer that stamps each new token: TTFT and decode per
+    token by the runtime's own definitions (the first token; the mean step after it), so no
+    difference of two noisy runs is needed."""
+
+    def __init__(self, folder: Path, image, prompt: str, n: int, attn: str):
+        import torch
+        from transformers import LlavaForConditionalGeneration
+
+        from mllm_edge.models.inputs import prepare_inputs
+
+        self.ids, self.pixels, _ = prepare_inputs(folder, image, prompt)
+        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
+        self.n, self.torch = n, torch
+
+    def once(self) -> dict:
+        stamps = []
+
+        class Clock:  # transformers' streamer interface: put() gets the prompt once, then each new token
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(input_ids=self.ids, pixel_values=self.pixels, attention_mask=self.torch.ones_like(self.ids),
+                                      max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False, streamer=Clock())
+        tokens = stamps[1:]
+        return {"ttft": (tokens[0] - start) * 1000, "decode_per_token": (tokens[-1] - tokens[0]) * 1000 / (len(tokens) - 1),
+                "token_ids": out[0, self.ids.shape[1] :].tolist()}
+
+    @staticmethod
+    def summary(runs: list[dict]) -> dict:
+        ttft, per_token = med([r["ttft"] for r in runs]), med([r["decode_per_token"] for r in runs])
+        return {"ttft": round(ttft, 3), "decode_per_token": round(per_token, 3), "decode_tokens_per_s": round(1000 / per_token, 2),
+                "tokens": len(runs[-1]["token_ids"]), "token_ids": runs[-1]["token_ids"]}
+
+
+def reference_run(folder: Path, image, prompt: str, n: int) -> TwoPointRun:
     from mllm_edge.models.generate import generate
     from mllm_edge.models.inputs import prepare_inputs
     from mllm_edge.models.llava import load_llava
@@ -148,10 +201,7 @@ def bench_reference(folder: Path, image, prompt: str, n: int, repeats: int) -> d
 
     ids, pixels, _ = prepare_inputs(folder, image, prompt)
     llava = load_llava(folder).eval()
-    result = two_point(lambda k: generate(llava, ids, pixels, PruningConfig(), max_new_tokens=k).token_ids[0], n, repeats)
-    del llava
-    gc.collect()
-    return result
+    return TwoPointRun(lambda k: generate(llava, ids, pixels, PruningConfig(), max_new_tokens=k).token_ids[0], n)
 
 
 def llm_matmul_params(folder: Path) -> int:
@@ -227,6 +277,9 @@ def main() -> None:
         for name, pruning in methods.items():
             bundles[name] = work / f"bundle-{name}"
             export_bundle(ExportConfig(str(folder), bundles[name], pruning, dtype="fp32", verify=False, force=True))
+        for weights in ("int8", "int4"):
+            bundles[weights] = work / f"bundle-none-{weights}"
+            export_bundle(ExportConfig(str(folder), bundles[weights], PruningConfig(), dtype="fp32", verify=False, force=True, quantize=weights))
         ctx_bundle = work / "bundle-ctx"
         export_bundle(ExportConfig(str(ctx_folder), ctx_bundle, PruningConfig(), dtype="fp32", max_context=args.max_context, verify=False, force=True))
         gc.collect()
@@ -239,18 +292,25 @@ def main() -> None:
 
         # 1. runtime vs transformers vs our PyTorch reference
         print("1. runtime / transformers / reference ...", flush=True)
-        speed = {"runtime (onnxruntime)": bench_runtime(bundles["none"], image, PROMPT, n, repeats),
-                 f"transformers ({args.attn})": bench_hf(folder, image, PROMPT, n, repeats, args.attn),
-                 "reference (mllm_edge.models)": bench_reference(folder, image, PROMPT, n, repeats)}
+        speed = side_by_side({"runtime (onnxruntime)": RuntimeRun(bundles["none"], image, PROMPT, n),
+                              f"transformers ({args.attn})": HfRun(folder, image, PROMPT, n, args.attn),
+                              "reference (mllm_edge.models), two-point": reference_run(folder, image, PROMPT, n),
+                              "runtime, int8 weights": RuntimeRun(bundles["int8"], image, PROMPT, n),
+                              "runtime, int4 weights": RuntimeRun(bundles["int4"], image, PROMPT, n)}, repeats)
+        gc.collect()
         rt, hf = speed["runtime (onnxruntime)"], speed[f"transformers ({args.attn})"]
         decode_speedup = rt["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+        quantized_speedup = {w: round(speed[f"runtime, {w} weights"]["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 3) for w in ("int8", "int4")}
 
         # 2. prefill speed-ups against the FLOPs model
         print("2. prefill per method ...", flush=True)
         text_tokens = rt["prompt_tokens"] - spec.num_image_tokens
+        # the three bundles side by side, in a run of their own (section 1's none figures are not reused)
+        by_method = side_by_side({name: RuntimeRun(bundles[name], image, PROMPT, n) for name in methods}, repeats)
+        gc.collect()
         prefill = {}
         for name, pruning in methods.items():
-            r = rt if name == "none" else bench_runtime(bundles[name], image, PROMPT, n, repeats)
+            r = by_method[name]
             vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)
             flops = prefill_flops(args.layers, args.hidden, args.intermediate, text_tokens, spec.num_image_tokens, vision_keep, llm_keep, pruning.split_layer)
             prefill[name] = {"prefill_ms": r["prefill"], "vision_ms": r["vision"], "ttft_ms": r["ttft"],
@@ -268,8 +328,9 @@ def main() -> None:
         # 4. decode step time at a short and a long context
         print("4. decode at two contexts ...", flush=True)
         context = {}
+        at = side_by_side({target: RuntimeRun(ctx_bundle, image, padded_prompt(ctx_bundle, target), n) for target in args.contexts}, repeats)
         for target in args.contexts:
-            r = bench_runtime(ctx_bundle, image, padded_prompt(ctx_bundle, target), n, repeats)
+            r = at[target]
             ctx = r["prompt_tokens"] + n / 2  # mean context over the decode steps
             context[target] = {"prompt_tokens": r["prompt_tokens"], "mean_context": ctx, "decode_ms_per_token": r["decode_per_token"],
                                "tokens": r["tokens"], "flops_per_token": 2 * P + 4 * args.layers * args.hidden * ctx}
@@ -279,10 +340,11 @@ def main() -> None:
 
         # tables
         print(f"\n1. time to first token and decode speed ({n} new tokens, median of {repeats})")
-        print(f"{'engine':<30} {'TTFT ms':>9} {'decode ms/tok':>14} {'tok/s':>8} {'tokens':>7}  same tokens as transformers")
+        print(f"{'engine':<40} {'TTFT ms':>9} {'decode ms/tok':>14} {'tok/s':>8} {'tokens':>7}  same tokens as transformers")
         for name, r in speed.items():
-            print(f"{name:<30} {r['ttft']:>9.1f} {r['decode_per_token']:>14.2f} {r['decode_tokens_per_s']:>8.1f} {r['tokens']:>7}  {r['token_ids'] == hf['token_ids']}")
+            print(f"{name:<40} {r['ttft']:>9.1f} {r['decode_per_token']:>14.2f} {r['decode_tokens_per_s']:>8.1f} {r['tokens']:>7}  {r['token_ids'] == hf['token_ids']}")
         print(f"target: runtime decode tok/s >= 2x transformers: {decode_speedup:.2f}x, {'met' if decode_speedup >= 2 else 'NOT met'}")
+        print(f"with quantized weights (not the same weights): int8 {quantized_speedup['int8']:.2f}x, int4 {quantized_speedup['int4']:.2f}x transformers")
 
         print(f"\n2. prefill speed-up (prompt {rt['prompt_tokens']} tokens, {text_tokens} text)")
         print(f"{'method':<10} {'kept vision/llm':>16} {'prefill ms':>11} {'achieved':>9} {'predicted':>10} {'ach/pred':>9}")
@@ -313,6 +375,7 @@ def main() -> None:
                             "ctx_image_tokens": ctx_spec.num_image_tokens},
                   "prompt": PROMPT,
                   "speed": speed, "decode_speedup_vs_transformers": round(decode_speedup, 3),
+                  "quantized_decode_speedup_vs_transformers": quantized_speedup,
                   "prefill": prefill, "decode_overhead": overhead,
                   "context": {"runs": context, "measured_ratio": round(measured_ratio, 3), "predicted_ratio": round(predicted_ratio, 3)},
                   "targets_met": {"decode >= 2x transformers": decode_speedup >= 2, "prefill achieved >= 85% predicted": prefill_ok,

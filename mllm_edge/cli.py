@@ -109,6 +109,7 @@ def export(
     k: int = typer.Option(2, "--k", help="FastV: the layer where pruning happens (1 <= K < layers)."),
     vision_ratio: Optional[float] = typer.Option(None, "--vision-ratio", help="FasterVLM's ratio when both methods run."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (fp16 for GPUs and Jetsons; norms and softmax stay fp32 inside)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 | int4: weight-only LLM graphs for ONNX Runtime (faster decoding; not for TensorRT)."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens the KV cache holds [default: min(2048, the model's limit)]."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace the bundle folder if it exists."),
@@ -120,14 +121,14 @@ def export(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .export.bundle import ExportConfig, export_bundle, stages
-    from .export.report import checks_table, files_table, human_bytes, pruning_line
+    from .export.report import checks_table, files_table, human_bytes, pruning_line, weights_line
     from .pruning import PruningConfig
 
     if model is None:
         from .default_model import checkpoint
 
         model = str(checkpoint())
-    config = ExportConfig(model, out, PruningConfig.from_method(method, ratio, k, vision_ratio), dtype, max_context, not no_verify, force)
+    config = ExportConfig(model, out, PruningConfig.from_method(method, ratio, k, vision_ratio), dtype, max_context, not no_verify, force, quantize)
     names = stages(config)
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -137,7 +138,7 @@ def export(
 
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
     m = report.manifest
-    console.print(f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {m.dtype}, max context {m.max_context}")
+    console.print(f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}")
     console.print(pruning_line(m))
     f = report.flops
     console.print(
@@ -162,12 +163,12 @@ def inspect(
     from rich.console import Console
     from rich.markup import escape
 
-    from .export.report import bundle_sizes, graph_sizes, human_bytes, io_table, pruning_line
+    from .export.report import bundle_sizes, graph_sizes, human_bytes, io_table, pruning_line, weights_line
     from .manifest import load_manifest
 
     m = load_manifest(bundle)
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
-    console.print(f"[bold]{escape(str(bundle))}[/bold]: {escape(m.source['model'])}, {m.dtype}, max context {m.max_context}, {m.created_by}")
+    console.print(f"[bold]{escape(str(bundle))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}, {m.created_by}")
     console.print(pruning_line(m))
     sizes = graph_sizes(m, bundle_sizes(bundle, m))
     try:
@@ -181,8 +182,11 @@ def inspect(
             counts = op_counts(bundle / spec.file)
             top = sorted(counts.items(), key=lambda kv: -kv[1])
             line += f"; {sum(counts.values())} nodes: " + ", ".join(f"{op} {n}" for op, n in top)
-            findings = lint_model(bundle / spec.file)
-            line += "\n  TensorRT 10 lint: " + ("ok" if not findings else "; ".join(map(str, findings)))
+            if m.quantization and name in m.quantization["graphs"]:
+                line += f"\n  TensorRT 10 lint: not linted, {m.quantization['weights']} weights for ONNX Runtime only"
+            else:
+                findings = lint_model(bundle / spec.file)
+                line += "\n  TensorRT 10 lint: " + ("ok" if not findings else "; ".join(map(str, findings)))
         console.print(line, highlight=False)
     if op_counts is None:
         console.print("op counts and the TensorRT lint need onnx: pip install 'mllm-edge[export]'")
@@ -240,10 +244,11 @@ def build(
     from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .build.build import BuildConfig, build_bundle
+    from .build.build import BuildConfig, build_bundle, check_buildable
     from .manifest import load_manifest
 
     manifest = load_manifest(bundle)  # a clear error for a missing or damaged bundle before TensorRT loads
+    check_buildable(bundle, manifest)
     try:
         from .export.lint import lint_model
     except ImportError:

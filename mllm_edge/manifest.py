@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import MllmEdgeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added `quantization`
+READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a version-2 one without quantized weights
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BUNDLE = "bundle"  # where `export` writes and `run` reads when given no folder
 NO_IMAGE = -1  # the embed graph's image_start when the ids hold no image (decode steps)
@@ -52,6 +53,7 @@ class Manifest:
     tokenizer: dict  # folder, special token ids, image token, chat template
     preprocessing: dict  # the checkpoint's image processor settings
     samples: dict  # graph name -> npz of its sample inputs and reference outputs; "chain" -> greedy run
+    quantization: dict | None = None  # weight-only int8/int4 LLM graphs (export/quantize.py); None: float weights
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     schema_version: int = SCHEMA_VERSION
     created_by: str = ""
@@ -59,6 +61,11 @@ class Manifest:
     @property
     def has_fastv(self) -> bool:
         return "prune" in self.graphs
+
+    @property
+    def weights(self) -> str:
+        """What the LLM's weights are stored as: the dtype's name, or int8 / int4."""
+        return self.quantization["weights"] if self.quantization else self.dtype
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -116,9 +123,10 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MllmEdgeError(f"{path} is damaged: not valid JSON ({e})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise MllmEdgeError(
-            f"{path} has schema version {version!r}; this mllm-edge reads version {SCHEMA_VERSION} (export the bundle again)"
+            f"{path} has schema version {version!r}; this mllm-edge reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (export the bundle again, or update mllm-edge)"
         )
     try:
         manifest = Manifest.from_dict(data)

@@ -61,6 +61,7 @@ class BuildPlan:
 
 def plan_build(config: BuildConfig, target: Target) -> BuildPlan:
     manifest = load_manifest(config.bundle)
+    check_buildable(config.bundle, manifest)
     settings = choose_settings(target.tensorrt, manifest.dtype, config.precision, config.workspace_mb, target.jetson)
     max_context = config.max_context or manifest.max_context
     profiles = {g: graph_profiles(manifest, g, max_context) for g in manifest.graphs}
@@ -72,6 +73,16 @@ def plan_build(config: BuildConfig, target: Target) -> BuildPlan:
     folder = engine_folder(config.bundle, target)
     cache = config.timing_cache or folder.parent / f"timing-{target.folder_name}.cache"
     return BuildPlan(config.bundle, manifest, target, settings, max_context, folder, cache, profiles)
+
+
+def check_buildable(bundle: Path, manifest: Manifest) -> None:
+    """Quantized bundles hold ONNX Runtime's MatMulNBits op, which TensorRT has no parser for."""
+    q = manifest.quantization
+    if q:
+        raise MllmEdgeError(
+            f"{bundle} holds {q['weights']} weights as ONNX Runtime's MatMulNBits op ({', '.join(q['graphs'])}), which TensorRT cannot "
+            f"build: run it with `mllm-edge run --bundle {bundle}` (ONNX Runtime), or export without --quantize for TensorRT"
+        )
 
 
 def graph_weight_mb(plan: BuildPlan, graph: str) -> int:

@@ -31,6 +31,7 @@ from ..pruning.flops import PrefillFlops, prefill_flops
 from . import graphs as g
 from .lint import lint_model
 from .onnx_graph import export_graph, graph_spec, share_duplicate_weights
+from .quantize import QUANTIZED_GRAPHS, check_quantize, quantization_entry, quantize_graph
 from .samples import CHAIN_TOKENS, make_samples, save_samples
 from .verify import ChainCheck, OutputCheck, failures, require_onnxruntime, verify_chain, verify_graphs
 
@@ -48,6 +49,7 @@ class ExportConfig:
     max_context: int | None = None  # None: min(2048, the model's max positions)
     verify: bool = True
     force: bool = False
+    quantize: str | None = None  # int8 | int4: weight-only LLM graphs for ONNX Runtime (export/quantize.py)
 
 
 @dataclass
@@ -65,7 +67,9 @@ def stages(config: ExportConfig) -> list[str]:
     """The steps export_bundle reports, in order, so a caller can size a progress bar."""
     names = ["load", "reference", "vision", "embed"]
     names += ["llm_head", "prune"] if config.pruning.fastv else []
-    names += ["llm_tail", "lint", "tokenizer"]
+    names += ["llm_tail"]
+    names += [f"quantize {g}" for g in QUANTIZED_GRAPHS if g in names] if config.quantize else []
+    names += ["lint", "tokenizer"]
     names += ["verify graphs", "verify chain"] if config.verify else []
     return names + ["manifest"]
 
@@ -99,10 +103,11 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
     """Export, lint, verify and write the bundle; on_stage(name) is called as each stage starts."""
     if config.dtype not in DTYPES:
         raise MllmEdgeError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
+    check_quantize(config.quantize, config.dtype)
     out = Path(config.out)
     check_destination(out, config.force)
-    if config.verify:
-        require_onnxruntime()
+    if config.verify or config.quantize:
+        require_onnxruntime()  # its quantizer, too
     try:  # created first, so an unwritable destination fails before minutes of loading
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     except OSError as e:
@@ -141,12 +146,18 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     release_weights(llava)  # before ONNX Runtime loads the graphs: see release_weights
     del modules, llava
     gc.collect()
+    quantized = [name for name in QUANTIZED_GRAPHS if name in graph_specs] if config.quantize else []
+    for name in quantized:  # before sharing: a quantized LM head no longer equals the embedding table
+        on_stage(f"quantize {name}")
+        quantize_graph(tmp, name, config.quantize)
+        gc.collect()
+        return_freed_memory()
     shared = share_duplicate_weights(tmp, list(graph_specs))
-    for spec_ in graph_specs.values():  # data files may have changed
-        spec_.data_files[:] = graph_spec(tmp / spec_.file).data_files
+    for name in graph_specs:  # inputs, outputs and data files may have changed
+        graph_specs[name] = graph_spec(tmp / graph_specs[name].file)
 
-    on_stage("lint")
-    problems = [f"{name}: {finding}" for name, s in graph_specs.items() for finding in lint_model(tmp / s.file)]
+    on_stage("lint")  # quantized graphs hold ONNX Runtime's MatMulNBits: never for TensorRT, not linted
+    problems = [f"{name}: {finding}" for name, s in graph_specs.items() if name not in quantized for finding in lint_model(tmp / s.file)]
     if problems:
         raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
 
@@ -163,6 +174,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
         tokenizer=tokenizer["tokenizer"],
         preprocessing=tokenizer["preprocessing"],
         samples=sample_files,
+        quantization=quantization_entry(config.quantize, list(graph_specs)),
         created_by=f"mllm-edge {__version__}",
     )
 
@@ -174,7 +186,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
         return_freed_memory()
         on_stage("verify chain")
         chain = verify_chain(tmp, manifest)
-        problem = failures(checks, chain, manifest.dtype)
+        problem = failures(checks, chain)
         if problem:
             raise MllmEdgeError(problem)
 

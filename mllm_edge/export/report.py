@@ -42,6 +42,13 @@ def files_table(manifest: Manifest, sizes: dict[str, int]) -> Table:
     return table
 
 
+def weights_line(manifest: Manifest) -> str:
+    q = manifest.quantization
+    if not q:
+        return manifest.dtype
+    return f"{manifest.dtype} activations, {q['weights']} weights in {' and '.join(q['graphs'])} (ONNX Runtime only)"
+
+
 def pruning_line(manifest: Manifest) -> str:
     p = manifest.pruning
     tokens = p["image_tokens"]

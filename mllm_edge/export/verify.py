@@ -42,13 +42,18 @@ def session(path: Path) -> OnnxRuntimeEngine:
     return OnnxRuntimeEngine(path, "cpu", low_memory=True)
 
 
+def graph_tolerance(manifest: Manifest, graph: str) -> float:
+    """The dtype's limit, or the quantized weights' for a quantized graph."""
+    quantized = manifest.quantization and graph in manifest.quantization["graphs"]
+    return TOLERANCE[manifest.weights if quantized else manifest.dtype]
+
+
 def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
-    tolerance = TOLERANCE[manifest.dtype]
     checks = []
     for name, spec in manifest.graphs.items():
         inputs, outputs = load_sample(folder / manifest.samples[name])
         results = session(folder / spec.file).run(inputs)  # the session closes before the next opens
-        checks += [compare(name, out, results[out], ref, tolerance) for out, ref in outputs.items()]
+        checks += [compare(name, out, results[out], ref, graph_tolerance(manifest, name)) for out, ref in outputs.items()]
     return checks
 
 
@@ -143,13 +148,17 @@ def verify_chain(folder: Path, manifest: Manifest) -> ChainCheck:
     top2 = np.sort(ref, axis=-1)[:, -2:]
     ties = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * error).tolist()
     rel = float((error / np.maximum(np.abs(ref).max(axis=-1), 1e-30)).max())
-    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel, CHAIN_TOLERANCE[manifest.dtype])
+    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel, CHAIN_TOLERANCE[manifest.weights])
 
 
-def failures(checks: list[OutputCheck], chain: ChainCheck | None, dtype: str) -> str | None:
+def failures(checks: list[OutputCheck], chain: ChainCheck | None) -> str | None:
     """None when everything passed, else a message for the user."""
     bad = [c for c in checks if not c.ok]
-    lines = [f"{c.graph}.{c.output}: error {c.rel:.2e} of its scale (max abs {c.max_abs:.3g}) > {TOLERANCE[dtype]:.0e}" for c in bad]
+    lines = [
+        f"{c.graph}.{c.output}: error {c.rel:.2e} of its scale (max abs {c.max_abs:.3g}) > {c.tolerance:.0e}" if c.tolerance
+        else f"{c.graph}.{c.output}: integers differ from PyTorch's"
+        for c in bad
+    ]
     if chain is not None and chain.max_rel > chain.tolerance:
         lines.append(f"decode chain: logits error {chain.max_rel:.2e} of their scale > {chain.tolerance:.0e}")
     if chain is not None and not chain.ok:

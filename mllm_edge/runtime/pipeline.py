@@ -61,6 +61,9 @@ class Pipeline:
         if backend == "tensorrt":
             from .backends.tensorrt import open_engines
 
+            if manifest.quantization:
+                raise MllmEdgeError(f"{folder} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime")
+
             self.device = "cuda"
             self.engines, memory, max_len = open_engines(folder, manifest)
         else:

@@ -1,0 +1,204 @@
+"""`mllm-edge export --quantize int8|int4`: weight-only LLM graphs for ONNX Runtime.
+
+What is checked: the Gemm -> MatMul rewrite computes the same thing; the exported graphs hold
+MatMulNBits where the weights were and nothing else changed; verification passes for a sound
+quantized graph and fails for one with a wrong weight layout; the runtime's cached decoding on a
+quantized bundle equals the plain concatenating chain's on the same graphs; the built-in model
+still answers; TensorRT paths refuse such bundles with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime", reason="quantization needs the onnxruntime extra")
+onnx = pytest.importorskip("onnx", reason="export needs the export extra")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from mllm_edge.cli import app  # noqa: E402
+from mllm_edge.errors import MllmEdgeError  # noqa: E402
+from mllm_edge.export import quantize  # noqa: E402
+from mllm_edge.export.bundle import ExportConfig, export_bundle  # noqa: E402
+from mllm_edge.manifest import load_manifest  # noqa: E402
+from mllm_edge.pruning import PruningConfig  # noqa: E402
+from mllm_edge.runtime.pipeline import Pipeline  # noqa: E402
+
+runner = CliRunner()
+
+
+def _node_types(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_gemm_rewrite_computes_the_same():
+    rng = np.random.default_rng(0)
+    w1, w2, b2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((6, 4), (5, 6), (5,), (5, 3)))
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h1"], transB=1),  # Linear without bias
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["h2"], transB=1),  # with bias (Qwen2's q/k/v)
+        helper.make_node("Gemm", ["h2", "w3"], ["y"]),  # transB=0: not ours, left alone
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (b2, "b2"), (w3, "w3"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    before = _run(model, {"x": x})
+    assert quantize.gemms_to_matmuls(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "Add", "Gemm"]
+    assert sorted(t.name for t in model.graph.initializer) == ["b2", "w1.T", "w2.T", "w3"]  # the originals dropped
+    np.testing.assert_allclose(_run(model, {"x": x}), before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, tiny_checkpoints):
+    out = tmp_path_factory.mktemp("quantize") / "llama_mha-int8"
+    report = export_bundle(ExportConfig(str(tiny_checkpoints["llama_mha"]), out, PruningConfig(), quantize="int8"))
+    return out, report
+
+
+def test_int8_bundle_holds_matmulnbits_in_the_llm_graph_only(int8_bundle, export_cache):
+    out, report = int8_bundle
+    m = load_manifest(out)
+    assert m.quantization == {"weights": "int8", "format": "onnxruntime MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True,
+                              "accuracy_level": 4, "graphs": ["llm_tail"], "backends": ["onnxruntime"]}
+    assert m.weights == "int8" and m.dtype == "float32"
+    tail = onnx.load(str(out / "llm_tail.onnx"), load_external_data=False)
+    quantized = [n for n in tail.graph.node if n.op_type == "MatMulNBits"]
+    # every Linear of the LLM: q, k, v, o, gate, up, down per layer, and the LM head
+    layers = m.architecture["text"]["num_layers"]
+    assert len(quantized) == 7 * layers + 1
+    assert "Gemm" not in _node_types(out / "llm_tail.onnx")
+    attrs = {a.name: helper.get_attribute_value(a) for a in quantized[0].attribute}
+    assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 4)
+    float_bundle, _ = export_cache("llama_mha", "none")
+    for graph in ("vision", "embed"):  # untouched: the same nodes as the float bundle's
+        assert _node_types(out / f"{graph}.onnx") == _node_types(float_bundle / f"{graph}.onnx")
+    # one byte per weight and one fp32 scale per 32, for exactly the weights the float graph holds
+    float_inits = {t.name: t for t in onnx.load(str(float_bundle / "llm_tail.onnx"), load_external_data=False).graph.initializer}
+    inits = {t.name: t for t in onnx.load(str(out / "llm_tail.onnx")).graph.initializer}
+    for node in quantized:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        packed, scales = numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]])
+        assert packed.dtype == np.uint8 and packed.size == a["K"] * a["N"]
+        assert scales.dtype == np.float32 and scales.size == a["N"] * -(-a["K"] // 32)
+        original = float_inits[node.input[1].split(".T")[0]]  # the Gemm's weight, [N, K]
+        assert list(original.dims) == [a["N"], a["K"]]
+    # verified, against the int8 limits
+    tail_check = next(c for c in report.checks if c.graph == "llm_tail")
+    assert tail_check.ok and tail_check.tolerance == 0.3 and tail_check.rel > 1e-4  # quantization error is there
+    assert next(c for c in report.checks if c.graph == "vision").tolerance == 1e-4
+    assert report.chain.ok
+
+
+def test_runtime_decodes_a_quantized_bundle_as_the_plain_chain_does(int8_bundle, tmp_path):
+    """The zero-copy cache against verify's concatenating chain, both on the same int8 graphs."""
+    from mllm_edge.export.verify import OnnxChain
+    from mllm_edge.runtime.image import load_image
+    from mllm_edge.testing.checkpoints import sample_image
+
+    out, _ = int8_bundle
+    pipeline = Pipeline.load(out)
+    image = tmp_path / "scene.png"
+    sample_image(300, 200, seed=1).save(image)
+    result = pipeline.generate(image, "what colour is the circle?", max_new_tokens=8)  # may stop early at EOS
+    pixels = pipeline.preprocess(load_image(image))
+    tokens, _ = OnnxChain(out, load_manifest(out)).generate(np.asarray([result.prompt_token_ids], np.int64), pixels, len(result.token_ids))
+    assert result.token_ids == tokens[0].tolist()
+
+
+def test_quantized_fastv_qwen2_exports_verified(tiny_checkpoints, tmp_path):
+    """Both LLM graphs quantized, and Qwen2's q/k/v biases kept as Adds after the MatMulNBits."""
+    out = tmp_path / "qwen2-fastv-int8"
+    report = export_bundle(ExportConfig(str(tiny_checkpoints["qwen2"]), out, PruningConfig.from_method("fastv", 0.5), quantize="int8"))
+    assert report.manifest.quantization["graphs"] == ["llm_head", "llm_tail"]
+    assert all(c.ok for c in report.checks) and report.chain.ok
+    for graph in ("llm_head", "llm_tail"):
+        assert "MatMulNBits" in _node_types(out / f"{graph}.onnx") and "Gemm" not in _node_types(out / f"{graph}.onnx")
+
+
+def test_verification_catches_a_wrong_weight_layout(tiny_checkpoints, tmp_path, monkeypatch):
+    """A plausible bug, the input channels of every weight in the wrong order, must fail the export
+    at the int8 limits and leave nothing behind."""
+    real = quantize.gemms_to_matmuls
+
+    def scrambled(model):
+        count = real(model)
+        for t in model.graph.initializer:
+            if t.name.endswith(".T"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[::-1].copy(), t.name))
+        return count
+
+    monkeypatch.setattr(quantize, "gemms_to_matmuls", scrambled)
+    with pytest.raises(MllmEdgeError, match="do not match PyTorch"):
+        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "b", PruningConfig(), quantize="int8"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_the_built_in_model_still_answers(weights, tmp_path):
+    """Trained weights, unlike the random test checkpoints', survive int8 and int4: measured 100% on
+    100 held-out questions for both (benchmarks/quantization.py); the bar is 90% on 40."""
+    from mllm_edge.default_model import checkpoint
+    from mllm_edge.evaluate import evaluate, synthetic_items
+
+    out = tmp_path / weights
+    report = export_bundle(ExportConfig(str(checkpoint()), out, PruningConfig(), quantize=weights))
+    assert report.chain.ok
+    result = evaluate(out, synthetic_items(40), backend="onnxruntime")
+    assert result.accuracy >= 0.9, result.by_kind
+
+
+def test_tensorrt_paths_refuse_a_quantized_bundle(int8_bundle, tmp_path):
+    out, _ = int8_bundle
+    result = runner.invoke(app, ["build", str(out)])
+    assert result.exit_code == 1 and "TensorRT cannot build" in result.stderr and "Traceback" not in result.output, result.output
+    with pytest.raises(MllmEdgeError, match="ONNX Runtime only"):
+        Pipeline.load(out, backend="tensorrt")
+    inspected = runner.invoke(app, ["inspect", str(out)])
+    assert inspected.exit_code == 0
+    assert "int8 weights in llm_tail (ONNX Runtime only)" in inspected.stdout
+    assert "not linted, int8 weights for ONNX Runtime only" in inspected.stdout
+
+
+def test_a_version_1_manifest_still_loads(export_cache, tmp_path):
+    """Bundles exported before quantization existed (schema 1, no `quantization` key) stay readable."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(export_cache("llama_gqa", "none")[0], folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["schema_version"] = 1
+    del data["quantization"]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    m = load_manifest(folder)
+    assert m.quantization is None and m.weights == "float32"
+
+
+def test_importing_the_quantizer_leaves_logging_alone():
+    """ONNX Runtime's quantizer module calls logging.basicConfig(level=INFO) on import."""
+    code = textwrap.dedent(
+        """
+        import logging
+        from mllm_edge.export.quantize import _quantizer_class
+        _quantizer_class()
+        root = logging.getLogger()
+        print(len(root.handlers), root.level)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", str(30)]  # no handler added, WARNING as Python starts
