@@ -320,7 +320,8 @@ def run(
     flow = f"image tokens {tokens['vision']} -> {tokens['llm']}" + (f" -> {tokens['after_fastv']}" if kept["llm"] is not None else "")
     typer.echo(
         f"vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, ttft {t['ttft']:.1f} ms, "
-        f"decode {result.decode_tokens_per_s:.1f} tokens/s; {flow}; {result.backend} on {result.device}",
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s; {flow}; {result.backend} on {result.device}"
+        + (f", {pipeline.manifest.weights} weights" if pipeline.manifest.quantization else ""),
         err=True,
     )
 

@@ -46,22 +46,24 @@ def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
 
 def test_gemm_rewrite_computes_the_same():
     rng = np.random.default_rng(0)
-    w1, w2, b2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((6, 4), (5, 6), (5,), (5, 3)))
+    ws, w1, w2, b2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 4), (6, 4), (5, 6), (5,), (5, 3)))
     nodes = [
-        helper.make_node("Gemm", ["x", "w1"], ["h1"], transB=1),  # Linear without bias
+        helper.make_node("Gemm", ["x", "ws"], ["h0"], transB=1),  # one weight read by two nodes
+        helper.make_node("Gemm", ["h0", "ws"], ["h0b"], transB=1),
+        helper.make_node("Gemm", ["h0b", "w1"], ["h1"], transB=1),  # Linear without bias
         helper.make_node("Gemm", ["h1", "w2", "b2"], ["h2"], transB=1),  # with bias (Qwen2's q/k/v)
         helper.make_node("Gemm", ["h2", "w3"], ["y"]),  # transB=0: not ours, left alone
     ]
-    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (b2, "b2"), (w3, "w3"))]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((ws, "ws"), (w1, "w1"), (w2, "w2"), (b2, "b2"), (w3, "w3"))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     x = rng.standard_normal((2, 4)).astype(np.float32)
     before = _run(model, {"x": x})
-    assert quantize.gemms_to_matmuls(model) == 2
-    assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "Add", "Gemm"]
-    assert sorted(t.name for t in model.graph.initializer) == ["b2", "w1.T", "w2.T", "w3"]  # the originals dropped
-    np.testing.assert_allclose(_run(model, {"x": x}), before, rtol=1e-6, atol=1e-6)
+    assert quantize.gemms_to_matmuls(model) == 4
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "MatMul", "MatMul", "Add", "Gemm"]
+    assert sorted(t.name for t in model.graph.initializer) == ["b2", "w1.T", "w2.T", "w3", "ws.T"]  # the originals dropped
+    np.testing.assert_allclose(_run(model, {"x": x}), before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,8 @@ def test_runtime_decodes_a_quantized_bundle_as_the_plain_chain_does(int8_bundle,
     pixels = pipeline.preprocess(load_image(image))
     tokens, _ = OnnxChain(out, load_manifest(out)).generate(np.asarray([result.prompt_token_ids], np.int64), pixels, len(result.token_ids))
     assert result.token_ids == tokens[0].tolist()
+    cli = runner.invoke(app, ["run", str(image), "--bundle", str(out), "--max-new-tokens", "4"])
+    assert cli.exit_code == 0 and "onnxruntime on cpu, int8 weights" in cli.stderr, cli.output
 
 
 def test_quantized_fastv_qwen2_exports_verified(tiny_checkpoints, tmp_path):

@@ -67,23 +67,26 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    nodes, rewritten = [], 0
+    nodes, transposed, rewritten = [], {}, 0  # transposed: weight name -> its transpose's
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         plain = attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
         if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
             nodes.append(node)
             continue
-        weight = inits[node.input[1]]
-        transposed = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), f"{weight.name}.T")
-        if uses[weight.name] == 1:  # in place: one matrix at a time in memory twice, not the whole model
-            weight.CopyFrom(transposed)
-        else:
-            graph.initializer.append(transposed)
+        name = node.input[1]
+        if name not in transposed:
+            weight = inits[name]
+            tensor = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), f"{name}.T")
+            if uses[name] == 1:  # in place: one matrix at a time in memory twice, not the whole model
+                weight.CopyFrom(tensor)
+            else:
+                graph.initializer.append(tensor)
+            transposed[name] = tensor.name
         has_bias = len(node.input) > 2 and node.input[2] != ""
         base = node.name or node.output[0]  # node names must be unique, and may be empty
         product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], transposed.name], [product], name=f"{base}.matmul"))
+        nodes.append(helper.make_node("MatMul", [node.input[0], transposed[name]], [product], name=f"{base}.matmul"))
         if has_bias:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{base}.bias"))
         rewritten += 1
