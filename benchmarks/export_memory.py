@@ -137,6 +137,8 @@ def main() -> None:
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
     p.add_argument("--_build", type=Path, help=argparse.SUPPRESS)  # internal: the checkpoint-building child
     args = p.parse_args()
+    if args.quantize and args.dtype != "fp32":
+        p.error("--quantize needs --dtype fp32")
     sizes = {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
     if args._build:
         print(json.dumps(build_checkpoint(args._build, sizes, args.dtype)))

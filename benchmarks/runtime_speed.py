@@ -137,13 +137,14 @@ class TwoPointRun:
 
 def side_by_side(runs: dict, repeats: int) -> dict[str, dict]:
     """Each run once as a warm-up, then `repeats` rounds taking every run in turn, so that a slow
-    spell of the machine falls on all of them rather than on whichever ran then; medians."""
+    spell of the machine falls on all of them rather than on whichever ran then; the order rotates
+    from round to round, so none always follows the same neighbour; medians."""
     for run in runs.values():
         run.once()
-    rows = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            rows[name].append(run.once())
+    rows, names = {name: [] for name in runs}, list(runs)
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            rows[name].append(runs[name].once())
     return {name: run.summary(rows[name]) for name, run in runs.items()}
 
 

@@ -84,6 +84,12 @@ class Manifest:
         return cls(**{**data, "graphs": graphs})
 
 
+def schema_version(quantized: bool) -> int:
+    """Bundles without quantized weights are still written as version 1, so that an mllm-edge
+    from before version 2 keeps reading them; only a quantized bundle needs a reader that knows."""
+    return SCHEMA_VERSION if quantized else 1
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

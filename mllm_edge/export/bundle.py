@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from .. import __version__
 from ..errors import MllmEdgeError
-from ..manifest import MANIFEST_NAME, Manifest, write_manifest
+from ..manifest import MANIFEST_NAME, Manifest, schema_version, write_manifest
 from ..models.checkpoint import resolve_checkpoint
 from ..models.config import load_llava_spec
 from ..models.llava import Llava, load_llava
@@ -174,7 +174,8 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
         tokenizer=tokenizer["tokenizer"],
         preprocessing=tokenizer["preprocessing"],
         samples=sample_files,
-        quantization=quantization_entry(config.quantize, list(graph_specs)),
+        quantization=quantization_entry(config.quantize, quantized),
+        schema_version=schema_version(quantized=bool(quantized)),
         created_by=f"mllm-edge {__version__}",
     )
 

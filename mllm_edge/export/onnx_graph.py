@@ -23,7 +23,7 @@ from ..errors import MllmEdgeError
 from ..manifest import GraphSpec, TensorSpec
 
 OPSET = 20  # the newest TensorRT 10's ONNX parser reads
-_ALIGN = 4096  # external tensors page-aligned, so runtimes can map them
+ALIGN = 4096  # external tensors page-aligned, so runtimes can map them
 
 
 @contextlib.contextmanager
@@ -155,7 +155,7 @@ def _rewrite_data_file(path: Path, ranges: list[tuple[int, int]]) -> list[int]:
     offsets = []
     with open(tmp, "wb") as out:
         for offset, length in ranges:
-            pad = -out.tell() % _ALIGN
+            pad = -out.tell() % ALIGN
             out.write(b"\0" * pad)
             offsets.append(out.tell())
             for block in _read_range(path, offset, length):

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from ..errors import MllmEdgeError
+from .onnx_graph import ALIGN
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # weights per scale, along the input dimension
@@ -31,7 +33,7 @@ QUANTIZED_GRAPHS = ("llm_head", "llm_tail")
 
 
 def quantization_entry(name: str | None, graphs: list[str]) -> dict | None:
-    """The manifest's record of how the bundle's weights were quantized (None: not quantized)."""
+    """The manifest's record of how the bundle's weights were quantized, in which graphs (None: not quantized)."""
     if name is None:
         return None
     return {
@@ -41,7 +43,7 @@ def quantization_entry(name: str | None, graphs: list[str]) -> dict | None:
         "block_size": BLOCK_SIZE,
         "symmetric": True,
         "accuracy_level": ACCURACY_LEVEL,
-        "graphs": [g for g in graphs if g in QUANTIZED_GRAPHS],
+        "graphs": graphs,
         "backends": ["onnxruntime"],
     }
 
@@ -55,11 +57,12 @@ def check_quantize(name: str | None, dtype: str) -> None:
         raise MllmEdgeError(f"--quantize {name} needs --dtype fp32: the int{BITS[name]} weights are multiplied with fp32 activations by ONNX Runtime's CPU kernel")
 
 
-def gemms_to_matmuls(model: onnx.ModelProto) -> int:
+def gemms_to_matmuls(model: onnx.ModelProto, folder: Path | None = None) -> int:
     """Rewrite Gemm(A, W, [C], transB=1) with an initializer W [N, K] as MatMul(A, W^T) [+ C].
 
     Our Linear layers export as Gemm over the weight as stored (see models/layers.py), and ONNX
-    Runtime's quantizer only takes MatMul. Returns the number of nodes rewritten.
+    Runtime's quantizer only takes MatMul. A weight stored as external data (in `folder`) is read
+    from its file straight into its transpose. Returns the number of nodes rewritten.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -77,8 +80,8 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
         name = node.input[1]
         if name not in transposed:
             weight = inits[name]
-            tensor = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), f"{name}.T")
-            if uses[name] == 1:  # in place: one matrix at a time in memory twice, not the whole model
+            tensor = numpy_helper.from_array(np.ascontiguousarray(_array(weight, folder).T), f"{name}.T")
+            if uses[name] == 1:  # in place of a reference to external data: nothing else held
                 weight.CopyFrom(tensor)
             else:
                 graph.initializer.append(tensor)
@@ -101,23 +104,45 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
 
 
 def quantize_graph(folder: Path, name: str, weights: str) -> int:
-    """Quantize folder/name.onnx in place (its data file rewritten); returns the MatMuls quantized."""
+    """Quantize folder/name.onnx in place (its data file rewritten); returns the MatMuls quantized.
+
+    Memory: the graph's weights are read from the data file once each, straight into their
+    transposes (protobuf keeps a message's bytes until the whole model is freed, so a tensor loaded
+    and then replaced would stay resident twice); ONNX Runtime's quantizer then adds the quantized
+    weights beside them.
+    """
     import onnx_ir
+    import onnxruntime
 
     path = folder / f"{name}.onnx"
-    model = onnx.load(str(path))  # weights in memory: one graph at a time, after the torch model is gone
-    if gemms_to_matmuls(model) == 0:
+    model = onnx.load(str(path), load_external_data=False)
+    if gemms_to_matmuls(model, folder) == 0:
         raise MllmEdgeError(f"the {name} graph has no weight matrix to quantize")
-    quantizer = _quantizer_class()(model, bits=BITS[weights], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
-    quantizer.process()
-    quantized = quantizer.model.model
-    count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
-    del model, quantizer
+    for tensor in model.graph.initializer:  # the small rest: norms, biases, constants
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    try:
+        quantizer = _quantizer_class()(model, bits=BITS[weights], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
+        quantizer.process()
+    except Exception as e:  # its own many kinds; the version is what a user can act on
+        raise MllmEdgeError(f"ONNX Runtime {onnxruntime.__version__}'s quantizer failed on the {name} graph (tested with 1.31): {e}") from e
+    model = quantizer.model.model  # the same proto, changed in place by the default algorithm
+    count = sum(node.op_type == "MatMulNBits" for node in model.graph.node)
     (folder / f"{name}.onnx.data").unlink(missing_ok=True)  # quantized before weights are shared: only its own
-    # tensors of 1 MB and more page-aligned, so runtimes can map them
-    onnx_ir.save(onnx_ir.from_proto(quantized), path, external_data=f"{name}.onnx.data", alignment=4096)
+    # every tensor page-aligned, as onnx_graph's data files are, so runtimes can map them
+    onnx_ir.save(onnx_ir.from_proto(model), path, external_data=f"{name}.onnx.data", alignment=ALIGN, align_threshold=0)
     return count
 
+
+def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
+    """A weight's values, mapped from its external data file when it has one (no copy until used)."""
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
 
 
 def _quantizer_class():

@@ -59,10 +59,9 @@ class Pipeline:
         self.folder, self.manifest, self.backend, self.device = folder, manifest, backend, device
         max_len, memory = manifest.max_context, None
         if backend == "tensorrt":
-            from .backends.tensorrt import open_engines
-
             if manifest.quantization:
                 raise MllmEdgeError(f"{folder} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime")
+            from .backends.tensorrt import open_engines
 
             self.device = "cuda"
             self.engines, memory, max_len = open_engines(folder, manifest)
