@@ -5,7 +5,8 @@ storing them in 8 or 4 bits is what makes decoding faster. ONNX Runtime's own qu
 each weight MatMul becomes a `MatMulNBits` node (com.microsoft domain) holding the weight in blocks of
 32 along the input dimension, one fp32 scale per block, symmetric. `accuracy_level=4` lets the CPU
 kernel quantize the activations to int8 on the fly and multiply in integers (without it the kernel
-dequantizes every block to fp32 on every call: an int8 graph was 6x slower than fp32, measured).
+dequantizes every block to fp32 on every call: an int8 decode step of an 85 M Llama took 74 ms
+against fp32's 12, measured once).
 
 Only the LLM graphs are quantized: the vision tower runs once per image, so its weights do not bound
 decoding, and the embedding table is a lookup that reads one row per token. The quantized graphs hold
@@ -16,6 +17,7 @@ graphs (NVIDIA Model Optimizer), a different format.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +68,7 @@ def gemms_to_matmuls(model: onnx.ModelProto, folder: Path | None = None) -> int:
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = Counter(name for node in graph.node for name in node.input)
     nodes, transposed, rewritten = [], {}, 0  # transposed: weight name -> its transpose's
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -103,8 +102,8 @@ def gemms_to_matmuls(model: onnx.ModelProto, folder: Path | None = None) -> int:
     return rewritten
 
 
-def quantize_graph(folder: Path, name: str, weights: str) -> int:
-    """Quantize folder/name.onnx in place (its data file rewritten); returns the MatMuls quantized.
+def quantize_graph(folder: Path, name: str, weights: str) -> None:
+    """Quantize folder/name.onnx in place (its data file rewritten).
 
     Memory: the graph's weights are read from the data file once each, straight into their
     transposes (protobuf keeps a message's bytes until the whole model is freed, so a tensor loaded
@@ -129,11 +128,9 @@ def quantize_graph(folder: Path, name: str, weights: str) -> int:
     except Exception as e:  # its own many kinds; the version is what a user can act on
         raise MllmEdgeError(f"ONNX Runtime {onnxruntime.__version__}'s quantizer failed on the {name} graph (tested with 1.31): {e}") from e
     model = quantizer.model.model  # the same proto, changed in place by the default algorithm
-    count = sum(node.op_type == "MatMulNBits" for node in model.graph.node)
     (folder / f"{name}.onnx.data").unlink(missing_ok=True)  # quantized before weights are shared: only its own
     # every tensor page-aligned, as onnx_graph's data files are, so runtimes can map them
     onnx_ir.save(onnx_ir.from_proto(model), path, external_data=f"{name}.onnx.data", alignment=ALIGN, align_threshold=0)
-    return count
 
 
 def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
