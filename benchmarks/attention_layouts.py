@@ -10,6 +10,9 @@ long context is what the context-growth target of issue 4 measures. Layouts:
   seq-first-A the same cache with K and V as MatMul's first operand (q and the scores transposed)
   head-major  K, V [1, G, T, D], each head contiguous: the fastest layout for the kernels, but its
               prefixes and slots are not contiguous, so a cache cannot be bound in place
+  ort-gqa     ONNX Runtime's own fused decode attention, com.microsoft.GroupQueryAttention, over a
+              head-major cache of --long rows that it writes in place (past and present bound to one
+              buffer, as onnxruntime-genai runs it): the best ONNX Runtime offers, but an ORT-only op
 
     .venv/bin/python benchmarks/attention_layouts.py     # about a minute; JSON in benchmarks/results/
 """
@@ -27,6 +30,19 @@ from common import machine, write_json  # this folder is sys.path[0] when run as
 from onnx import TensorProto, helper
 
 HEADS, DIM, LAYERS = 12, 64, 12
+
+
+def gqa_graph(max_context: int):
+    """One GroupQueryAttention node: q, k, v [1, 1, H*D]; past/present [1, H, max_context, D]."""
+    f, vi = TensorProto.FLOAT, helper.make_tensor_value_info
+    cache = [1, HEADS, max_context, DIM]
+    inputs = [vi(n, f, [1, 1, HEADS * DIM]) for n in ("q", "k", "v")] + [vi("past_k", f, cache), vi("past_v", f, cache),
+                                                                      vi("seqlens_k", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])]
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"], ["o", "present_k", "present_v"],
+                            domain="com.microsoft", num_heads=HEADS, kv_num_heads=HEADS, scale=1.0)
+    outputs = [vi("o", f, None), vi("present_k", f, cache), vi("present_v", f, cache)]
+    graph = helper.make_graph([node], "ort-gqa", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
 
 
 def attention_graph(layout: str):
@@ -51,16 +67,48 @@ def attention_graph(layout: str):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
 
-def step_ms(session, context: int, layout: str, repeats: int) -> float:
+def reference_attention(q, k, v):
+    """q [H, D], k and v [H, T, D] -> softmax(q k^T) v, [H, D] (no scale: all layouts omit it)."""
+    scores = np.einsum("hd,htd->ht", q, k)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("ht,htd->hd", p / p.sum(-1, keepdims=True), v)
+
+
+def step_ms(session, context: int, layout: str, repeats: int, max_context: int) -> float:
     rng = np.random.default_rng(0)
-    shape = (context, 1, HEADS, DIM) if layout != "head-major" else (1, HEADS, context, DIM)
-    q = rng.random((1, HEADS, 1, DIM), np.float32)
-    layers = [(rng.random(shape, np.float32), rng.random(shape, np.float32)) for _ in range(LAYERS)]
     evict = np.ones(50_000_000, np.float32)  # 200 MB, rewritten before each step
+    if layout == "ort-gqa":  # the new row goes in at context - 1, written in place: present bound to past
+        q = rng.random((1, 1, HEADS * DIM), np.float32)
+        steps = []
+        for _ in range(LAYERS):
+            k, v = (rng.random((1, HEADS, max_context, DIM), np.float32) for _ in range(2))
+            binding = session.io_binding()
+            feeds = {"q": q, "k": q, "v": q, "past_k": k, "past_v": v, "seqlens_k": np.array([context - 1], np.int32), "total": np.array(context, np.int32)}
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            binding.bind_output("o", "cpu")
+            for name, array in (("present_k", k), ("present_v", v)):
+                binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+            steps.append(binding)
+        run = lambda binding: session.run_with_iobinding(binding)  # noqa: E731
+        first = (q.reshape(HEADS, DIM), k[0, :, :context], v[0, :, :context])  # layer LAYERS - 1's, as [H, D] and [H, T, D]
+    else:
+        shape = (context, 1, HEADS, DIM) if layout != "head-major" else (1, HEADS, context, DIM)
+        q = rng.random((1, HEADS, 1, DIM), np.float32)
+        steps = [{"q": q, "k": rng.random(shape, np.float32), "v": rng.random(shape, np.float32)} for _ in range(LAYERS)]
+        run = lambda feeds: session.run(None, feeds)  # noqa: E731
+        k, v = steps[0]["k"], steps[0]["v"]
+        first = (q.reshape(HEADS, DIM), *((x[:, 0].transpose(1, 0, 2) if layout != "head-major" else x[0]) for x in (k, v)))
 
     def step():
-        for k, v in layers:
-            session.run(None, {"q": q, "k": k, "v": v})
+        for layer in steps:
+            run(layer)
+
+    check = steps[-1] if layout == "ort-gqa" else steps[0]  # the layer `first` describes
+    run(check)
+    out = (check.get_outputs()[0].numpy() if layout == "ort-gqa" else session.run(None, check)[0]).reshape(HEADS, DIM)
+    if np.abs(out - reference_attention(*first)).max() > 1e-4:
+        raise SystemExit(f"{layout}: attention output differs from numpy's; the timing would be of a wrong computation")
 
     for _ in range(3):
         step()
@@ -83,11 +131,12 @@ def main() -> None:
     kv_mb = 2 * LAYERS * (args.long - args.short) * HEADS * DIM * 4 / 1e6
     rows = {}
     print(f"{'layout':<12} {'short ms':>9} {'long ms':>8} {'growth ms':>10} {'GB/s':>6}   ({LAYERS} layers, contexts {args.short} and {args.long})")
-    for layout in ("seq-first", "seq-first-A", "head-major"):
+    for layout in ("seq-first", "seq-first-A", "head-major", "ort-gqa"):
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(attention_graph(layout).SerializeToString(), options, providers=["CPUExecutionProvider"])
-        short, long_ = step_ms(session, args.short, layout, args.repeats), step_ms(session, args.long, layout, args.repeats)
+        model = gqa_graph(args.long) if layout == "ort-gqa" else attention_graph(layout)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        short, long_ = (step_ms(session, context, layout, args.repeats, args.long) for context in (args.short, args.long))
         growth = long_ - short
         rows[layout] = {"short_ms": round(short, 3), "long_ms": round(long_, 3), "growth_ms": round(growth, 3),
                         "extra_kv_gb_per_s": round(kv_mb / 1e3 / (growth / 1e3), 1)}

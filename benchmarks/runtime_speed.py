@@ -112,29 +112,6 @@ class RuntimeRun:
         return out
 
 
-class TwoPointRun:
-    """A PyTorch generate(k) -> token ids: once() times k = 1 and k = N; TTFT = t(1), decode
-    s/token = (t(N) - t(1)) / (N - 1), from the medians."""
-
-    def __init__(self, generate, n: int):
-        self.generate, self.n = generate, n
-
-    def once(self) -> dict:
-        start = time.perf_counter()
-        self.generate(1)
-        t1 = time.perf_counter() - start
-        start = time.perf_counter()
-        ids = self.generate(self.n)
-        return {"t1": t1, "tn": time.perf_counter() - start, "token_ids": ids}
-
-    @staticmethod
-    def summary(runs: list[dict]) -> dict:
-        t1, tn, n = med([r["t1"] for r in runs]), med([r["tn"] for r in runs]), len(runs[-1]["token_ids"])
-        per_token = (tn - t1) / (n - 1)
-        return {"ttft": round(t1 * 1000, 3), "decode_per_token": round(per_token * 1000, 3), "total_ms": round(tn * 1000, 3),
-                "decode_tokens_per_s": round(1 / per_token, 2), "tokens": n, "token_ids": runs[-1]["token_ids"]}
-
-
 def side_by_side(runs: dict, repeats: int) -> dict[str, dict]:
     """Each run once as a warm-up, then `repeats` rounds taking every run in turn, so that a slow
     spell of the machine falls on all of them rather than on whichever ran then; the order rotates
@@ -194,15 +171,32 @@ class HfRun:
                 "tokens": len(runs[-1]["token_ids"]), "token_ids": runs[-1]["token_ids"]}
 
 
-def reference_run(folder: Path, image, prompt: str, n: int) -> TwoPointRun:
-    from mllm_edge.models.generate import generate
-    from mllm_edge.models.inputs import prepare_inputs
-    from mllm_edge.models.llava import load_llava
-    from mllm_edge.pruning import PruningConfig
+class ReferenceRun:
+    """Our PyTorch reference (mllm_edge.models.generate.generate_steps, which yields each token as it
+    is chosen), stamped per token like HfRun: TTFT the first token, decode the mean step after it."""
 
-    ids, pixels, _ = prepare_inputs(folder, image, prompt)
-    llava = load_llava(folder).eval()
-    return TwoPointRun(lambda k: generate(llava, ids, pixels, PruningConfig(), max_new_tokens=k).token_ids[0], n)
+    def __init__(self, folder: Path, image, prompt: str, n: int):
+        import torch
+
+        from mllm_edge.models.inputs import prepare_inputs
+        from mllm_edge.models.llava import load_llava
+
+        self.ids, self.pixels, _ = prepare_inputs(folder, image, prompt)
+        self.llava, self.n, self.torch = load_llava(folder).eval(), n, torch
+
+    def once(self) -> dict:
+        from mllm_edge.models.generate import generate_steps
+        from mllm_edge.pruning import PruningConfig
+
+        stamps, ids = [], []
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            for token, _, _ in generate_steps(self.llava, self.ids, self.pixels, PruningConfig(), max_new_tokens=self.n):
+                ids.append(int(token[0]))
+                stamps.append(time.perf_counter())
+        return {"ttft": (stamps[0] - start) * 1000, "decode_per_token": (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1), "token_ids": ids}
+
+    summary = staticmethod(HfRun.summary)
 
 
 def llm_matmul_params(folder: Path) -> int:
@@ -295,7 +289,7 @@ def main() -> None:
         print("1. runtime / transformers / reference ...", flush=True)
         speed = side_by_side({"runtime (onnxruntime)": RuntimeRun(bundles["none"], image, PROMPT, n),
                               f"transformers ({args.attn})": HfRun(folder, image, PROMPT, n, args.attn),
-                              "reference (mllm_edge.models), two-point": reference_run(folder, image, PROMPT, n),
+                              "reference (mllm_edge.models)": ReferenceRun(folder, image, PROMPT, n),
                               "runtime, int8 weights": RuntimeRun(bundles["int8"], image, PROMPT, n),
                               "runtime, int4 weights": RuntimeRun(bundles["int4"], image, PROMPT, n)}, repeats)
         gc.collect()
