@@ -31,7 +31,7 @@ the machine (seen here: 20% for minutes) falls on all of them alike:
 Run it on an idle machine: with other processes on the cores, torch's thread pool slows down many
 times over (the load average at the start and end goes into the JSON, and a warning is printed).
 
-    .venv/bin/python benchmarks/runtime_speed.py                       # default sizes (~10-20 min on 2 idle cores, estimated)
+    .venv/bin/python benchmarks/runtime_speed.py                       # default sizes (about 8 minutes on 2 idle cores, measured)
     .venv/bin/python benchmarks/runtime_speed.py --hidden 128 --intermediate 256 --layers 2 --heads 2 \\
         --kv-heads 2 --vision-hidden 64 --vision-intermediate 128 --vision-layers 2 --vision-heads 2 \\
         --fastv-k 1 --max-new-tokens 4 --repeats 1 --json /tmp/smoke.json  # smoke run
