@@ -23,6 +23,8 @@ from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.models import generate  # noqa: E402
 from mllm_edge.models.inputs import prepare_inputs  # noqa: E402
 from mllm_edge.pruning import PruningConfig  # noqa: E402
+from mllm_edge.runtime.backends.onnxruntime import OrtDeviceMemory  # noqa: E402
+from mllm_edge.runtime.device_cache import ALIGNMENT, DeviceKVCache, HostMemory  # noqa: E402
 from mllm_edge.runtime.pipeline import Pipeline  # noqa: E402
 from mllm_edge.testing.checkpoints import sample_image  # noqa: E402
 
@@ -75,6 +77,33 @@ def test_a_pipeline_answers_twice_the_same(export_cache, image_file):
     first = pipeline.generate(image_file, PROMPT, max_new_tokens=8)
     pipeline.generate(sample_image(seed=5), "something else entirely", max_new_tokens=5)
     assert pipeline.generate(image_file, PROMPT, max_new_tokens=8).token_ids == first.token_ids
+
+
+class CopyCountingMemory(HostMemory):
+    copies = 0
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        self.copies += 1
+        super().copy(dst, src, nbytes)
+
+
+@pytest.mark.parametrize("memory,alignment", [("onnxruntime", 1), ("host", ALIGNMENT)], ids=["ort-device-memory", "tensorrt-alignment"])
+@pytest.mark.parametrize("method", ["fastv", "fastervlm"])
+def test_device_cache_answers_like_the_host_cache(method, memory, alignment, export_cache, image_file):
+    """The device cache (TensorRT's, and ONNX Runtime's on CUDA) end to end with real graphs: ONNX
+    Runtime binds its addresses as they are, here in host memory (OrtDeviceMemory on the CPU, or
+    plain bytes with TensorRT's 256-byte alignment, where the fixture's 128-byte rows make every
+    other slot go through scratch and a copy); the answer equals the host cache's."""
+    folder, _ = export_cache("llama_gqa", method)
+    expected = Pipeline.load(folder).generate(image_file, PROMPT, max_new_tokens=10)
+    pipeline = Pipeline.load(folder)
+    bytes_ = OrtDeviceMemory("cpu") if memory == "onnxruntime" else CopyCountingMemory()
+    pipeline.cache = DeviceKVCache(bytes_, *pipeline.cache_shape, alignment=alignment)
+    result = pipeline.generate(image_file, PROMPT, max_new_tokens=10)
+    assert result.token_ids == expected.token_ids and len(result.token_ids) > 1
+    assert result.kept_image_tokens == expected.kept_image_tokens
+    if memory == "host":
+        assert bytes_.copies > 0  # the scratch path ran
 
 
 def test_seeded_sampling_repeats(export_cache, image_file):

@@ -1,16 +1,18 @@
-"""The KV cache in device memory, for the TensorRT backend: addresses instead of arrays.
+"""The KV cache in device memory, for TensorRT and ONNX Runtime on CUDA: addresses instead of arrays.
 
 The same layout and bookkeeping as `cache.KVCache` (sequence-first [1 + max_len, B, G, D] per layer,
 row 0 the null row, the two layer groups with their own lengths), but past() and slots() give
-DeviceTensors: a base address plus an offset, which the engine binds with set_tensor_address. A step
-writes its S new rows straight into the slot. TensorRT wants 256-byte aligned addresses; when a
-row is not a multiple of 256 bytes a slot can be misaligned, and then the rows are written to an
-aligned scratch buffer and copied into the slot (S rows, device to device) when the step is
-committed with advance().
+DeviceTensors: a base address plus an offset, which the engine binds as it is (TensorRT's
+set_tensor_address, ONNX Runtime's IO binding). A step writes its S new rows straight into the slot.
+TensorRT wants 256-byte aligned addresses (`alignment`); when a row is not a multiple of that a
+slot can be misaligned, and then the rows are written to an aligned scratch buffer and copied into
+the slot (S rows, device to device) when the step is committed with advance(). ONNX Runtime states
+no such rule for bound buffers (alignment 1: never a copy); a real model's rows are a multiple of 256
+bytes anyway (head_dim 64 or 128, fp16, two or more key/value heads).
 
-`memory` is anything with malloc(nbytes) -> address, free(address), memset(address, value, nbytes)
-and copy(dst, src, nbytes): `CudaMemory` on a GPU, `HostMemory` (plain host bytes) to check the
-bookkeeping where there is none.
+`memory` is anything with malloc(nbytes) -> the address of nbytes zeroed bytes, free(address), and,
+where alignment > 1, copy(dst, src, nbytes): `CudaMemory` (TensorRT's backend) and `OrtDeviceMemory`
+(ONNX Runtime's) on a GPU, `HostMemory` (plain host bytes) to check the bookkeeping where there is none.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class HostMemory:
         self.buffers: dict[int, np.ndarray] = {}
 
     def malloc(self, nbytes: int) -> int:
-        buf = np.zeros(nbytes + ALIGNMENT, np.uint8)
+        buf = np.zeros(nbytes + ALIGNMENT, np.uint8)  # zeroed, as the interface promises
         address = -(-buf.ctypes.data // ALIGNMENT) * ALIGNMENT  # aligned like cudaMalloc's
         self.buffers[address] = buf
         return address
@@ -51,24 +53,20 @@ class HostMemory:
     def free(self, address: int) -> None:
         self.buffers.pop(address, None)
 
-    def memset(self, address: int, value: int, nbytes: int) -> None:
-        ctypes.memset(address, value, nbytes)
-
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
 
 
 class DeviceKVCache:
-    def __init__(self, memory, num_layers: int, split: int, max_len: int, kv_heads: int, head_dim: int, dtype, batch: int = 1):
-        self.memory, self.dtype = memory, np.dtype(dtype)
+    def __init__(self, memory, num_layers: int, split: int, max_len: int, kv_heads: int, head_dim: int, dtype, batch: int = 1,
+                 alignment: int = ALIGNMENT):
+        self.memory, self.dtype, self.alignment = memory, np.dtype(dtype), alignment
         self.row_shape = (batch, kv_heads, head_dim)
         self.row_bytes = batch * kv_heads * head_dim * self.dtype.itemsize
         self.max_len, self.split, self.num_layers = max_len, split, num_layers
         size = (1 + max_len) * self.row_bytes
-        self.keys = [memory.malloc(size) for _ in range(num_layers)]
+        self.keys = [memory.malloc(size) for _ in range(num_layers)]  # zeroed: the null row is ready
         self.values = [memory.malloc(size) for _ in range(num_layers)]
-        for address in (*self.keys, *self.values):
-            memory.memset(address, 0, self.row_bytes)  # the null row
         self.scratch: dict[str, int] = {}  # output name -> aligned buffer, for misaligned slots
         self.scratch_rows = 0
         self.pending: list[tuple[int, int, int]] = []  # (dst, src, nbytes) to copy on advance()
@@ -97,7 +95,7 @@ class DeviceKVCache:
         for i in self.group(name):
             for kind, bases in (("key", self.keys), ("value", self.values)):
                 slot = self._tensor(bases[i], first, count)
-                if slot.address % ALIGNMENT == 0:
+                if slot.address % self.alignment == 0:
                     out[f"new_{kind}.{i}"] = slot
                 else:
                     scratch = self._scratch(f"new_{kind}.{i}", count)

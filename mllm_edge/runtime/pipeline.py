@@ -19,6 +19,7 @@ from ..errors import MllmEdgeError
 from ..manifest import DEFAULT_BUNDLE, NO_IMAGE, Manifest, load_manifest
 from .backends import load_engine
 from .cache import KVCache
+from .device_cache import ALIGNMENT as DEVICE_ALIGNMENT
 from .device_cache import DeviceKVCache
 from .image import ImagePreprocessor, load_image
 from .prompt import PromptBuilder, TextStream
@@ -57,7 +58,7 @@ def _ms(seconds: float) -> float:
 class Pipeline:
     def __init__(self, folder: Path, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu"):
         self.folder, self.manifest, self.backend, self.device = folder, manifest, backend, device
-        max_len, memory = manifest.max_context, None
+        max_len, memory, alignment = manifest.max_context, None, 1
         if backend == "tensorrt":
             if manifest.quantization:
                 raise MllmEdgeError(f"{folder} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime")
@@ -65,8 +66,13 @@ class Pipeline:
 
             self.device = "cuda"
             self.engines, memory, max_len = open_engines(folder, manifest)
+            alignment = DEVICE_ALIGNMENT
         else:
             self.engines = {name: load_engine(backend, folder / spec.file, device) for name, spec in manifest.graphs.items()}
+            if device == "cuda":  # keep the cache on the GPU: a host cache would be uploaded whole every step
+                from .backends.onnxruntime import OrtDeviceMemory
+
+                memory = OrtDeviceMemory("cuda")
         self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
         tok = manifest.tokenizer
         num_image = manifest.pruning["image_tokens"]["vision"]
@@ -74,8 +80,8 @@ class Pipeline:
         text = manifest.architecture["text"]
         self.split = manifest.pruning["split_layer"]
         dtype = np.dtype(manifest.graphs["llm_tail"].input("hidden_states").dtype)
-        shape = (text["num_layers"], self.split, max_len, text["num_kv_heads"], text["head_dim"], dtype)
-        self.cache = KVCache(*shape) if memory is None else DeviceKVCache(memory, *shape)  # TensorRT: in device memory
+        self.cache_shape = (text["num_layers"], self.split, max_len, text["num_kv_heads"], text["head_dim"], dtype)
+        self.cache = KVCache(*self.cache_shape) if memory is None else DeviceKVCache(memory, *self.cache_shape, alignment=alignment)
         self.max_context = max_len
         self.dtype = dtype
         self.eos = set(tok["eos_token_ids"])

@@ -1,8 +1,10 @@
 """ONNX Runtime backend: CPU, or CUDA when onnxruntime-gpu is installed.
 
 Inputs and preallocated outputs are bound by pointer (IO binding), so cache views are read and
-written where they lie in host memory. On CUDA the buffers are still host numpy arrays: ONNX
-Runtime copies them across; a device-resident cache is the TensorRT backend's job.
+written where they lie. Numpy arrays are host memory (on CUDA, ONNX Runtime copies them across:
+the small per-step inputs and outputs); a `DeviceTensor` is memory of the session's device, bound
+as it is. On CUDA the KV cache is such device memory (`OrtDeviceMemory` below, behind
+runtime.device_cache), so a decode step neither uploads the past nor downloads the new rows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import MllmEdgeError
+from ..device_cache import DeviceTensor
 
 
 def _import_onnxruntime():
@@ -43,7 +46,7 @@ class OnnxRuntimeEngine:
         if low_memory:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.enable_cpu_mem_arena = False
-        self.name = path.stem
+        self.name, self.device = path.stem, device
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime has its own exception types
@@ -55,21 +58,48 @@ class OnnxRuntimeEngine:
         outputs = outputs or {}
         binding = self.session.io_binding()
         for name in self.input_names:
-            array = inputs[name]
-            if not array.flags.c_contiguous:
-                raise ValueError(f"{self.name}: input {name} must be C-contiguous")  # a bug of ours, not the user's
-            binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            binding.bind_input(name, *self._where(name, inputs[name]))
         for name in self.output_names:
             if name in outputs:
-                array = outputs[name]
-                binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+                binding.bind_output(name, *self._where(name, outputs[name]))
             else:
                 binding.bind_output(name, "cpu")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:
             raise MllmEdgeError(f"ONNX Runtime failed running the {self.name} graph: {e}") from None
+        binding.synchronize_outputs()  # device outputs written before the next graph reads them
         returned = [n for n in self.output_names if n not in outputs]
         values = binding.get_outputs()
         by_name = dict(zip(self.output_names, values))
         return {n: by_name[n].numpy() for n in returned}
+
+    def _where(self, name: str, value) -> tuple:
+        """IO binding's (device, device id, dtype, shape, address) for a host array or a DeviceTensor."""
+        if isinstance(value, DeviceTensor):
+            return self.device, 0, value.dtype, value.shape, value.address
+        if not value.flags.c_contiguous:
+            raise ValueError(f"{self.name}: {name} must be C-contiguous")  # a bug of ours, not the user's
+        return "cpu", 0, value.dtype, value.shape, value.ctypes.data
+
+
+class OrtDeviceMemory:
+    """runtime.device_cache's memory interface on an ONNX Runtime device ("cuda"; "cpu" to test it).
+
+    Each buffer is an OrtValue that ONNX Runtime allocates and fills from zeroed host pages once; no
+    CUDA library beyond ONNX Runtime's own is needed. No copy(): ONNX Runtime binds any address it is
+    given (no alignment rule stated), so its device cache uses alignment 1 and never needs one.
+    """
+
+    def __init__(self, device: str = "cuda"):
+        self.ort, self.device = _import_onnxruntime(), device
+        self.buffers: dict[int, tuple] = {}  # address -> (the OrtValue that owns it, its host source on CPU)
+
+    def malloc(self, nbytes: int) -> int:
+        zeros = np.zeros(max(nbytes, 1), np.uint8)  # pages mapped lazily; on CPU the OrtValue is this array
+        value = self.ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
+        self.buffers[value.data_ptr()] = (value, zeros if self.device == "cpu" else None)
+        return value.data_ptr()
+
+    def free(self, address: int) -> None:
+        self.buffers.pop(address, None)

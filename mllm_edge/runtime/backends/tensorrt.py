@@ -37,7 +37,10 @@ class CudaMemory:
         self.stream = stream or self.cuda.Stream()
 
     def malloc(self, nbytes: int) -> int:
-        return self.wrapper.malloc(max(nbytes, 1))
+        """nbytes of zeroed device memory (the device cache's null rows must read as zeros)."""
+        address = self.wrapper.malloc(max(nbytes, 1))
+        self.memset(address, 0, max(nbytes, 1))
+        return address
 
     def free(self, address: int) -> None:
         self.wrapper.free(address)
