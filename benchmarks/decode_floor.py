@@ -8,7 +8,9 @@ embeddings left out), each multiplied by one row, back to back, in ONNX Runtime 
 with it (benchmarks/runtime_speed.py's engines, taking turns), our runtime and transformers'
 generate on the same model (runtime_speed.py's default sizes: an 85 M-parameter Llama, 576 image
 tokens). transformers' decode ms/token divided by the faster weights-only step bounds the decode
-speed-up any fp32 implementation can reach over it here, before attention, norms and sampling.
+speed-up any fp32 implementation can reach over it here; a step must also read the cached keys and
+values (at the decode's mean context), and adding those bytes at the same speed gives a tighter
+bound, still before norms, softmax and sampling.
 
     .venv/bin/python benchmarks/decode_floor.py      # about 5 minutes on 2 cores; JSON in benchmarks/results/
 
@@ -118,6 +120,9 @@ def main() -> None:
                              "transformers (sdpa)": HfRun(folder, image, PROMPT, n, "sdpa")}, args.repeats)
         hf = rows["transformers (sdpa)"]["decode_per_token"]
         floor = min(rows[k]["decode_per_token"] for k in rows if k.startswith("weights only"))
+        context = rows["runtime (onnxruntime)"]["prompt_tokens"] + n / 2  # mean over the decode
+        kv_mb = 2 * args.layers * context * args.kv_heads * (args.hidden // args.heads) * 4 / 1e6
+        with_cache = floor * (1 + kv_mb / weight_mb)  # the cache read as fast as the weights
 
         print(f"\ndecode ms per token or step ({n} per run, median of {args.repeats}; {weight_mb:.0f} MB of weights)")
         print(f"{'engine':<34} {'ms':>8} {'weights GB/s':>13} {'x transformers':>15}")
@@ -126,11 +131,16 @@ def main() -> None:
             r["weights_gb_per_s"] = round(weight_mb / r["decode_per_token"], 1)
             r["speedup_vs_transformers"] = round(hf / r["decode_per_token"], 3)
             print(f"{name:<34} {r['decode_per_token']:>8.2f} {r['weights_gb_per_s']:>13.1f} {r['speedup_vs_transformers']:>14.2f}x")
-        print(f"bound: no fp32 decode here can beat transformers by more than {hf / floor:.2f}x (reading the weights alone)")
+        print(f"{'weights + KV cache (derived)':<34} {with_cache:>8.2f} {'':>13} {hf / with_cache:>14.2f}x   "
+              f"({kv_mb:.0f} MB of keys and values at a mean context of {context:.0f}, read as fast as the weights)")
+        print(f"bound: no fp32 decode here can beat transformers by more than {hf / floor:.2f}x (reading the weights alone), "
+              f"{hf / with_cache:.2f}x (weights and cache)")
         write_json(args.json, {"machine": {**machine(), "torch_threads": torch.get_num_threads()},
                                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("work", "keep", "json")},
                                "weight_matrices": len(weights), "weight_mb": round(weight_mb, 1), "rows": rows,
-                               "floor_ms": floor, "max_speedup_vs_transformers": round(hf / floor, 3)})
+                               "floor_ms": floor, "max_speedup_vs_transformers": round(hf / floor, 3),
+                               "mean_context": context, "kv_cache_mb": round(kv_mb, 1), "floor_with_cache_ms": round(with_cache, 3),
+                               "max_speedup_with_cache_vs_transformers": round(hf / with_cache, 3)})
 
 
 if __name__ == "__main__":

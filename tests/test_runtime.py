@@ -23,8 +23,8 @@ from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.models import generate  # noqa: E402
 from mllm_edge.models.inputs import prepare_inputs  # noqa: E402
 from mllm_edge.pruning import PruningConfig  # noqa: E402
-from mllm_edge.runtime.backends.onnxruntime import OrtDeviceMemory  # noqa: E402
-from mllm_edge.runtime.device_cache import ALIGNMENT, DeviceKVCache, HostMemory  # noqa: E402
+from mllm_edge.runtime.backends.onnxruntime import OnnxRuntimeEngine, OrtDeviceMemory  # noqa: E402
+from mllm_edge.runtime.device_cache import ALIGNMENT, DeviceKVCache, DeviceTensor, HostMemory  # noqa: E402
 from mllm_edge.runtime.pipeline import Pipeline  # noqa: E402
 from mllm_edge.testing.checkpoints import sample_image  # noqa: E402
 
@@ -104,6 +104,20 @@ def test_device_cache_answers_like_the_host_cache(method, memory, alignment, exp
     assert result.kept_image_tokens == expected.kept_image_tokens
     if memory == "host":
         assert bytes_.copies > 0  # the scratch path ran
+
+
+def test_device_tensors_bind_on_the_engines_device(export_cache):
+    """What the CPU cannot show of --device cuda: cache addresses are bound as memory of the session's
+    device, host arrays as host memory (ONNX Runtime then copies them across)."""
+    import numpy as np
+
+    engine = OnnxRuntimeEngine(export_cache("llama_gqa", "none")[0] / "embed.onnx")
+    engine.device = "cuda"  # as opened with device="cuda"; binding itself needs no GPU
+    assert engine._where("past_key.0", DeviceTensor(4096, (3, 1, 2, 16), np.dtype(np.float32))) == ("cuda", 0, np.float32, (3, 1, 2, 16), 4096)
+    host = np.zeros((1, 1, 64), np.float32)
+    assert engine._where("hidden_states", host) == ("cpu", 0, np.float32, (1, 1, 64), host.ctypes.data)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        engine._where("hidden_states", np.zeros((4, 4), np.float32)[:, ::2])
 
 
 def test_seeded_sampling_repeats(export_cache, image_file):

@@ -64,9 +64,12 @@ class DeviceKVCache:
         self.row_shape = (batch, kv_heads, head_dim)
         self.row_bytes = batch * kv_heads * head_dim * self.dtype.itemsize
         self.max_len, self.split, self.num_layers = max_len, split, num_layers
-        size = (1 + max_len) * self.row_bytes
-        self.keys = [memory.malloc(size) for _ in range(num_layers)]  # zeroed: the null row is ready
-        self.values = [memory.malloc(size) for _ in range(num_layers)]
+        # One allocation for every layer's keys and values (an allocator's arena may round each
+        # request up), zeroed, so the null rows are ready; each buffer starts on an ALIGNMENT boundary.
+        stride = -(-(1 + max_len) * self.row_bytes // ALIGNMENT) * ALIGNMENT
+        self.block = memory.malloc(2 * num_layers * stride)
+        self.keys = [self.block + i * stride for i in range(num_layers)]
+        self.values = [self.block + (num_layers + i) * stride for i in range(num_layers)]
         self.scratch: dict[str, int] = {}  # output name -> aligned buffer, for misaligned slots
         self.scratch_rows = 0
         self.pending: list[tuple[int, int, int]] = []  # (dst, src, nbytes) to copy on advance()
@@ -124,6 +127,6 @@ class DeviceKVCache:
         self.pending = []
 
     def close(self) -> None:
-        for address in (*self.keys, *self.values, *self.scratch.values()):
+        for address in (self.block, *self.scratch.values()):
             self.memory.free(address)
         self.keys, self.values, self.scratch = [], [], {}

@@ -68,7 +68,6 @@ class OnnxRuntimeEngine:
             self.session.run_with_iobinding(binding)
         except Exception as e:
             raise MllmEdgeError(f"ONNX Runtime failed running the {self.name} graph: {e}") from None
-        binding.synchronize_outputs()  # device outputs written before the next graph reads them
         returned = [n for n in self.output_names if n not in outputs]
         values = binding.get_outputs()
         by_name = dict(zip(self.output_names, values))
