@@ -1,15 +1,18 @@
-"""Decode attention in ONNX Runtime (CPU) for three ways to lay out the KV cache, memory-bound.
+"""Decode attention in ONNX Runtime (CPU): KV-cache layouts and ONNX Runtime's attention ops, memory-bound.
 
 One query token, 12 heads of 64, a context of --short and --long tokens, 12 layers each with its own
 K and V (so, as in a real decode step, they do not stay in the CPU caches; a large buffer is also
 rewritten before each step, standing in for the weight GEMMs). The step time's growth from short to
-long context is what the context-growth target of issue 4 measures. Layouts:
+long context is what the context-growth target of issue 4 measures. Each variant's output is first
+checked against numpy's. Variants:
 
   seq-first   K, V [T, 1, G, D], read through permutes ONNX Runtime folds into MatMul (transBatch):
               what the bundles use (models/layers.py: cached_attention)
   seq-first-A the same cache with K and V as MatMul's first operand (q and the scores transposed)
   head-major  K, V [1, G, T, D], each head contiguous: the fastest layout for the kernels, but its
               prefixes and slots are not contiguous, so a cache cannot be bound in place
+  onnx-attention  the standard ONNX Attention op (opset 23) with 3-D K, V [1, T, G*D]: the same
+              bytes as our cache, so it could read it in place; ONNX Runtime's kernel for it
   ort-gqa     ONNX Runtime's own fused decode attention, com.microsoft.GroupQueryAttention, over a
               head-major cache of --long rows that it writes in place (past and present bound to one
               buffer, as onnxruntime-genai runs it): the best ONNX Runtime offers, but an ORT-only op
@@ -45,6 +48,15 @@ def gqa_graph(max_context: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
 
 
+def onnx_attention_graph():
+    """One opset-23 Attention node: q [1, 1, H*D], k and v [1, T, H*D] (no scale, as the others)."""
+    f, vi = TensorProto.FLOAT, helper.make_tensor_value_info
+    node = helper.make_node("Attention", ["q", "k", "v"], ["o"], q_num_heads=HEADS, kv_num_heads=HEADS, scale=1.0)
+    graph = helper.make_graph([node], "onnx-attention", [vi("q", f, [1, 1, HEADS * DIM]), vi("k", f, [1, "T", HEADS * DIM]),
+                                                         vi("v", f, [1, "T", HEADS * DIM])], [vi("o", f, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
 def attention_graph(layout: str):
     f = TensorProto.FLOAT
     seq_first = layout != "head-major"
@@ -74,9 +86,9 @@ def reference_attention(q, k, v):
     return np.einsum("ht,htd->hd", p / p.sum(-1, keepdims=True), v)
 
 
-def step_ms(session, context: int, layout: str, repeats: int, max_context: int) -> float:
+def prepare_step(session, context: int, layout: str, max_context: int):
+    """-> a function running one decode step's attention over LAYERS layers; checked against numpy first."""
     rng = np.random.default_rng(0)
-    evict = np.ones(50_000_000, np.float32)  # 200 MB, rewritten before each step
     if layout == "ort-gqa":  # the new row goes in at context - 1, written in place: present bound to past
         q = rng.random((1, 1, HEADS * DIM), np.float32)
         steps = []
@@ -96,9 +108,12 @@ def step_ms(session, context: int, layout: str, repeats: int, max_context: int) 
         shape = (context, 1, HEADS, DIM) if layout != "head-major" else (1, HEADS, context, DIM)
         q = rng.random((1, HEADS, 1, DIM), np.float32)
         steps = [{"q": q, "k": rng.random(shape, np.float32), "v": rng.random(shape, np.float32)} for _ in range(LAYERS)]
-        run = lambda feeds: session.run(None, feeds)  # noqa: E731
         k, v = steps[0]["k"], steps[0]["v"]
         first = (q.reshape(HEADS, DIM), *((x[:, 0].transpose(1, 0, 2) if layout != "head-major" else x[0]) for x in (k, v)))
+        if layout == "onnx-attention":  # the same bytes, seen as [1, T, H*D]
+            steps = [{"q": q.reshape(1, 1, HEADS * DIM), "k": layer["k"].reshape(1, context, HEADS * DIM),
+                      "v": layer["v"].reshape(1, context, HEADS * DIM)} for layer in steps]
+        run = lambda feeds: session.run(None, feeds)  # noqa: E731
 
     def step():
         for layer in steps:
@@ -112,35 +127,50 @@ def step_ms(session, context: int, layout: str, repeats: int, max_context: int) 
 
     for _ in range(3):
         step()
+    return step
+
+
+def time_ms(step, evict: np.ndarray, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
-        evict += 1
+        evict += 1  # the weight GEMMs' traffic between two steps
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--short", type=int, default=100)
     p.add_argument("--long", type=int, default=1500)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=5, help="steps timed per context in each round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds taking every variant in turn, in rotating order")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "attention_layouts.json")
     args = p.parse_args()
     kv_mb = 2 * LAYERS * (args.long - args.short) * HEADS * DIM * 4 / 1e6
-    rows = {}
-    print(f"{'layout':<12} {'short ms':>9} {'long ms':>8} {'growth ms':>10} {'GB/s':>6}   ({LAYERS} layers, contexts {args.short} and {args.long})")
-    for layout in ("seq-first", "seq-first-A", "head-major", "ort-gqa"):
+    layouts = ["seq-first", "seq-first-A", "head-major", "onnx-attention", "ort-gqa"]
+    steps = {}
+    for layout in layouts:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        model = gqa_graph(args.long) if layout == "ort-gqa" else attention_graph(layout)
+        model = {"ort-gqa": lambda: gqa_graph(args.long), "onnx-attention": onnx_attention_graph}.get(layout, lambda: attention_graph(layout))()
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        short, long_ = (step_ms(session, context, layout, args.repeats, args.long) for context in (args.short, args.long))
+        steps[layout] = {context: prepare_step(session, context, layout, args.long) for context in (args.short, args.long)}
+    evict = np.ones(50_000_000, np.float32)  # 200 MB
+    times = {(layout, context): [] for layout in layouts for context in (args.short, args.long)}
+    for i in range(args.rounds):  # side by side: a slow spell of the machine falls on every variant alike
+        for layout in layouts[i % len(layouts) :] + layouts[: i % len(layouts)]:
+            for context, step in steps[layout].items():
+                times[layout, context] += time_ms(step, evict, args.repeats)
+    rows = {}
+    print(f"{'layout':<15} {'short ms':>9} {'long ms':>8} {'growth ms':>10} {'GB/s':>6}   ({LAYERS} layers, contexts {args.short} and {args.long})")
+    for layout in layouts:
+        short, long_ = (statistics.median(times[layout, context]) for context in (args.short, args.long))
         growth = long_ - short
         rows[layout] = {"short_ms": round(short, 3), "long_ms": round(long_, 3), "growth_ms": round(growth, 3),
                         "extra_kv_gb_per_s": round(kv_mb / 1e3 / (growth / 1e3), 1)}
-        print(f"{layout:<12} {short:>9.2f} {long_:>8.2f} {growth:>10.2f} {rows[layout]['extra_kv_gb_per_s']:>6.1f}")
+        print(f"{layout:<15} {short:>9.2f} {long_:>8.2f} {growth:>10.2f} {rows[layout]['extra_kv_gb_per_s']:>6.1f}")
     write_json(args.json, {"machine": machine(), "settings": vars(args) | {"json": str(args.json)}, "heads": HEADS, "head_dim": DIM,
                            "layers": LAYERS, "extra_kv_mb": round(kv_mb, 1), "layouts": rows})
 
