@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from common import machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
-from runtime_speed import PROMPT, SIZES, HfRun, RuntimeRun, med, side_by_side
+from runtime_speed import PROMPT, HfRun, RuntimeRun, add_size_options, med, side_by_side, spec_sizes
 
 
 def llm_weights(folder: Path) -> list[np.ndarray]:
@@ -91,8 +91,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generate run, and steps per weights-only run")
     p.add_argument("--init-range", type=float, default=0.02)
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "decode_floor.json")
-    for opt, (_, default) in SIZES.items():
-        p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
+    add_size_options(p)
     args = p.parse_args()
     if args.max_new_tokens < 2 or args.repeats < 1:
         p.error("--max-new-tokens must be >= 2 and --repeats >= 1")
@@ -103,7 +102,7 @@ def main() -> None:
     from mllm_edge.pruning import PruningConfig
     from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava, sample_image
 
-    sizes = {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
+    sizes = spec_sizes(args)
     n = args.max_new_tokens
     with work_dir(args.work, args.keep, "decode_floor") as work:
         print(f"building the checkpoint and bundle in {work} (not timed) ...", flush=True)

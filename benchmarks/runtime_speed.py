@@ -60,6 +60,17 @@ SIZES = {  # option -> (TinyLlavaSpec field, default)
 PROMPT = "Describe the picture in detail."
 
 
+def add_size_options(parser: argparse.ArgumentParser) -> None:
+    """--hidden, --layers, ... : the random model's sizes (SIZES), for this script and decode_floor.py."""
+    for opt, (_, default) in SIZES.items():
+        parser.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
+
+
+def spec_sizes(args: argparse.Namespace) -> dict:
+    """The size options as TinyLlavaSpec fields."""
+    return {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
+
+
 def med(values) -> float:
     return statistics.median(values)
 
@@ -246,8 +257,7 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs=2, default=[100, 1500], metavar=("SHORT", "LONG"))
     p.add_argument("--max-context", type=int, default=2048, help="max context of the context model's bundle")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "runtime_speed.json")
-    for opt, (_, default) in SIZES.items():
-        p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
+    add_size_options(p)
     args = p.parse_args()
     if args.max_new_tokens < 2 or args.repeats < 1:
         p.error("--max-new-tokens must be >= 2 and --repeats >= 1")
@@ -259,7 +269,7 @@ def main() -> None:
     from mllm_edge.pruning.flops import prefill_flops
     from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava, sample_image
 
-    sizes = {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
+    sizes = spec_sizes(args)
     n, repeats = args.max_new_tokens, args.repeats
     with work_dir(args.work, args.keep, "runtime_speed") as work:
         print(f"building checkpoints and bundles in {work} (not timed) ...", flush=True)
