@@ -39,21 +39,46 @@ def gqa_graph(max_context: int):
     """One GroupQueryAttention node: q, k, v [1, 1, H*D]; past/present [1, H, max_context, D]."""
     f, vi = TensorProto.FLOAT, helper.make_tensor_value_info
     cache = [1, HEADS, max_context, DIM]
-    inputs = [vi(n, f, [1, 1, HEADS * DIM]) for n in ("q", "k", "v")] + [vi("past_k", f, cache), vi("past_v", f, cache),
-                                                                      vi("seqlens_k", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])]
-    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"], ["o", "present_k", "present_v"],
-                            domain="com.microsoft", num_heads=HEADS, kv_num_heads=HEADS, scale=1.0)
+    inputs = [vi(n, f, [1, 1, HEADS * DIM]) for n in ("q", "k", "v")] + [
+        vi("past_k", f, cache),
+        vi("past_v", f, cache),
+        vi("seqlens_k", TensorProto.INT32, [1]),
+        vi("total", TensorProto.INT32, []),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"],
+        ["o", "present_k", "present_v"],
+        domain="com.microsoft",
+        num_heads=HEADS,
+        kv_num_heads=HEADS,
+        scale=1.0,
+    )
     outputs = [vi("o", f, None), vi("present_k", f, cache), vi("present_v", f, cache)]
     graph = helper.make_graph([node], "ort-gqa", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=10,
+    )
 
 
 def onnx_attention_graph():
     """One opset-23 Attention node: q [1, 1, H*D], k and v [1, T, H*D] (no scale, as the others)."""
     f, vi = TensorProto.FLOAT, helper.make_tensor_value_info
-    node = helper.make_node("Attention", ["q", "k", "v"], ["o"], q_num_heads=HEADS, kv_num_heads=HEADS, scale=1.0)
-    graph = helper.make_graph([node], "onnx-attention", [vi("q", f, [1, 1, HEADS * DIM]), vi("k", f, [1, "T", HEADS * DIM]),
-                                                         vi("v", f, [1, "T", HEADS * DIM])], [vi("o", f, None)])
+    node = helper.make_node(
+        "Attention", ["q", "k", "v"], ["o"], q_num_heads=HEADS, kv_num_heads=HEADS, scale=1.0
+    )
+    graph = helper.make_graph(
+        [node],
+        "onnx-attention",
+        [
+            vi("q", f, [1, 1, HEADS * DIM]),
+            vi("k", f, [1, "T", HEADS * DIM]),
+            vi("v", f, [1, "T", HEADS * DIM]),
+        ],
+        [vi("o", f, None)],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
 
 
@@ -61,20 +86,39 @@ def attention_graph(layout: str):
     f = TensorProto.FLOAT
     seq_first = layout != "head-major"
     kv_shape = ["T", 1, HEADS, DIM] if seq_first else [1, HEADS, "T", DIM]
-    inputs = [helper.make_tensor_value_info("q", f, [1, HEADS, 1, DIM]), helper.make_tensor_value_info("k", f, kv_shape),
-              helper.make_tensor_value_info("v", f, kv_shape)]
+    inputs = [
+        helper.make_tensor_value_info("q", f, [1, HEADS, 1, DIM]),
+        helper.make_tensor_value_info("k", f, kv_shape),
+        helper.make_tensor_value_info("v", f, kv_shape),
+    ]
     node = helper.make_node
     if layout == "seq-first":
-        nodes = [node("Transpose", ["k"], ["kt"], perm=[1, 2, 3, 0]), node("MatMul", ["q", "kt"], ["s"]), node("Softmax", ["s"], ["p"], axis=-1),
-                 node("Transpose", ["v"], ["vt"], perm=[1, 2, 0, 3]), node("MatMul", ["p", "vt"], ["o"])]
+        nodes = [
+            node("Transpose", ["k"], ["kt"], perm=[1, 2, 3, 0]),
+            node("MatMul", ["q", "kt"], ["s"]),
+            node("Softmax", ["s"], ["p"], axis=-1),
+            node("Transpose", ["v"], ["vt"], perm=[1, 2, 0, 3]),
+            node("MatMul", ["p", "vt"], ["o"]),
+        ]
     elif layout == "seq-first-A":
-        nodes = [node("Transpose", ["k"], ["ka"], perm=[1, 2, 0, 3]), node("Transpose", ["q"], ["qt"], perm=[0, 1, 3, 2]),
-                 node("MatMul", ["ka", "qt"], ["st"]), node("Transpose", ["st"], ["s"], perm=[0, 1, 3, 2]), node("Softmax", ["s"], ["p"], axis=-1),
-                 node("Transpose", ["p"], ["pt"], perm=[0, 1, 3, 2]), node("Transpose", ["v"], ["va"], perm=[1, 2, 3, 0]),
-                 node("MatMul", ["va", "pt"], ["ot"]), node("Transpose", ["ot"], ["o"], perm=[0, 1, 3, 2])]
+        nodes = [
+            node("Transpose", ["k"], ["ka"], perm=[1, 2, 0, 3]),
+            node("Transpose", ["q"], ["qt"], perm=[0, 1, 3, 2]),
+            node("MatMul", ["ka", "qt"], ["st"]),
+            node("Transpose", ["st"], ["s"], perm=[0, 1, 3, 2]),
+            node("Softmax", ["s"], ["p"], axis=-1),
+            node("Transpose", ["p"], ["pt"], perm=[0, 1, 3, 2]),
+            node("Transpose", ["v"], ["va"], perm=[1, 2, 3, 0]),
+            node("MatMul", ["va", "pt"], ["ot"]),
+            node("Transpose", ["ot"], ["o"], perm=[0, 1, 3, 2]),
+        ]
     else:
-        nodes = [node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"], ["s"]), node("Softmax", ["s"], ["p"], axis=-1),
-                 node("MatMul", ["p", "v"], ["o"])]
+        nodes = [
+            node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+            node("MatMul", ["q", "kt"], ["s"]),
+            node("Softmax", ["s"], ["p"], axis=-1),
+            node("MatMul", ["p", "v"], ["o"]),
+        ]
     graph = helper.make_graph(nodes, layout, inputs, [helper.make_tensor_value_info("o", f, None)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
@@ -95,7 +139,15 @@ def prepare_step(session, context: int, layout: str, max_context: int):
         for _ in range(LAYERS):
             k, v = (rng.random((1, HEADS, max_context, DIM), np.float32) for _ in range(2))
             binding = session.io_binding()
-            feeds = {"q": q, "k": q, "v": q, "past_k": k, "past_v": v, "seqlens_k": np.array([context - 1], np.int32), "total": np.array(context, np.int32)}
+            feeds = {
+                "q": q,
+                "k": q,
+                "v": q,
+                "past_k": k,
+                "past_v": v,
+                "seqlens_k": np.array([context - 1], np.int32),
+                "total": np.array(context, np.int32),
+            }
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)
             binding.bind_output("o", "cpu")
@@ -103,16 +155,32 @@ def prepare_step(session, context: int, layout: str, max_context: int):
                 binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
             steps.append(binding)
         run = lambda binding: session.run_with_iobinding(binding)  # noqa: E731
-        first = (q.reshape(HEADS, DIM), k[0, :, :context], v[0, :, :context])  # layer LAYERS - 1's, as [H, D] and [H, T, D]
+        first = (
+            q.reshape(HEADS, DIM),
+            k[0, :, :context],
+            v[0, :, :context],
+        )  # layer LAYERS - 1's, as [H, D] and [H, T, D]
     else:
         shape = (context, 1, HEADS, DIM) if layout != "head-major" else (1, HEADS, context, DIM)
         q = rng.random((1, HEADS, 1, DIM), np.float32)
-        steps = [{"q": q, "k": rng.random(shape, np.float32), "v": rng.random(shape, np.float32)} for _ in range(LAYERS)]
+        steps = [
+            {"q": q, "k": rng.random(shape, np.float32), "v": rng.random(shape, np.float32)}
+            for _ in range(LAYERS)
+        ]
         k, v = steps[0]["k"], steps[0]["v"]
-        first = (q.reshape(HEADS, DIM), *((x[:, 0].transpose(1, 0, 2) if layout != "head-major" else x[0]) for x in (k, v)))
+        first = (
+            q.reshape(HEADS, DIM),
+            *((x[:, 0].transpose(1, 0, 2) if layout != "head-major" else x[0]) for x in (k, v)),
+        )
         if layout == "onnx-attention":  # the same bytes, seen as [1, T, H*D]
-            steps = [{"q": q.reshape(1, 1, HEADS * DIM), "k": layer["k"].reshape(1, context, HEADS * DIM),
-                      "v": layer["v"].reshape(1, context, HEADS * DIM)} for layer in steps]
+            steps = [
+                {
+                    "q": q.reshape(1, 1, HEADS * DIM),
+                    "k": layer["k"].reshape(1, context, HEADS * DIM),
+                    "v": layer["v"].reshape(1, context, HEADS * DIM),
+                }
+                for layer in steps
+            ]
         run = lambda feeds: session.run(None, feeds)  # noqa: E731
 
     def step():
@@ -121,9 +189,13 @@ def prepare_step(session, context: int, layout: str, max_context: int):
 
     check = steps[-1] if layout == "ort-gqa" else steps[0]  # the layer `first` describes
     run(check)
-    out = (check.get_outputs()[0].numpy() if layout == "ort-gqa" else session.run(None, check)[0]).reshape(HEADS, DIM)
+    out = (check.get_outputs()[0].numpy() if layout == "ort-gqa" else session.run(None, check)[0]).reshape(
+        HEADS, DIM
+    )
     if np.abs(out - reference_attention(*first)).max() > 1e-4:
-        raise SystemExit(f"{layout}: attention output differs from numpy's; the timing would be of a wrong computation")
+        raise SystemExit(
+            f"{layout}: attention output differs from numpy's; the timing would be of a wrong computation"
+        )
 
     for _ in range(3):
         step()
@@ -145,7 +217,9 @@ def main() -> None:
     p.add_argument("--short", type=int, default=100)
     p.add_argument("--long", type=int, default=1500)
     p.add_argument("--repeats", type=int, default=5, help="steps timed per context in each round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds taking every variant in turn, in rotating order")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds taking every variant in turn, in rotating order"
+    )
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "attention_layouts.json")
     args = p.parse_args()
     kv_mb = 2 * LAYERS * (args.long - args.short) * HEADS * DIM * 4 / 1e6
@@ -154,9 +228,13 @@ def main() -> None:
     for layout in layouts:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        model = {"ort-gqa": lambda: gqa_graph(args.long), "onnx-attention": onnx_attention_graph}.get(layout, lambda: attention_graph(layout))()
+        model = {"ort-gqa": lambda: gqa_graph(args.long), "onnx-attention": onnx_attention_graph}.get(
+            layout, lambda layout=layout: attention_graph(layout)
+        )()
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        steps[layout] = {context: prepare_step(session, context, layout, args.long) for context in (args.short, args.long)}
+        steps[layout] = {
+            context: prepare_step(session, context, layout, args.long) for context in (args.short, args.long)
+        }
     evict = np.ones(50_000_000, np.float32)  # 200 MB
     times = {(layout, context): [] for layout in layouts for context in (args.short, args.long)}
     for i in range(args.rounds):  # side by side: a slow spell of the machine falls on every variant alike
@@ -164,15 +242,33 @@ def main() -> None:
             for context, step in steps[layout].items():
                 times[layout, context] += time_ms(step, evict, args.repeats)
     rows = {}
-    print(f"{'layout':<15} {'short ms':>9} {'long ms':>8} {'growth ms':>10} {'GB/s':>6}   ({LAYERS} layers, contexts {args.short} and {args.long})")
+    print(
+        f"{'layout':<15} {'short ms':>9} {'long ms':>8} {'growth ms':>10} {'GB/s':>6}   ({LAYERS} layers, contexts {args.short} and {args.long})"
+    )
     for layout in layouts:
         short, long_ = (statistics.median(times[layout, context]) for context in (args.short, args.long))
         growth = long_ - short
-        rows[layout] = {"short_ms": round(short, 3), "long_ms": round(long_, 3), "growth_ms": round(growth, 3),
-                        "extra_kv_gb_per_s": round(kv_mb / 1e3 / (growth / 1e3), 1)}
-        print(f"{layout:<15} {short:>9.2f} {long_:>8.2f} {growth:>10.2f} {rows[layout]['extra_kv_gb_per_s']:>6.1f}")
-    write_json(args.json, {"machine": machine(), "settings": vars(args) | {"json": str(args.json)}, "heads": HEADS, "head_dim": DIM,
-                           "layers": LAYERS, "extra_kv_mb": round(kv_mb, 1), "layouts": rows})
+        rows[layout] = {
+            "short_ms": round(short, 3),
+            "long_ms": round(long_, 3),
+            "growth_ms": round(growth, 3),
+            "extra_kv_gb_per_s": round(kv_mb / 1e3 / (growth / 1e3), 1),
+        }
+        print(
+            f"{layout:<15} {short:>9.2f} {long_:>8.2f} {growth:>10.2f} {rows[layout]['extra_kv_gb_per_s']:>6.1f}"
+        )
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "settings": vars(args) | {"json": str(args.json)},
+            "heads": HEADS,
+            "head_dim": DIM,
+            "layers": LAYERS,
+            "extra_kv_mb": round(kv_mb, 1),
+            "layouts": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

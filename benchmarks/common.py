@@ -18,9 +18,15 @@ GB = 1e9
 def machine() -> dict:
     meminfo = Path("/proc/meminfo").read_text()
     total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "ram_total_gb": round(total_kib * 1024 / GB, 1), "torch": version("torch"),
-            "transformers": version("transformers"), "onnxruntime": version("onnxruntime")}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "ram_total_gb": round(total_kib * 1024 / GB, 1),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "onnxruntime": version("onnxruntime"),
+    }
 
 
 @contextlib.contextmanager

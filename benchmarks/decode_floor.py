@@ -35,7 +35,11 @@ def llm_weights(folder: Path) -> list[np.ndarray]:
     weights = []
     for file in sorted(folder.glob("*.safetensors")):
         tensors = load_file(file)
-        weights += [t for k, t in sorted(tensors.items()) if ("language_model" in k or "lm_head" in k) and "embed_tokens" not in k and t.ndim == 2]
+        weights += [
+            t
+            for k, t in sorted(tensors.items())
+            if ("language_model" in k or "lm_head" in k) and "embed_tokens" not in k and t.ndim == 2
+        ]
     return weights
 
 
@@ -49,14 +53,28 @@ class WeightsOnlyRun:
             import onnxruntime as ort
             from onnx import TensorProto, helper, numpy_helper
 
-            nodes = [helper.make_node("Gemm", [f"x{w.shape[1]}", f"w{i}"], [f"y{i}"], transB=1) for i, w in enumerate(weights)]
-            graph = helper.make_graph(nodes, "weights_only", [helper.make_tensor_value_info(f"x{n}", TensorProto.FLOAT, [1, n]) for n in rows],
-                                      [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(weights))],
-                                      [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+            nodes = [
+                helper.make_node("Gemm", [f"x{w.shape[1]}", f"w{i}"], [f"y{i}"], transB=1)
+                for i, w in enumerate(weights)
+            ]
+            graph = helper.make_graph(
+                nodes,
+                "weights_only",
+                [helper.make_tensor_value_info(f"x{n}", TensorProto.FLOAT, [1, n]) for n in rows],
+                [
+                    helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
+                    for i in range(len(weights))
+                ],
+                [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+            )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
             options = ort.SessionOptions()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's sessions
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "0"
+            )  # as the runtime's sessions
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
             feeds = {f"x{n}": x for n, x in rows.items()}
             self.step = lambda: session.run(None, feeds)
         else:
@@ -85,10 +103,17 @@ class WeightsOnlyRun:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, help="checkpoint and bundle go here [default: a temp dir, deleted unless --keep]")
+    p.add_argument(
+        "--work", type=Path, help="checkpoint and bundle go here [default: a temp dir, deleted unless --keep]"
+    )
     p.add_argument("--keep", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generate run, and steps per weights-only run")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="tokens per generate run, and steps per weights-only run",
+    )
     p.add_argument("--init-range", type=float, default=0.02)
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "decode_floor.json")
     add_size_options(p)
@@ -106,40 +131,75 @@ def main() -> None:
     n = args.max_new_tokens
     with work_dir(args.work, args.keep, "decode_floor") as work:
         print(f"building the checkpoint and bundle in {work} (not timed) ...", flush=True)
-        folder = make_tiny_llava(work / "checkpoint", TinyLlavaSpec(name="bench_speed", initializer_range=args.init_range, seed=0, **sizes))
+        folder = make_tiny_llava(
+            work / "checkpoint",
+            TinyLlavaSpec(name="bench_speed", initializer_range=args.init_range, seed=0, **sizes),
+        )
         bundle = work / "bundle-none"
-        export_bundle(ExportConfig(str(folder), bundle, PruningConfig(), dtype="fp32", verify=False, force=True))
+        export_bundle(
+            ExportConfig(str(folder), bundle, PruningConfig(), dtype="fp32", verify=False, force=True)
+        )
         weights = llm_weights(folder)
         weight_mb = sum(w.nbytes for w in weights) / 1e6
         image = sample_image(640, 480, seed=0)
-        print(f"{len(weights)} weight matrices, {weight_mb:.1f} MB; torch threads {torch.get_num_threads()}", flush=True)
-        rows = side_by_side({"weights only, ONNX Runtime Gemm": WeightsOnlyRun(weights, "onnxruntime", n),
-                             "weights only, PyTorch F.linear": WeightsOnlyRun(weights, "torch", n),
-                             "runtime (onnxruntime)": RuntimeRun(bundle, image, PROMPT, n),
-                             "transformers (sdpa)": HfRun(folder, image, PROMPT, n, "sdpa")}, args.repeats)
+        print(
+            f"{len(weights)} weight matrices, {weight_mb:.1f} MB; torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
+        rows = side_by_side(
+            {
+                "weights only, ONNX Runtime Gemm": WeightsOnlyRun(weights, "onnxruntime", n),
+                "weights only, PyTorch F.linear": WeightsOnlyRun(weights, "torch", n),
+                "runtime (onnxruntime)": RuntimeRun(bundle, image, PROMPT, n),
+                "transformers (sdpa)": HfRun(folder, image, PROMPT, n, "sdpa"),
+            },
+            args.repeats,
+        )
         hf = rows["transformers (sdpa)"]["decode_per_token"]
         floor = min(rows[k]["decode_per_token"] for k in rows if k.startswith("weights only"))
         context = rows["runtime (onnxruntime)"]["prompt_tokens"] + n / 2  # mean over the decode
         kv_mb = 2 * args.layers * context * args.kv_heads * (args.hidden // args.heads) * 4 / 1e6
         with_cache = floor * (1 + kv_mb / weight_mb)  # the cache read as fast as the weights
 
-        print(f"\ndecode ms per token or step ({n} per run, median of {args.repeats}; {weight_mb:.0f} MB of weights)")
+        print(
+            f"\ndecode ms per token or step ({n} per run, median of {args.repeats}; {weight_mb:.0f} MB of weights)"
+        )
         print(f"{'engine':<34} {'ms':>8} {'weights GB/s':>13} {'x transformers':>15}")
         for name, r in rows.items():
             r.pop("token_ids", None)
             r["weights_gb_per_s"] = round(weight_mb / r["decode_per_token"], 1)
             r["speedup_vs_transformers"] = round(hf / r["decode_per_token"], 3)
-            print(f"{name:<34} {r['decode_per_token']:>8.2f} {r['weights_gb_per_s']:>13.1f} {r['speedup_vs_transformers']:>14.2f}x")
-        print(f"{'weights + KV cache (derived)':<34} {with_cache:>8.2f} {'':>13} {hf / with_cache:>14.2f}x   "
-              f"({kv_mb:.0f} MB of keys and values at a mean context of {context:.0f}, read as fast as the weights)")
-        print(f"bound: no fp32 decode here can beat transformers by more than {hf / floor:.2f}x (reading the weights alone), "
-              f"{hf / with_cache:.2f}x (weights and cache)")
-        write_json(args.json, {"machine": {**machine(), "torch_threads": torch.get_num_threads()},
-                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("work", "keep", "json")},
-                               "weight_matrices": len(weights), "weight_mb": round(weight_mb, 1), "rows": rows,
-                               "floor_ms": floor, "max_speedup_vs_transformers": round(hf / floor, 3),
-                               "mean_context": context, "kv_cache_mb": round(kv_mb, 1), "floor_with_cache_ms": round(with_cache, 3),
-                               "max_speedup_with_cache_vs_transformers": round(hf / with_cache, 3)})
+            print(
+                f"{name:<34} {r['decode_per_token']:>8.2f} {r['weights_gb_per_s']:>13.1f} {r['speedup_vs_transformers']:>14.2f}x"
+            )
+        print(
+            f"{'weights + KV cache (derived)':<34} {with_cache:>8.2f} {'':>13} {hf / with_cache:>14.2f}x   "
+            f"({kv_mb:.0f} MB of keys and values at a mean context of {context:.0f}, read as fast as the weights)"
+        )
+        print(
+            f"bound: no fp32 decode here can beat transformers by more than {hf / floor:.2f}x (reading the weights alone), "
+            f"{hf / with_cache:.2f}x (weights and cache)"
+        )
+        write_json(
+            args.json,
+            {
+                "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+                "settings": {
+                    k: str(v) if isinstance(v, Path) else v
+                    for k, v in vars(args).items()
+                    if k not in ("work", "keep", "json")
+                },
+                "weight_matrices": len(weights),
+                "weight_mb": round(weight_mb, 1),
+                "rows": rows,
+                "floor_ms": floor,
+                "max_speedup_vs_transformers": round(hf / floor, 3),
+                "mean_context": context,
+                "kv_cache_mb": round(kv_mb, 1),
+                "floor_with_cache_ms": round(with_cache, 3),
+                "max_speedup_with_cache_vs_transformers": round(hf / with_cache, 3),
+            },
+        )
 
 
 if __name__ == "__main__":

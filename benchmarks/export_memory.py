@@ -35,16 +35,37 @@ from pathlib import Path
 
 from common import GB, machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
-STAGES = ["quantize llm_head", "quantize llm_tail", "verify graphs", "verify chain", "reference", "llm_head", "llm_tail",
-          "tokenizer", "manifest", "vision", "embed", "prune", "load", "lint", "done"]  # longest first where one prefixes another
+STAGES = [
+    "quantize llm_head",
+    "quantize llm_tail",
+    "verify graphs",
+    "verify chain",
+    "reference",
+    "llm_head",
+    "llm_tail",
+    "tokenizer",
+    "manifest",
+    "vision",
+    "embed",
+    "prune",
+    "load",
+    "lint",
+    "done",
+]  # longest first where one prefixes another
 STAGE_LINE = re.compile(r"^(" + "|".join(re.escape(s) for s in STAGES) + r") +\S")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 SIZES = {  # option -> (TinyLlavaSpec field, default)
-    "image_size": ("image_size", 336), "patch_size": ("patch_size", 14),
-    "vision_hidden": ("vision_hidden_size", 1024), "vision_intermediate": ("vision_intermediate_size", 4096),
-    "vision_layers": ("vision_layers", 24), "vision_heads": ("vision_heads", 16),
-    "hidden": ("hidden_size", 2048), "intermediate": ("intermediate_size", 5632),
-    "layers": ("num_layers", 16), "heads": ("num_heads", 32), "kv_heads": ("num_kv_heads", 4),
+    "image_size": ("image_size", 336),
+    "patch_size": ("patch_size", 14),
+    "vision_hidden": ("vision_hidden_size", 1024),
+    "vision_intermediate": ("vision_intermediate_size", 4096),
+    "vision_layers": ("vision_layers", 24),
+    "vision_heads": ("vision_heads", 16),
+    "hidden": ("hidden_size", 2048),
+    "intermediate": ("intermediate_size", 5632),
+    "layers": ("num_layers", 16),
+    "heads": ("num_heads", 32),
+    "kv_heads": ("num_kv_heads", 4),
 }
 
 
@@ -75,7 +96,9 @@ def read_rss(pid: int) -> dict[str, int]:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
-    return {k: int(v.split()[0]) * 1024 for k, v in re.findall(r"^(VmRSS|RssAnon|RssFile):\s+(.*)$", text, re.M)}
+    return {
+        k: int(v.split()[0]) * 1024 for k, v in re.findall(r"^(VmRSS|RssAnon|RssFile):\s+(.*)$", text, re.M)
+    }
 
 
 def measure(name: str, cmd: list[str], log: Path) -> dict:
@@ -105,7 +128,11 @@ def measure(name: str, cmd: list[str], log: Path) -> dict:
             time.sleep(0.5)
 
     threads = [threading.Thread(target=f, daemon=True) for f in (read_stderr, sample)]
-    threads.append(threading.Thread(target=lambda: out_chunks.append(proc.stdout.read().decode(errors="replace")), daemon=True))
+    threads.append(
+        threading.Thread(
+            target=lambda: out_chunks.append(proc.stdout.read().decode(errors="replace")), daemon=True
+        )
+    )
     for t in threads:
         t.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -119,20 +146,39 @@ def measure(name: str, cmd: list[str], log: Path) -> dict:
         sys.exit(f"{name}: export failed with exit code {proc.returncode}; log: {log}\n" + stderr[-4000:])
     peaks = {s: {k: round(v / GB, 3) for k, v in r.items()} for s, r in state["peaks"].items()}
     top = max(peaks, key=lambda s: peaks[s]["VmRSS"]) if peaks else None
-    return {"run": name, "wall_s": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
-            "sampled_peak_by_stage_gb": peaks, "sampled_peak_stage": top, "stage_start_s": state["first"]}
+    return {
+        "run": name,
+        "wall_s": round(seconds, 1),
+        "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
+        "sampled_peak_by_stage_gb": peaks,
+        "sampled_peak_stage": top,
+        "stage_start_s": state["first"],
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, help="checkpoint and bundles go here [default: a temp dir, deleted unless --keep]")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="checkpoint and bundles go here [default: a temp dir, deleted unless --keep]",
+    )
     p.add_argument("--keep", action="store_true", help="keep --work (or the temp dir) afterwards")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp16", help="export dtype, and that of the saved weights")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16"],
+        default="fp16",
+        help="export dtype, and that of the saved weights",
+    )
     p.add_argument("--method", default="fastv")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "export_memory.json")
     p.add_argument("--no-verify", action="store_true", help="only measure the export without verification")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="also measure a verified export with --quantize (needs --dtype fp32)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="also measure a verified export with --quantize (needs --dtype fp32)",
+    )
     for opt, (_, default) in SIZES.items():
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
     p.add_argument("--_build", type=Path, help=argparse.SUPPRESS)  # internal: the checkpoint-building child
@@ -147,38 +193,77 @@ def main() -> None:
     with work_dir(args.work, args.keep, "export_memory") as work:
         folder = work / "checkpoint"
         print(f"building the checkpoint in {folder} (not timed) ...", flush=True)
-        built = subprocess.run([sys.executable, __file__, "--_build", str(folder), "--dtype", args.dtype]
-                               + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES],
-                               check=True, stdout=subprocess.PIPE, text=True)
+        built = subprocess.run(
+            [sys.executable, __file__, "--_build", str(folder), "--dtype", args.dtype]
+            + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         info = json.loads(built.stdout.strip().splitlines()[-1])
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        print(f"{info['params'] / 1e9:.3f} B parameters; weights {weights / GB:.3f} GB ({args.dtype}; "
-              f"make_tiny_llava saved {info['saved_by_make_tiny_llava']})", flush=True)
+        print(
+            f"{info['params'] / 1e9:.3f} B parameters; weights {weights / GB:.3f} GB ({args.dtype}; "
+            f"make_tiny_llava saved {info['saved_by_make_tiny_llava']})",
+            flush=True,
+        )
 
-        runs = [("no-verify", ["--no-verify"])] if args.no_verify else [("verify", []), ("no-verify", ["--no-verify"])]
+        runs = (
+            [("no-verify", ["--no-verify"])]
+            if args.no_verify
+            else [("verify", []), ("no-verify", ["--no-verify"])]
+        )
         if args.quantize:
             runs.append((f"{args.quantize}, verify", ["--quantize", args.quantize]))
         results = []
         for name, extra in runs:
-            cmd = [sys.executable, "-m", "mllm_edge.cli", "export", "--model", str(folder), "--out", str(work / f"bundle-{name.replace(', ', '-')}"),
-                   "--method", args.method, "--ratio", str(args.ratio), "--dtype", args.dtype, "--force", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "mllm_edge.cli",
+                "export",
+                "--model",
+                str(folder),
+                "--out",
+                str(work / f"bundle-{name.replace(', ', '-')}"),
+                "--method",
+                args.method,
+                "--ratio",
+                str(args.ratio),
+                "--dtype",
+                args.dtype,
+                "--force",
+                *extra,
+            ]
             print(f"export ({name}) ...", flush=True)
             r = measure(name, cmd, work / f"export-{name.replace(', ', '-')}.log")
             r["weights_gb"] = round(weights / GB, 3)
             r["peak_over_weights"] = round(r["peak_rss_gb"] * GB / weights, 2)
             results.append(r)
 
-        print(f"\n{'run':<14} {'wall s':>8} {'peak RSS GB':>12} {'weights GB':>11} {'peak/weights':>13}  sampled peak in stage")
+        print(
+            f"\n{'run':<14} {'wall s':>8} {'peak RSS GB':>12} {'weights GB':>11} {'peak/weights':>13}  sampled peak in stage"
+        )
         for r in results:
-            print(f"{r['run']:<14} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['weights_gb']:>11.2f} "
-                  f"{r['peak_over_weights']:>13.2f}  {r['sampled_peak_stage']}")
+            print(
+                f"{r['run']:<14} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['weights_gb']:>11.2f} "
+                f"{r['peak_over_weights']:>13.2f}  {r['sampled_peak_stage']}"
+            )
         ok = all(r["peak_over_weights"] <= 2 for r in results)
         print(f"target: peak RSS <= 2x weights: {'met' if ok else 'NOT met'}")
 
-        record = {"machine": machine(), "model": {**sizes, "vision_feature_layer": -2, "params": info["params"]},
-                  "dtype": args.dtype, "method": args.method, "ratio": args.ratio, "weights_bytes": weights,
-                  "target": "peak RSS <= 2x weights", "target_met": ok, "runs": results,
-                  "saved_by_make_tiny_llava": info["saved_by_make_tiny_llava"]}
+        record = {
+            "machine": machine(),
+            "model": {**sizes, "vision_feature_layer": -2, "params": info["params"]},
+            "dtype": args.dtype,
+            "method": args.method,
+            "ratio": args.ratio,
+            "weights_bytes": weights,
+            "target": "peak RSS <= 2x weights",
+            "target_met": ok,
+            "runs": results,
+            "saved_by_make_tiny_llava": info["saved_by_make_tiny_llava"],
+        }
         write_json(args.json, record)
 
 

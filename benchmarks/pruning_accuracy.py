@@ -16,8 +16,16 @@ from pathlib import Path
 
 from common import machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
-SETTINGS = [("none", 0.0), ("fastv", 0.5), ("fastv", 0.75), ("fastv", 0.9),
-            ("fastervlm", 0.5), ("fastervlm", 0.75), ("fastervlm", 0.9), ("fastervlm", 0.95)]
+SETTINGS = [
+    ("none", 0.0),
+    ("fastv", 0.5),
+    ("fastv", 0.75),
+    ("fastv", 0.9),
+    ("fastervlm", 0.5),
+    ("fastervlm", 0.75),
+    ("fastervlm", 0.9),
+    ("fastervlm", 0.95),
+]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -30,9 +38,16 @@ def plot(rows: list[dict], path: Path) -> None:
     none = next(r for r in rows if r["method"] == "none")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for method, marker in (("fastv", "o"), ("fastervlm", "s")):
-        points = sorted([(none["image_tokens_kept"], none["accuracy"])] +
-                        [(r["image_tokens_kept"], r["accuracy"]) for r in rows if r["method"] == method])
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=marker, label=f"{method}" + (" (K=2)" if method == "fastv" else ""))
+        points = sorted(
+            [(none["image_tokens_kept"], none["accuracy"])]
+            + [(r["image_tokens_kept"], r["accuracy"]) for r in rows if r["method"] == method]
+        )
+        ax.plot(
+            [p[0] for p in points],
+            [100 * p[1] for p in points],
+            marker=marker,
+            label=f"{method}" + (" (K=2)" if method == "fastv" else ""),
+        )
     ax.set_xlabel("image tokens in the LLM's last layers (of 576)")
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("built-in model: accuracy against image tokens kept")
@@ -71,18 +86,42 @@ def main() -> None:
             name = f"{method}-{ratio}"
             print(f"exporting {name} ...", flush=True)
             bundles[name] = work / name
-            export_bundle(ExportConfig(str(checkpoint()), bundles[name], PruningConfig.from_method(method, ratio), dtype="fp32", verify=False, force=True))
+            export_bundle(
+                ExportConfig(
+                    str(checkpoint()),
+                    bundles[name],
+                    PruningConfig.from_method(method, ratio),
+                    dtype="fp32",
+                    verify=False,
+                    force=True,
+                )
+            )
         baseline = bundles["none-0.0"]
         for method, ratio in SETTINGS:
             name = f"{method}-{ratio}"
             print(f"evaluating {name} on {len(items)} questions ...", flush=True)
-            report = evaluate(bundles[name], items, None if name == "none-0.0" else baseline, backend="onnxruntime")
-            rows.append({"method": method, "ratio": ratio, "k": 2 if method == "fastv" else None, "accuracy": report.accuracy,
-                         "agreement": 1.0 if report.agreement is None else report.agreement, "mean_prefill_ms": report.mean_prefill_ms,
-                         "image_tokens_kept": report.image_tokens_kept, "by_kind": report.by_kind})
-    print(f"\n{'method':<10} {'R':>5} {'tokens kept':>12} {'exact match':>12} {'agrees':>7} {'prefill ms':>11}")
+            report = evaluate(
+                bundles[name], items, None if name == "none-0.0" else baseline, backend="onnxruntime"
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "k": 2 if method == "fastv" else None,
+                    "accuracy": report.accuracy,
+                    "agreement": 1.0 if report.agreement is None else report.agreement,
+                    "mean_prefill_ms": report.mean_prefill_ms,
+                    "image_tokens_kept": report.image_tokens_kept,
+                    "by_kind": report.by_kind,
+                }
+            )
+    print(
+        f"\n{'method':<10} {'R':>5} {'tokens kept':>12} {'exact match':>12} {'agrees':>7} {'prefill ms':>11}"
+    )
     for r in rows:
-        print(f"{r['method']:<10} {r['ratio']:>5} {r['image_tokens_kept']:>12} {r['accuracy']:>11.1%} {r['agreement']:>7.1%} {r['mean_prefill_ms']:>11.1f}")
+        print(
+            f"{r['method']:<10} {r['ratio']:>5} {r['image_tokens_kept']:>12} {r['accuracy']:>11.1%} {r['agreement']:>7.1%} {r['mean_prefill_ms']:>11.1f}"
+        )
     write_json(args.json, {"machine": machine(), "items": args.items, "settings": rows})
     plot(rows, args.plot)
 

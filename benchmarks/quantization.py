@@ -16,7 +16,13 @@ from pathlib import Path
 
 from common import machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
-SETTINGS = [("none", 0.0, None), ("none", 0.0, "int8"), ("none", 0.0, "int4"), ("fastv", 0.5, "int8"), ("fastervlm", 0.75, "int8")]
+SETTINGS = [
+    ("none", 0.0, None),
+    ("none", 0.0, "int8"),
+    ("none", 0.0, "int4"),
+    ("fastv", 0.5, "int8"),
+    ("fastervlm", 0.75, "int8"),
+]
 
 
 def main() -> None:
@@ -40,23 +46,47 @@ def main() -> None:
             name = f"{method}-{ratio}-{weights or 'fp32'}"
             print(f"exporting {name} ...", flush=True)
             bundles[name] = work / name
-            reports[name] = export_bundle(ExportConfig(str(checkpoint()), bundles[name], PruningConfig.from_method(method, ratio),
-                                                       dtype="fp32", force=True, quantize=weights))
+            reports[name] = export_bundle(
+                ExportConfig(
+                    str(checkpoint()),
+                    bundles[name],
+                    PruningConfig.from_method(method, ratio),
+                    dtype="fp32",
+                    force=True,
+                    quantize=weights,
+                )
+            )
         baseline = bundles["none-0.0-fp32"]
         for method, ratio, weights in SETTINGS:
             name = f"{method}-{ratio}-{weights or 'fp32'}"
             print(f"evaluating {name} on {len(items)} questions ...", flush=True)
-            report = evaluate(bundles[name], items, None if name == "none-0.0-fp32" else baseline, backend="onnxruntime")
+            report = evaluate(
+                bundles[name], items, None if name == "none-0.0-fp32" else baseline, backend="onnxruntime"
+            )
             export = reports[name]
             llm_bytes = sum(size for rel, size in export.files.items() if rel.startswith("llm_"))
-            rows.append({"method": method, "ratio": ratio, "weights": weights or "fp32", "accuracy": report.accuracy,
-                         "agreement": 1.0 if report.agreement is None else report.agreement,
-                         "chain_logits_error": export.chain.max_rel, "chain_tokens_identical": export.chain.reference == export.chain.onnx,
-                         "llm_graph_bytes": llm_bytes, "mean_prefill_ms": report.mean_prefill_ms, "by_kind": report.by_kind})
-    print(f"\n{'method':<10} {'R':>5} {'weights':>7} {'exact match':>12} {'agrees':>7} {'logits err':>11} {'LLM MB':>7} {'prefill ms':>11}")
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "weights": weights or "fp32",
+                    "accuracy": report.accuracy,
+                    "agreement": 1.0 if report.agreement is None else report.agreement,
+                    "chain_logits_error": export.chain.max_rel,
+                    "chain_tokens_identical": export.chain.reference == export.chain.onnx,
+                    "llm_graph_bytes": llm_bytes,
+                    "mean_prefill_ms": report.mean_prefill_ms,
+                    "by_kind": report.by_kind,
+                }
+            )
+    print(
+        f"\n{'method':<10} {'R':>5} {'weights':>7} {'exact match':>12} {'agrees':>7} {'logits err':>11} {'LLM MB':>7} {'prefill ms':>11}"
+    )
     for r in rows:
-        print(f"{r['method']:<10} {r['ratio']:>5} {r['weights']:>7} {r['accuracy']:>11.1%} {r['agreement']:>7.1%} "
-              f"{r['chain_logits_error']:>11.2e} {r['llm_graph_bytes'] / 1e6:>7.2f} {r['mean_prefill_ms']:>11.1f}")
+        print(
+            f"{r['method']:<10} {r['ratio']:>5} {r['weights']:>7} {r['accuracy']:>11.1%} {r['agreement']:>7.1%} "
+            f"{r['chain_logits_error']:>11.2e} {r['llm_graph_bytes'] / 1e6:>7.2f} {r['mean_prefill_ms']:>11.1f}"
+        )
     write_json(args.json, {"machine": machine(), "items": args.items, "settings": rows})
 
 

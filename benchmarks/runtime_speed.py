@@ -51,11 +51,17 @@ from pathlib import Path
 from common import machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
 SIZES = {  # option -> (TinyLlavaSpec field, default)
-    "image_size": ("image_size", 336), "patch_size": ("patch_size", 14),
-    "vision_hidden": ("vision_hidden_size", 256), "vision_intermediate": ("vision_intermediate_size", 1024),
-    "vision_layers": ("vision_layers", 4), "vision_heads": ("vision_heads", 4),
-    "hidden": ("hidden_size", 768), "intermediate": ("intermediate_size", 2048),
-    "layers": ("num_layers", 12), "heads": ("num_heads", 12), "kv_heads": ("num_kv_heads", 12),
+    "image_size": ("image_size", 336),
+    "patch_size": ("patch_size", 14),
+    "vision_hidden": ("vision_hidden_size", 256),
+    "vision_intermediate": ("vision_intermediate_size", 1024),
+    "vision_layers": ("vision_layers", 4),
+    "vision_heads": ("vision_heads", 4),
+    "hidden": ("hidden_size", 768),
+    "intermediate": ("intermediate_size", 2048),
+    "layers": ("num_layers", 12),
+    "heads": ("num_heads", 12),
+    "kv_heads": ("num_kv_heads", 12),
 }
 PROMPT = "Describe the picture in detail."
 
@@ -107,7 +113,12 @@ class RuntimeRun:
         self.log.clear()
         r = self.pipeline.generate(self.image, self.prompt, max_new_tokens=self.n, temperature=0.0)
         steps = len(r.token_ids) - 1
-        row = {**r.timings_ms, "tokens": len(r.token_ids), "prompt_tokens": len(r.prompt_token_ids), "token_ids": r.token_ids}
+        row = {
+            **r.timings_ms,
+            "tokens": len(r.token_ids),
+            "prompt_tokens": len(r.prompt_token_ids),
+            "token_ids": r.token_ids,
+        }
         if self.proxies:  # decode = every graph call after prefill's (first) llm_tail
             first_tail = next(j for j, (g, _) in enumerate(self.log) if g == "llm_tail")
             in_graphs = sum(s for _, s in self.log[first_tail + 1 :]) * 1000
@@ -118,7 +129,9 @@ class RuntimeRun:
     @staticmethod
     def summary(runs: list[dict]) -> dict:
         out = {k: round(med([r[k] for r in runs]), 3) for k in runs[0] if k != "token_ids"}
-        out["decode_tokens_per_s"] = round(1000 / out["decode_per_token"], 2) if out["decode_per_token"] else 0.0
+        out["decode_tokens_per_s"] = (
+            round(1000 / out["decode_per_token"], 2) if out["decode_per_token"] else 0.0
+        )
         out["token_ids"] = runs[-1]["token_ids"]
         return out
 
@@ -154,7 +167,9 @@ class HfRun:
         from mllm_edge.models.inputs import prepare_inputs
 
         self.ids, self.pixels, _ = prepare_inputs(folder, image, prompt)
-        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation=attn
+        ).eval()
         self.n, self.torch = n, torch
 
     def once(self) -> dict:
@@ -169,17 +184,32 @@ class HfRun:
 
         start = time.perf_counter()
         with self.torch.inference_mode():
-            out = self.model.generate(input_ids=self.ids, pixel_values=self.pixels, attention_mask=self.torch.ones_like(self.ids),
-                                      max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False, streamer=Clock())
+            out = self.model.generate(
+                input_ids=self.ids,
+                pixel_values=self.pixels,
+                attention_mask=self.torch.ones_like(self.ids),
+                max_new_tokens=self.n,
+                min_new_tokens=self.n,
+                do_sample=False,
+                streamer=Clock(),
+            )
         tokens = stamps[1:]
-        return {"ttft": (tokens[0] - start) * 1000, "decode_per_token": (tokens[-1] - tokens[0]) * 1000 / (len(tokens) - 1),
-                "token_ids": out[0, self.ids.shape[1] :].tolist()}
+        return {
+            "ttft": (tokens[0] - start) * 1000,
+            "decode_per_token": (tokens[-1] - tokens[0]) * 1000 / (len(tokens) - 1),
+            "token_ids": out[0, self.ids.shape[1] :].tolist(),
+        }
 
     @staticmethod
     def summary(runs: list[dict]) -> dict:
         ttft, per_token = med([r["ttft"] for r in runs]), med([r["decode_per_token"] for r in runs])
-        return {"ttft": round(ttft, 3), "decode_per_token": round(per_token, 3), "decode_tokens_per_s": round(1000 / per_token, 2),
-                "tokens": len(runs[-1]["token_ids"]), "token_ids": runs[-1]["token_ids"]}
+        return {
+            "ttft": round(ttft, 3),
+            "decode_per_token": round(per_token, 3),
+            "decode_tokens_per_s": round(1000 / per_token, 2),
+            "tokens": len(runs[-1]["token_ids"]),
+            "token_ids": runs[-1]["token_ids"],
+        }
 
 
 class ReferenceRun:
@@ -202,10 +232,16 @@ class ReferenceRun:
         stamps, ids = [], []
         start = time.perf_counter()
         with self.torch.inference_mode():
-            for token, _, _ in generate_steps(self.llava, self.ids, self.pixels, PruningConfig(), max_new_tokens=self.n):
+            for token, _, _ in generate_steps(
+                self.llava, self.ids, self.pixels, PruningConfig(), max_new_tokens=self.n
+            ):
                 ids.append(int(token[0]))
                 stamps.append(time.perf_counter())
-        return {"ttft": (stamps[0] - start) * 1000, "decode_per_token": (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1), "token_ids": ids}
+        return {
+            "ttft": (stamps[0] - start) * 1000,
+            "decode_per_token": (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1),
+            "token_ids": ids,
+        }
 
     summary = staticmethod(HfRun.summary)
 
@@ -219,8 +255,11 @@ def llm_matmul_params(folder: Path) -> int:
     total = 0
     for file in folder.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
-            total += sum(prod(f.get_slice(k).get_shape()) for k in f.keys()
-                         if ("language_model" in k or "lm_head" in k) and "embed_tokens" not in k)
+            total += sum(
+                prod(f.get_slice(k).get_shape())
+                for k in f.keys()
+                if ("language_model" in k or "lm_head" in k) and "embed_tokens" not in k
+            )
     return total
 
 
@@ -231,7 +270,9 @@ def padded_prompt(bundle: Path, target: int) -> str:
 
     manifest = load_manifest(bundle)
     tok, images = manifest.tokenizer, manifest.pruning["image_tokens"]["vision"]
-    prompts = PromptBuilder.from_folder(bundle / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], images)
+    prompts = PromptBuilder.from_folder(
+        bundle / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], images
+    )
     count = lambda text: len(prompts.encode(prompts.render(text)))  # noqa: E731
     base, per = count(""), (count("red circle " * 50) - count("")) / 50
     k = max(round((target - base) / per), 0)
@@ -244,11 +285,22 @@ def padded_prompt(bundle: Path, target: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, help="checkpoints and bundles go here [default: a temp dir, deleted unless --keep]")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="checkpoints and bundles go here [default: a temp dir, deleted unless --keep]",
+    )
     p.add_argument("--keep", action="store_true", help="keep --work (or the temp dir) afterwards")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per run: 32 proved too few for a steady per-token figure")
-    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="transformers' attention implementation")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="tokens per run: 32 proved too few for a steady per-token figure",
+    )
+    p.add_argument(
+        "--attn", choices=["sdpa", "eager"], default="sdpa", help="transformers' attention implementation"
+    )
     p.add_argument("--init-range", type=float, default=0.02, help="initializer_range of the random weights")
     p.add_argument("--fastv-k", type=int, default=2)
     p.add_argument("--fastv-ratio", type=float, default=0.5)
@@ -274,52 +326,115 @@ def main() -> None:
     with work_dir(args.work, args.keep, "runtime_speed") as work:
         print(f"building checkpoints and bundles in {work} (not timed) ...", flush=True)
         spec = TinyLlavaSpec(name="bench_speed", initializer_range=args.init_range, seed=0, **sizes)
-        ctx_spec = TinyLlavaSpec(name="bench_ctx", initializer_range=args.init_range, seed=0, **{**sizes, "image_size": args.ctx_image_size})
-        folder, ctx_folder = make_tiny_llava(work / "checkpoint", spec), make_tiny_llava(work / "checkpoint-ctx", ctx_spec)
-        methods = {"none": PruningConfig(), "fastv": PruningConfig.from_method("fastv", args.fastv_ratio, k=args.fastv_k),
-                   "fastervlm": PruningConfig.from_method("fastervlm", args.fastervlm_ratio)}
+        ctx_spec = TinyLlavaSpec(
+            name="bench_ctx",
+            initializer_range=args.init_range,
+            seed=0,
+            **{**sizes, "image_size": args.ctx_image_size},
+        )
+        folder, ctx_folder = (
+            make_tiny_llava(work / "checkpoint", spec),
+            make_tiny_llava(work / "checkpoint-ctx", ctx_spec),
+        )
+        methods = {
+            "none": PruningConfig(),
+            "fastv": PruningConfig.from_method("fastv", args.fastv_ratio, k=args.fastv_k),
+            "fastervlm": PruningConfig.from_method("fastervlm", args.fastervlm_ratio),
+        }
         bundles = {}
         for name, pruning in methods.items():
             bundles[name] = work / f"bundle-{name}"
-            export_bundle(ExportConfig(str(folder), bundles[name], pruning, dtype="fp32", verify=False, force=True))
+            export_bundle(
+                ExportConfig(str(folder), bundles[name], pruning, dtype="fp32", verify=False, force=True)
+            )
         for weights in ("int8", "int4"):
             bundles[weights] = work / f"bundle-none-{weights}"
-            export_bundle(ExportConfig(str(folder), bundles[weights], PruningConfig(), dtype="fp32", verify=False, force=True, quantize=weights))
+            export_bundle(
+                ExportConfig(
+                    str(folder),
+                    bundles[weights],
+                    PruningConfig(),
+                    dtype="fp32",
+                    verify=False,
+                    force=True,
+                    quantize=weights,
+                )
+            )
         ctx_bundle = work / "bundle-ctx"
-        export_bundle(ExportConfig(str(ctx_folder), ctx_bundle, PruningConfig(), dtype="fp32", max_context=args.max_context, verify=False, force=True))
+        export_bundle(
+            ExportConfig(
+                str(ctx_folder),
+                ctx_bundle,
+                PruningConfig(),
+                dtype="fp32",
+                max_context=args.max_context,
+                verify=False,
+                force=True,
+            )
+        )
         gc.collect()
         load_start = os.getloadavg()
         if load_start[0] > 0.5:
-            print(f"warning: load average {load_start[0]:.2f}: other processes compete for the CPU (torch suffers most)")
+            print(
+                f"warning: load average {load_start[0]:.2f}: other processes compete for the CPU (torch suffers most)"
+            )
         image = sample_image(640, 480, seed=0)
         P = llm_matmul_params(folder)
-        print(f"LLM: {P / 1e6:.1f} M matmul parameters; {spec.num_image_tokens} image tokens; torch threads {torch.get_num_threads()}", flush=True)
+        print(
+            f"LLM: {P / 1e6:.1f} M matmul parameters; {spec.num_image_tokens} image tokens; torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
 
         # 1. runtime vs transformers vs our PyTorch reference
         print("1. runtime / transformers / reference ...", flush=True)
-        speed = side_by_side({"runtime (onnxruntime)": RuntimeRun(bundles["none"], image, PROMPT, n),
-                              f"transformers ({args.attn})": HfRun(folder, image, PROMPT, n, args.attn),
-                              "reference (mllm_edge.models)": ReferenceRun(folder, image, PROMPT, n),
-                              "runtime, int8 weights": RuntimeRun(bundles["int8"], image, PROMPT, n),
-                              "runtime, int4 weights": RuntimeRun(bundles["int4"], image, PROMPT, n)}, repeats)
+        speed = side_by_side(
+            {
+                "runtime (onnxruntime)": RuntimeRun(bundles["none"], image, PROMPT, n),
+                f"transformers ({args.attn})": HfRun(folder, image, PROMPT, n, args.attn),
+                "reference (mllm_edge.models)": ReferenceRun(folder, image, PROMPT, n),
+                "runtime, int8 weights": RuntimeRun(bundles["int8"], image, PROMPT, n),
+                "runtime, int4 weights": RuntimeRun(bundles["int4"], image, PROMPT, n),
+            },
+            repeats,
+        )
         gc.collect()
         rt, hf = speed["runtime (onnxruntime)"], speed[f"transformers ({args.attn})"]
         decode_speedup = rt["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
-        quantized_speedup = {w: round(speed[f"runtime, {w} weights"]["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 3) for w in ("int8", "int4")}
+        quantized_speedup = {
+            w: round(speed[f"runtime, {w} weights"]["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 3)
+            for w in ("int8", "int4")
+        }
 
         # 2. prefill speed-ups against the FLOPs model
         print("2. prefill per method ...", flush=True)
         text_tokens = rt["prompt_tokens"] - spec.num_image_tokens
         # the three bundles side by side, in a run of their own (section 1's none figures are not reused)
-        by_method = side_by_side({name: RuntimeRun(bundles[name], image, PROMPT, n) for name in methods}, repeats)
+        by_method = side_by_side(
+            {name: RuntimeRun(bundles[name], image, PROMPT, n) for name in methods}, repeats
+        )
         gc.collect()
         prefill = {}
         for name, pruning in methods.items():
             r = by_method[name]
             vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)
-            flops = prefill_flops(args.layers, args.hidden, args.intermediate, text_tokens, spec.num_image_tokens, vision_keep, llm_keep, pruning.split_layer)
-            prefill[name] = {"prefill_ms": r["prefill"], "vision_ms": r["vision"], "ttft_ms": r["ttft"],
-                             "vision_keep": vision_keep, "llm_keep": llm_keep, "flops_per_layer": flops.pruned}
+            flops = prefill_flops(
+                args.layers,
+                args.hidden,
+                args.intermediate,
+                text_tokens,
+                spec.num_image_tokens,
+                vision_keep,
+                llm_keep,
+                pruning.split_layer,
+            )
+            prefill[name] = {
+                "prefill_ms": r["prefill"],
+                "vision_ms": r["vision"],
+                "ttft_ms": r["ttft"],
+                "vision_keep": vision_keep,
+                "llm_keep": llm_keep,
+                "flops_per_layer": flops.pruned,
+            }
         for row in prefill.values():
             row["achieved"] = round(prefill["none"]["prefill_ms"] / row["prefill_ms"], 3)
             row["predicted"] = round(prefill["none"]["flops_per_layer"] / row["flops_per_layer"], 3)
@@ -333,59 +448,111 @@ def main() -> None:
         # 4. decode step time at a short and a long context
         print("4. decode at two contexts ...", flush=True)
         context = {}
-        at = side_by_side({target: RuntimeRun(ctx_bundle, image, padded_prompt(ctx_bundle, target), n) for target in args.contexts}, repeats)
+        at = side_by_side(
+            {
+                target: RuntimeRun(ctx_bundle, image, padded_prompt(ctx_bundle, target), n)
+                for target in args.contexts
+            },
+            repeats,
+        )
         for target in args.contexts:
             r = at[target]
             ctx = r["prompt_tokens"] + n / 2  # mean context over the decode steps
-            context[target] = {"prompt_tokens": r["prompt_tokens"], "mean_context": ctx, "decode_ms_per_token": r["decode_per_token"],
-                               "tokens": r["tokens"], "flops_per_token": 2 * P + 4 * args.layers * args.hidden * ctx}
+            context[target] = {
+                "prompt_tokens": r["prompt_tokens"],
+                "mean_context": ctx,
+                "decode_ms_per_token": r["decode_per_token"],
+                "tokens": r["tokens"],
+                "flops_per_token": 2 * P + 4 * args.layers * args.hidden * ctx,
+            }
         short, long_ = (context[t] for t in args.contexts)
         measured_ratio = long_["decode_ms_per_token"] / short["decode_ms_per_token"]
         predicted_ratio = long_["flops_per_token"] / short["flops_per_token"]
 
         # tables
         print(f"\n1. time to first token and decode speed ({n} new tokens, median of {repeats})")
-        print(f"{'engine':<40} {'TTFT ms':>9} {'decode ms/tok':>14} {'tok/s':>8} {'tokens':>7}  same tokens as transformers")
+        print(
+            f"{'engine':<40} {'TTFT ms':>9} {'decode ms/tok':>14} {'tok/s':>8} {'tokens':>7}  same tokens as transformers"
+        )
         for name, r in speed.items():
-            print(f"{name:<40} {r['ttft']:>9.1f} {r['decode_per_token']:>14.2f} {r['decode_tokens_per_s']:>8.1f} {r['tokens']:>7}  {r['token_ids'] == hf['token_ids']}")
-        print(f"target: runtime decode tok/s >= 2x transformers: {decode_speedup:.2f}x, {'met' if decode_speedup >= 2 else 'NOT met'}")
-        print(f"with quantized weights (not the same weights): int8 {quantized_speedup['int8']:.2f}x, int4 {quantized_speedup['int4']:.2f}x transformers")
+            print(
+                f"{name:<40} {r['ttft']:>9.1f} {r['decode_per_token']:>14.2f} {r['decode_tokens_per_s']:>8.1f} {r['tokens']:>7}  {r['token_ids'] == hf['token_ids']}"
+            )
+        print(
+            f"target: runtime decode tok/s >= 2x transformers: {decode_speedup:.2f}x, {'met' if decode_speedup >= 2 else 'NOT met'}"
+        )
+        print(
+            f"with quantized weights (not the same weights): int8 {quantized_speedup['int8']:.2f}x, int4 {quantized_speedup['int4']:.2f}x transformers"
+        )
 
         print(f"\n2. prefill speed-up (prompt {rt['prompt_tokens']} tokens, {text_tokens} text)")
-        print(f"{'method':<10} {'kept vision/llm':>16} {'prefill ms':>11} {'achieved':>9} {'predicted':>10} {'ach/pred':>9}")
+        print(
+            f"{'method':<10} {'kept vision/llm':>16} {'prefill ms':>11} {'achieved':>9} {'predicted':>10} {'ach/pred':>9}"
+        )
         for name, r in prefill.items():
-            print(f"{name:<10} {str(r['vision_keep']) + '/' + str(r['llm_keep']):>16} {r['prefill_ms']:>11.1f} {r['achieved']:>8.2f}x {r['predicted']:>9.2f}x {r['achieved_over_predicted']:>8.0%}")
+            print(
+                f"{name:<10} {str(r['vision_keep']) + '/' + str(r['llm_keep']):>16} {r['prefill_ms']:>11.1f} {r['achieved']:>8.2f}x {r['predicted']:>9.2f}x {r['achieved_over_predicted']:>8.0%}"
+            )
         prefill_ok = all(r["achieved_over_predicted"] >= 0.85 for r in prefill.values())
         print(f"target: achieved >= 85% of predicted: {'met' if prefill_ok else 'NOT met'}")
 
         print("\n3. decode step: inside and outside the graphs")
         o = overhead
         print(f"{'ms/step':>9} {'in graphs':>10} {'outside':>9} {'share':>7}")
-        print(f"{o['decode_per_token']:>9.3f} {o['decode_per_token'] - o['outside_ms_per_step']:>10.3f} {o['outside_ms_per_step']:>9.3f} {o['outside_share']:>7.1%}")
+        print(
+            f"{o['decode_per_token']:>9.3f} {o['decode_per_token'] - o['outside_ms_per_step']:>10.3f} {o['outside_ms_per_step']:>9.3f} {o['outside_share']:>7.1%}"
+        )
         print(f"target: outside < 5% of a step: {'met' if o['outside_share'] < 0.05 else 'NOT met'}")
 
         print(f"\n4. decode ms/token against context ({ctx_spec.num_image_tokens} image tokens)")
         print(f"{'target ctx':>10} {'prompt tokens':>14} {'decode ms/tok':>14} {'GFLOP/tok':>10}")
         for target, r in context.items():
-            print(f"{target:>10} {r['prompt_tokens']:>14} {r['decode_ms_per_token']:>14.3f} {r['flops_per_token'] / 1e9:>10.3f}")
-        print(f"ratio long/short: measured {measured_ratio:.3f}, predicted {predicted_ratio:.3f}; "
-              f"target measured <= predicted: {'met' if measured_ratio <= predicted_ratio else 'NOT met'}")
+            print(
+                f"{target:>10} {r['prompt_tokens']:>14} {r['decode_ms_per_token']:>14.3f} {r['flops_per_token'] / 1e9:>10.3f}"
+            )
+        print(
+            f"ratio long/short: measured {measured_ratio:.3f}, predicted {predicted_ratio:.3f}; "
+            f"target measured <= predicted: {'met' if measured_ratio <= predicted_ratio else 'NOT met'}"
+        )
 
         for r in [*speed.values(), overhead]:
             r.pop("token_ids", None)
-        load = {"loadavg_1_5_15_start": [round(x, 2) for x in load_start], "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()]}
-        record = {"machine": {**machine(), "torch_threads": torch.get_num_threads(), **load},
-                  "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("work", "keep", "json")},
-                  "model": {**sizes, "vision_feature_layer": -2, "llm_matmul_params": P, "image_tokens": spec.num_image_tokens,
-                            "ctx_image_tokens": ctx_spec.num_image_tokens},
-                  "prompt": PROMPT,
-                  "speed": speed, "decode_speedup_vs_transformers": round(decode_speedup, 3),
-                  "quantized_decode_speedup_vs_transformers": quantized_speedup,
-                  "prefill": prefill, "decode_overhead": overhead,
-                  "context": {"runs": context, "measured_ratio": round(measured_ratio, 3), "predicted_ratio": round(predicted_ratio, 3)},
-                  "targets_met": {"decode >= 2x transformers": decode_speedup >= 2, "prefill achieved >= 85% predicted": prefill_ok,
-                                  "outside graphs < 5% of a step": o["outside_share"] < 0.05,
-                                  "context ratio <= predicted": measured_ratio <= predicted_ratio}}
+        load = {
+            "loadavg_1_5_15_start": [round(x, 2) for x in load_start],
+            "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
+        }
+        record = {
+            "machine": {**machine(), "torch_threads": torch.get_num_threads(), **load},
+            "settings": {
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+                if k not in ("work", "keep", "json")
+            },
+            "model": {
+                **sizes,
+                "vision_feature_layer": -2,
+                "llm_matmul_params": P,
+                "image_tokens": spec.num_image_tokens,
+                "ctx_image_tokens": ctx_spec.num_image_tokens,
+            },
+            "prompt": PROMPT,
+            "speed": speed,
+            "decode_speedup_vs_transformers": round(decode_speedup, 3),
+            "quantized_decode_speedup_vs_transformers": quantized_speedup,
+            "prefill": prefill,
+            "decode_overhead": overhead,
+            "context": {
+                "runs": context,
+                "measured_ratio": round(measured_ratio, 3),
+                "predicted_ratio": round(predicted_ratio, 3),
+            },
+            "targets_met": {
+                "decode >= 2x transformers": decode_speedup >= 2,
+                "prefill achieved >= 85% predicted": prefill_ok,
+                "outside graphs < 5% of a step": o["outside_share"] < 0.05,
+                "context ratio <= predicted": measured_ratio <= predicted_ratio,
+            },
+        }
         write_json(args.json, record)
 
 

@@ -29,7 +29,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """mllm-edge: fast LLaVA on Jetson and desktop GPUs, without losing answers."""
 
@@ -61,12 +63,16 @@ def require_export_extra(modules: tuple[str, ...] = ("torch", "transformers")) -
 @user_errors
 def reference(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
-    model: str = typer.Option(..., "--model", "-m", help="LLaVA checkpoint: a local folder or a Hugging Face hub id."),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="LLaVA checkpoint: a local folder or a Hugging Face hub id."
+    ),
     prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="The question about the image."),
     method: str = typer.Option("none", "--method", help="none | fastv | fastervlm | fastv+fastervlm"),
     ratio: float = typer.Option(0.0, "--ratio", help="Fraction of image tokens pruned, 0 <= R < 1."),
     k: int = typer.Option(2, "--k", help="FastV: the layer where pruning happens (1 <= K < layers)."),
-    vision_ratio: Optional[float] = typer.Option(None, "--vision-ratio", help="FasterVLM's ratio when both methods run."),
+    vision_ratio: Optional[float] = typer.Option(
+        None, "--vision-ratio", help="FasterVLM's ratio when both methods run."
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Stop after this many tokens."),
 ) -> None:
     """Answer with the PyTorch reference (greedy, KV cache): the yardstick exported graphs are checked against."""
@@ -102,15 +108,30 @@ def reference(
 @app.command()
 @user_errors
 def export(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="LLaVA checkpoint: a local folder or a Hugging Face hub id (default: the built-in model)."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="LLaVA checkpoint: a local folder or a Hugging Face hub id (default: the built-in model).",
+    ),
     out: Path = typer.Option(Path(DEFAULT_BUNDLE), "--out", "-o", help="Bundle folder to write."),
     method: str = typer.Option("none", "--method", help="none | fastv | fastervlm | fastv+fastervlm"),
     ratio: float = typer.Option(0.0, "--ratio", help="Fraction of image tokens pruned, 0 <= R < 1."),
     k: int = typer.Option(2, "--k", help="FastV: the layer where pruning happens (1 <= K < layers)."),
-    vision_ratio: Optional[float] = typer.Option(None, "--vision-ratio", help="FasterVLM's ratio when both methods run."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (fp16 for GPUs and Jetsons; norms and softmax stay fp32 inside)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 | int4: weight-only LLM graphs for ONNX Runtime (faster decoding; not for TensorRT)."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens the KV cache holds [default: min(2048, the model's limit)]."),
+    vision_ratio: Optional[float] = typer.Option(
+        None, "--vision-ratio", help="FasterVLM's ratio when both methods run."
+    ),
+    dtype: str = typer.Option(
+        "fp32", "--dtype", help="fp32 | fp16 (fp16 for GPUs and Jetsons; norms and softmax stay fp32 inside)."
+    ),
+    quantize: Optional[str] = typer.Option(
+        None,
+        "--quantize",
+        help="int8 | int4: weight-only LLM graphs for ONNX Runtime (faster decoding; not for TensorRT).",
+    ),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", help="Tokens the KV cache holds [default: min(2048, the model's limit)]."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace the bundle folder if it exists."),
 ) -> None:
@@ -128,17 +149,30 @@ def export(
         from .default_model import checkpoint
 
         model = str(checkpoint())
-    config = ExportConfig(model, out, PruningConfig.from_method(method, ratio, k, vision_ratio), dtype, max_context, not no_verify, force, quantize)
+    config = ExportConfig(
+        model,
+        out,
+        PruningConfig.from_method(method, ratio, k, vision_ratio),
+        dtype,
+        max_context,
+        not no_verify,
+        force,
+        quantize,
+    )
     names = stages(config)
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("export", total=len(names))
-        report = export_bundle(config, lambda name: progress.update(task, description=name, completed=names.index(name)))
+        report = export_bundle(
+            config, lambda name: progress.update(task, description=name, completed=names.index(name))
+        )
         progress.update(task, description="done", completed=len(names))
 
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
     m = report.manifest
-    console.print(f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}")
+    console.print(
+        f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}"
+    )
     console.print(pruning_line(m))
     f = report.flops
     console.print(
@@ -146,7 +180,9 @@ def export(
         f"unpruned ({100 * f.ratio:.0f}%)"
     )
     if report.shared_bytes:
-        console.print(f"identical weights in two graphs (tied embeddings) stored once: {human_bytes(report.shared_bytes)} saved")
+        console.print(
+            f"identical weights in two graphs (tied embeddings) stored once: {human_bytes(report.shared_bytes)} saved"
+        )
     console.print(files_table(m, report.files))
     if report.checks:
         console.print(checks_table(report.checks, report.chain))
@@ -168,7 +204,9 @@ def inspect(
 
     m = load_manifest(bundle)
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
-    console.print(f"[bold]{escape(str(bundle))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}, {m.created_by}")
+    console.print(
+        f"[bold]{escape(str(bundle))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}, {m.created_by}"
+    )
     console.print(pruning_line(m))
     sizes = graph_sizes(m, bundle_sizes(bundle, m))
     try:
@@ -195,12 +233,28 @@ def inspect(
 @app.command(name="eval")
 @user_errors
 def eval_(
-    bundle: Path = typer.Option(Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help='JSONL lines {"image": path, "question": ..., "answer": ...}, paths relative to the file.'),
-    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="N held-out synthetic scenes of the built-in model's world (default: 200 when no --dataset)."),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An unpruned bundle of the same model: report how often the answers agree with it."),
+    bundle: Path = typer.Option(
+        Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."
+    ),
+    dataset: Optional[Path] = typer.Option(
+        None,
+        "--dataset",
+        help='JSONL lines {"image": path, "question": ..., "answer": ...}, paths relative to the file.',
+    ),
+    synthetic: Optional[int] = typer.Option(
+        None,
+        "--synthetic",
+        help="N held-out synthetic scenes of the built-in model's world (default: 200 when no --dataset).",
+    ),
+    baseline: Optional[Path] = typer.Option(
+        None,
+        "--baseline",
+        help="An unpruned bundle of the same model: report how often the answers agree with it.",
+    ),
     backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with every answer) instead of a summary."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (with every answer) instead of a summary."
+    ),
 ) -> None:
     """Exact-match accuracy of a bundle's answers, agreement with an unpruned baseline, prefill time, image tokens kept."""
     import json
@@ -212,18 +266,26 @@ def eval_(
 
     if dataset is not None and synthetic is not None:
         raise MllmEdgeError("give --dataset or --synthetic, not both")
-    items = load_jsonl(dataset) if dataset is not None else synthetic_items(200 if synthetic is None else synthetic)
+    items = (
+        load_jsonl(dataset)
+        if dataset is not None
+        else synthetic_items(200 if synthetic is None else synthetic)
+    )
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("eval", total=len(items))
-        report = evaluate(bundle, items, baseline, backend, lambda done: progress.update(task, completed=done))
+        report = evaluate(
+            bundle, items, baseline, backend, lambda done: progress.update(task, completed=done)
+        )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
     console = Console(soft_wrap=True)
     agreement = "" if report.agreement is None else f", agreement with the baseline {report.agreement:.1%}"
-    console.print(f"{report.bundle} ({report.method}): exact match {report.accuracy:.1%} of {report.items}{agreement}; "
-                  f"mean prefill {report.mean_prefill_ms:.1f} ms; image tokens kept {report.image_tokens_kept} of {report.image_tokens}")
+    console.print(
+        f"{report.bundle} ({report.method}): exact match {report.accuracy:.1%} of {report.items}{agreement}; "
+        f"mean prefill {report.mean_prefill_ms:.1f} ms; image tokens kept {report.image_tokens_kept} of {report.image_tokens}"
+    )
     if report.by_kind:
         console.print("by question kind: " + ", ".join(f"{k} {v:.0%}" for k, v in report.by_kind.items()))
 
@@ -232,12 +294,30 @@ def eval_(
 @user_errors
 def build(
     bundle: Path = typer.Argument(Path(DEFAULT_BUNDLE), help="Bundle folder made by `mllm-edge export`."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 | fp32 | bf16 (default: the bundle's dtype)."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Largest context the engines take (default: the bundle's)."),
-    workspace: Optional[int] = typer.Option(None, "--workspace", help="TensorRT workspace in MB (default: 4096; 1024 on a Jetson)."),
-    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, reused and updated (default: in the bundle's engines/)."),
-    trtexec: bool = typer.Option(False, "--trtexec", help="Also write the equivalent trtexec command lines (trtexec.sh) beside the engines."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run each engine on export's samples and compare with the reference outputs."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="fp16 | fp32 | bf16 (default: the bundle's dtype)."
+    ),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", help="Largest context the engines take (default: the bundle's)."
+    ),
+    workspace: Optional[int] = typer.Option(
+        None, "--workspace", help="TensorRT workspace in MB (default: 4096; 1024 on a Jetson)."
+    ),
+    timing_cache: Optional[Path] = typer.Option(
+        None,
+        "--timing-cache",
+        help="Timing cache file, reused and updated (default: in the bundle's engines/).",
+    ),
+    trtexec: bool = typer.Option(
+        False,
+        "--trtexec",
+        help="Also write the equivalent trtexec command lines (trtexec.sh) beside the engines.",
+    ),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Run each engine on export's samples and compare with the reference outputs.",
+    ),
 ) -> None:
     """Build TensorRT engines for this GPU, one per graph, into BUNDLE/engines/<gpu>-sm<cc>-trt<version>/."""
     from rich.console import Console
@@ -253,17 +333,29 @@ def build(
         from .export.lint import lint_model
     except ImportError:
         lint_model = None
-    if lint_model is not None:  # the graphs must parse in TensorRT 10: say which rule breaks, not a parser trace
-        for name, spec in manifest.graphs.items():
+    if (
+        lint_model is not None
+    ):  # the graphs must parse in TensorRT 10: say which rule breaks, not a parser trace
+        for spec in manifest.graphs.values():
             findings = lint_model(bundle / spec.file)
             if findings:
-                raise MllmEdgeError(f"{spec.file} breaks TensorRT 10's ONNX rules: " + "; ".join(map(str, findings)))
+                raise MllmEdgeError(
+                    f"{spec.file} breaks TensorRT 10's ONNX rules: " + "; ".join(map(str, findings))
+                )
     config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
         task = progress.add_task("build")
         plan, checks = build_bundle(config, lambda text: progress.update(task, description=text))
     console = Console(soft_wrap=True)
-    console.print(f"[bold]{escape(str(plan.folder))}[/bold]: {plan.settings.precision}, max context {plan.max_context}, TensorRT {plan.target.tensorrt}")
+    console.print(
+        f"[bold]{escape(str(plan.folder))}[/bold]: {plan.settings.precision}, max context {plan.max_context}, TensorRT {plan.target.tensorrt}"
+    )
     for graph in plan.profiles:
         console.print(f"  {graph}: " + ", ".join(p.name for p in plan.profiles[graph]))
     if checks:
@@ -278,15 +370,21 @@ def build(
 def run(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
     prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="The question about the image."),
-    bundle: Path = typer.Option(Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."),
+    bundle: Path = typer.Option(
+        Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."
+    ),
     backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Stop after this many tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; above 0 samples."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass."),
+    top_p: float = typer.Option(
+        1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass."
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
-    show_pruning: Optional[Path] = typer.Option(None, "--show-pruning", help="Write the image with pruned patches dimmed, kept ones outlined (PNG)."),
+    show_pruning: Optional[Path] = typer.Option(
+        None, "--show-pruning", help="Write the image with pruned patches dimmed, kept ones outlined (PNG)."
+    ),
 ) -> None:
     """Answer a question about an image with an exported bundle (streams the answer; figures on stderr)."""
     import json
@@ -297,7 +395,9 @@ def run(
     if show_pruning is not None and not show_pruning.parent.is_dir():
         raise MllmEdgeError(f"cannot write {show_pruning}: the folder {show_pruning.parent} does not exist")
     pipeline = Pipeline.load(bundle, backend, device)
-    generation = pipeline.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    generation = pipeline.stream(
+        image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
     for piece in generation:
         if not as_json:
             sys.stdout.write(piece)
@@ -310,14 +410,23 @@ def run(
         vision = pipeline.manifest.architecture["vision"]
         kept = result.kept_image_tokens
         pixels = pipeline.preprocess(load_image(image))
-        draw_pruning(pixels, pipeline.manifest.preprocessing, vision["image_size"] // vision["patch_size"], kept["vision"], kept["llm"], show_pruning)
+        draw_pruning(
+            pixels,
+            pipeline.manifest.preprocessing,
+            vision["image_size"] // vision["patch_size"],
+            kept["vision"],
+            kept["llm"],
+            show_pruning,
+        )
     if as_json:
         typer.echo(json.dumps(asdict(result), ensure_ascii=False))
         return
     typer.echo("")
     t, kept = result.timings_ms, result.kept_image_tokens
     tokens = pipeline.manifest.pruning["image_tokens"]
-    flow = f"image tokens {tokens['vision']} -> {tokens['llm']}" + (f" -> {tokens['after_fastv']}" if kept["llm"] is not None else "")
+    flow = f"image tokens {tokens['vision']} -> {tokens['llm']}" + (
+        f" -> {tokens['after_fastv']}" if kept["llm"] is not None else ""
+    )
     typer.echo(
         f"vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, ttft {t['ttft']:.1f} ms, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s; {flow}; {result.backend} on {result.device}"

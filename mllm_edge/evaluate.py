@@ -17,7 +17,9 @@ from typing import Callable
 
 from .errors import MllmEdgeError
 
-HELD_OUT_SEED = 1_000_003  # the synthetic held-out set: never drawn from in training (train.py uses small seeds)
+HELD_OUT_SEED = (
+    1_000_003  # the synthetic held-out set: never drawn from in training (train.py uses small seeds)
+)
 MAX_NEW_TOKENS = 8  # answers are a word or two
 
 
@@ -40,7 +42,9 @@ class EvalReport:
     image_tokens_kept: int  # image tokens that reach the LLM's last layers
     image_tokens: int  # the vision tower's
     by_kind: dict = field(default_factory=dict)  # accuracy per question kind, where the data has kinds
-    answers: list[dict] = field(default_factory=list)  # per item: question, answer, predicted, correct[, baseline]
+    answers: list[dict] = field(
+        default_factory=list
+    )  # per item: question, answer, predicted, correct[, baseline]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +65,9 @@ def load_jsonl(path: Path) -> list[EvalItem]:
             row = json.loads(line)
             image, question, answer = row["image"], row["question"], row["answer"]
         except (ValueError, KeyError, TypeError) as e:
-            raise MllmEdgeError(f"{path}:{number}: not a JSON object with image, question and answer ({e})") from None
+            raise MllmEdgeError(
+                f"{path}:{number}: not a JSON object with image, question and answer ({e})"
+            ) from None
         if not all(isinstance(v, str) and v for v in (image, question, answer)):
             raise MllmEdgeError(f"{path}:{number}: image, question and answer must be non-empty strings")
         items.append(EvalItem(path.parent / image, question, answer, str(row.get("kind", ""))))
@@ -83,8 +89,13 @@ def synthetic_items(count: int, seed: int = HELD_OUT_SEED) -> list[EvalItem]:
     return items
 
 
-def evaluate(bundle: Path, items: list[EvalItem], baseline: Path | None = None, backend: str = "auto",
-             progress: Callable[[int], None] = lambda _: None) -> EvalReport:
+def evaluate(
+    bundle: Path,
+    items: list[EvalItem],
+    baseline: Path | None = None,
+    backend: str = "auto",
+    progress: Callable[[int], None] = lambda _: None,
+) -> EvalReport:
     from .runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend)
@@ -92,8 +103,13 @@ def evaluate(bundle: Path, items: list[EvalItem], baseline: Path | None = None, 
     answers, prefill = [], []
     for i, item in enumerate(items):
         result = pipe.generate(item.image, item.question, max_new_tokens=MAX_NEW_TOKENS)
-        row = {"question": item.question, "answer": item.answer, "kind": item.kind, "predicted": result.text,
-               "correct": normalise(result.text) == normalise(item.answer)}
+        row = {
+            "question": item.question,
+            "answer": item.answer,
+            "kind": item.kind,
+            "predicted": result.text,
+            "correct": normalise(result.text) == normalise(item.answer),
+        }
         if isinstance(item.image, (str, Path)):
             row["image"] = str(item.image)
         if base is not None:
@@ -108,10 +124,15 @@ def evaluate(bundle: Path, items: list[EvalItem], baseline: Path | None = None, 
         method=pipe.manifest.pruning["method"],
         items=len(answers),
         accuracy=sum(a["correct"] for a in answers) / len(answers),
-        agreement=(sum(normalise(a["predicted"]) == normalise(a["baseline"]) for a in answers) / len(answers)) if base else None,
+        agreement=(sum(normalise(a["predicted"]) == normalise(a["baseline"]) for a in answers) / len(answers))
+        if base
+        else None,
         mean_prefill_ms=round(statistics.mean(prefill), 3),
         image_tokens_kept=tokens.get("after_fastv") or tokens["llm"],
         image_tokens=tokens["vision"],
-        by_kind={k: sum(a["correct"] for a in answers if a["kind"] == k) / sum(a["kind"] == k for a in answers) for k in kinds},
+        by_kind={
+            k: sum(a["correct"] for a in answers if a["kind"] == k) / sum(a["kind"] == k for a in answers)
+            for k in kinds
+        },
         answers=answers,
     )

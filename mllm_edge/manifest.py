@@ -53,7 +53,9 @@ class Manifest:
     tokenizer: dict  # folder, special token ids, image token, chat template
     preprocessing: dict  # the checkpoint's image processor settings
     samples: dict  # graph name -> npz of its sample inputs and reference outputs; "chain" -> greedy run
-    quantization: dict | None = None  # weight-only int8/int4 LLM graphs (export/quantize.py); None: float weights
+    quantization: dict | None = (
+        None  # weight-only int8/int4 LLM graphs (export/quantize.py); None: float weights
+    )
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     schema_version: int = SCHEMA_VERSION
     created_by: str = ""
@@ -121,7 +123,9 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
-        raise MllmEdgeError(f"bundle {folder} does not exist: make one with `mllm-edge export` (with no --model it exports the built-in model)")
+        raise MllmEdgeError(
+            f"bundle {folder} does not exist: make one with `mllm-edge export` (with no --model it exports the built-in model)"
+        )
     if not path.is_file():
         raise MllmEdgeError(f"{folder} is not a bundle: it has no {MANIFEST_NAME}")
     try:
@@ -149,4 +153,6 @@ def verify_bundle_files(folder: Path, manifest: Manifest) -> None:
         if not path.is_file():
             raise MllmEdgeError(f"bundle {folder} is incomplete: {rel} is missing")
         if sha256_file(path) != expected:
-            raise MllmEdgeError(f"bundle {folder} is damaged: {rel} does not match its sha256 in {MANIFEST_NAME}")
+            raise MllmEdgeError(
+                f"bundle {folder} is damaged: {rel} does not match its sha256 in {MANIFEST_NAME}"
+            )

@@ -43,7 +43,9 @@ def compare(graph: str, name: str, got: np.ndarray, ref: np.ndarray, tolerance: 
         return OutputCheck(graph, name, float("inf"), float("inf"), False, tolerance)
     if np.issubdtype(ref.dtype, np.integer):
         equal = bool(np.array_equal(got, ref))
-        return OutputCheck(graph, name, 0.0 if equal else float(np.abs(got - ref).max()), 0.0 if equal else 1.0, equal)
+        return OutputCheck(
+            graph, name, 0.0 if equal else float(np.abs(got - ref).max()), 0.0 if equal else 1.0, equal
+        )
     diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if got.size else 0.0
     scale = float(np.abs(ref.astype(np.float64)).max()) if ref.size else 0.0
     rel = diff / scale if scale > 0 else diff

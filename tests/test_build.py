@@ -22,14 +22,39 @@ from mllm_edge.runtime.cache import KVCache
 from mllm_edge.runtime.device_cache import ALIGNMENT, DeviceKVCache, HostMemory
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-DESKTOP = Target("NVIDIA GeForce RTX 4090", (8, 9), "10.8.0", jetson=False, total_memory_mb=24000, free_memory_mb=23000)
+DESKTOP = Target(
+    "NVIDIA GeForce RTX 4090", (8, 9), "10.8.0", jetson=False, total_memory_mb=24000, free_memory_mb=23000
+)
 ORIN = Target("Orin", (8, 7), "10.3.0", jetson=True, total_memory_mb=7600, free_memory_mb=5000)
 
 # BuilderFlag names of TensorRT 10.3 and 11.0 (python/src/infer/pyCore.cpp at tags v10.3.0 and v11.0)
-FLAGS_10_3 = {"FP16", "BF16", "INT8", "DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS", "SAFETY_SCOPE",
-              "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO", "REJECT_EMPTY_ALGORITHMS", "VERSION_COMPATIBLE",
-              "EXCLUDE_LEAN_RUNTIME", "FP8", "ERROR_ON_TIMING_CACHE_MISS", "DISABLE_COMPILATION_CACHE", "WEIGHTLESS", "STRIP_PLAN",
-              "REFIT_IDENTICAL", "WEIGHT_STREAMING", "INT4", "REFIT_INDIVIDUAL"}
+FLAGS_10_3 = {
+    "FP16",
+    "BF16",
+    "INT8",
+    "DEBUG",
+    "GPU_FALLBACK",
+    "REFIT",
+    "DISABLE_TIMING_CACHE",
+    "TF32",
+    "SPARSE_WEIGHTS",
+    "SAFETY_SCOPE",
+    "OBEY_PRECISION_CONSTRAINTS",
+    "PREFER_PRECISION_CONSTRAINTS",
+    "DIRECT_IO",
+    "REJECT_EMPTY_ALGORITHMS",
+    "VERSION_COMPATIBLE",
+    "EXCLUDE_LEAN_RUNTIME",
+    "FP8",
+    "ERROR_ON_TIMING_CACHE_MISS",
+    "DISABLE_COMPILATION_CACHE",
+    "WEIGHTLESS",
+    "STRIP_PLAN",
+    "REFIT_IDENTICAL",
+    "WEIGHT_STREAMING",
+    "INT4",
+    "REFIT_INDIVIDUAL",
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +85,20 @@ def test_every_profile_shape_runs_in_the_graphs(method, export_cache):
     manifest = load_manifest(folder)
     for graph, spec in manifest.graphs.items():
         engine = OnnxRuntimeEngine(folder / spec.file)
-        for profile in graph_profiles(manifest, graph, max_context=manifest.pruning["image_tokens"]["llm"] + 40):  # small: quick max shapes
+        for profile in graph_profiles(
+            manifest, graph, max_context=manifest.pruning["image_tokens"]["llm"] + 40
+        ):  # small: quick max shapes
             for which in range(3):
                 feeds = {}
                 for t in spec.inputs:
                     shape = profile.shapes[t.name][which] if t.name in profile.shapes else tuple(t.shape)
                     feeds[t.name] = _random_input(t, shape)
                 out = engine.run(feeds)
-                assert all(np.isfinite(v).all() for v in out.values() if v.dtype.kind == "f"), (graph, profile.name, which)
+                assert all(np.isfinite(v).all() for v in out.values() if v.dtype.kind == "f"), (
+                    graph,
+                    profile.name,
+                    which,
+                )
 
 
 def test_profiles_follow_the_manifest(export_cache):
@@ -76,19 +107,36 @@ def test_profiles_follow_the_manifest(export_cache):
     ctx, images = manifest.max_context, manifest.pruning["image_tokens"]["llm"]
     vision = graph_profiles(manifest, "vision")
     assert [p.name for p in vision] == ["static"]
-    assert set(vision[0].shapes["pixel_values"]) == {(1, *manifest.graphs["vision"].input("pixel_values").shape[1:])}
+    assert set(vision[0].shapes["pixel_values"]) == {
+        (1, *manifest.graphs["vision"].input("pixel_values").shape[1:])
+    }
     head = {p.name: p for p in graph_profiles(manifest, "llm_head")}
     assert list(head) == ["prefill", "decode"]
     g, d = manifest.architecture["text"]["num_kv_heads"], manifest.architecture["text"]["head_dim"]
-    assert head["prefill"].shapes["inputs_embeds"][2][1] == ctx and head["prefill"].shapes["past_key.0"] == ((1, 1, g, d),) * 3
+    assert (
+        head["prefill"].shapes["inputs_embeds"][2][1] == ctx
+        and head["prefill"].shapes["past_key.0"] == ((1, 1, g, d),) * 3
+    )
     assert head["decode"].shapes["inputs_embeds"][0][1] == head["decode"].shapes["inputs_embeds"][2][1] == 1
-    assert head["decode"].shapes["past_value.1"][0][0] == 1 and head["decode"].shapes["past_value.1"][2][0] == ctx
+    assert (
+        head["decode"].shapes["past_value.1"][0][0] == 1
+        and head["decode"].shapes["past_value.1"][2][0] == ctx
+    )
     assert graph_profiles(manifest, "prune")[0].shapes["hidden_states"][0][1] == images
     embed = {p.name: p for p in graph_profiles(manifest, "embed")}
-    assert embed["prefill"].shapes["image_embeds"][0][1] == images and embed["decode"].shapes["image_embeds"][2][1] == 1
+    assert (
+        embed["prefill"].shapes["image_embeds"][0][1] == images
+        and embed["decode"].shapes["image_embeds"][2][1] == 1
+    )
     assert graph_profiles(manifest, "llm_tail", max_context=256)[1].shapes["past_key.2"][2][0] == 256
-    for bad in (images, ctx + 1):  # a prompt holds every image token and some text; the graphs were checked up to ctx
-        with pytest.raises(MllmEdgeError, match=f"--max-context must be above the {images} image tokens and at most the bundle's {ctx}"):
+    for bad in (
+        images,
+        ctx + 1,
+    ):  # a prompt holds every image token and some text; the graphs were checked up to ctx
+        with pytest.raises(
+            MllmEdgeError,
+            match=f"--max-context must be above the {images} image tokens and at most the bundle's {ctx}",
+        ):
             graph_profiles(manifest, "llm_tail", max_context=bad)
 
 
@@ -100,7 +148,9 @@ def test_settings_are_names_for_tensorrt_10_and_11():
     weak = choose_settings("10.3.0", "float32", "fp16", None, jetson=True)
     assert (weak.strongly_typed, weak.builder_flags, weak.workspace_mb) == (False, ["FP16"], 1024)
     assert set(choose_settings("10.3.0", "float32", "bf16", 512, jetson=False).builder_flags) <= FLAGS_10_3
-    with pytest.raises(MllmEdgeError, match="builds only strongly typed networks.*mllm-edge export --dtype fp16"):
+    with pytest.raises(
+        MllmEdgeError, match="builds only strongly typed networks.*mllm-edge export --dtype fp16"
+    ):
         choose_settings("11.0.0", "float32", "fp16", None, jetson=False)
     with pytest.raises(MllmEdgeError, match="re-export with|export --dtype fp32"):
         choose_settings("10.3.0", "float16", "fp32", None, jetson=False)
@@ -118,7 +168,9 @@ def test_engine_folders_are_named_by_gpu_cc_and_version(tmp_path):
     assert ORIN.folder_name == "orin-sm87-trt10.3.0"
     assert same_machine(DESKTOP.to_dict(), DESKTOP) is None
     why = same_machine(DESKTOP.to_dict(), ORIN)
-    assert "sm89 (this GPU: sm87)" in why and "TensorRT 10.8.0 (installed: 10.3.0)" in why and "rebuild" in why
+    assert (
+        "sm89 (this GPU: sm87)" in why and "TensorRT 10.8.0 (installed: 10.3.0)" in why and "rebuild" in why
+    )
 
 
 def test_jetson_is_detected_from_the_platform_files(tmp_path):
@@ -127,7 +179,9 @@ def test_jetson_is_detected_from_the_platform_files(tmp_path):
     (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
     assert detect_jetson(tmp_path) == "NVIDIA Jetson AGX Orin Developer Kit"
     assert available_memory(tmp_path) == 0
-    (tmp_path / "proc/meminfo").write_text("MemTotal:       7834000 kB\nMemFree:         900000 kB\nMemAvailable:   5120000 kB\n")
+    (tmp_path / "proc/meminfo").write_text(
+        "MemTotal:       7834000 kB\nMemFree:         900000 kB\nMemAvailable:   5120000 kB\n"
+    )
     assert available_memory(tmp_path) == 5120000 * 1024  # the page cache counts on a Jetson
     container = tmp_path / "container"
     (container / "etc").mkdir(parents=True)
@@ -145,11 +199,17 @@ def test_engine_metadata_round_trip_and_mismatches(export_cache, tmp_path):
     plan.folder.mkdir(parents=True)
     engine = plan.folder / "llm_tail.engine"
     engine.write_bytes(b"serialized engine bytes")
-    meta = EngineSet(ORIN.to_dict(), plan.settings.to_dict(), plan.max_context, sha256_file(bundle / MANIFEST_NAME))
-    meta.engines["llm_tail"] = EngineEntry(engine.name, "llm_tail.onnx", sha256_file(engine), profile_record(plan.profiles["llm_tail"]))
+    meta = EngineSet(
+        ORIN.to_dict(), plan.settings.to_dict(), plan.max_context, sha256_file(bundle / MANIFEST_NAME)
+    )
+    meta.engines["llm_tail"] = EngineEntry(
+        engine.name, "llm_tail.onnx", sha256_file(engine), profile_record(plan.profiles["llm_tail"])
+    )
     write_engine_set(plan.folder, meta)
     loaded = load_engine_set(plan.folder, bundle, ORIN)
-    assert loaded.engines["llm_tail"].profiles == json.loads(json.dumps(profile_record(plan.profiles["llm_tail"])))
+    assert loaded.engines["llm_tail"].profiles == json.loads(
+        json.dumps(profile_record(plan.profiles["llm_tail"]))
+    )
     with pytest.raises(MllmEdgeError, match="built for Orin with compute capability sm87"):
         load_engine_set(plan.folder, bundle, DESKTOP)
     engine.write_bytes(b"damaged")
@@ -172,19 +232,30 @@ def test_trtexec_script_holds_each_graph_with_its_profiles(export_cache, tmp_pat
     assert set(lines) == {f"../../{g.file}" for g in plan.manifest.graphs.values()}
     head = lines["../../llm_head.onnx"]
     assert head.index("--profile=0") < head.index("--minShapes") < head.index("--profile=1")
-    assert "inputs_embeds:1x1x" in head and "--memPoolSize=workspace:2048M" in head and "--stronglyTyped" in head
+    assert (
+        "inputs_embeds:1x1x" in head and "--memPoolSize=workspace:2048M" in head and "--stronglyTyped" in head
+    )
     assert f"past_key.0:{plan.max_context}x1x" in head  # decode profile's max past
-    assert "--profile=1" not in lines["../../vision.onnx"] and "--minShapes=pixel_values:1x3x" in lines["../../vision.onnx"]
+    assert (
+        "--profile=1" not in lines["../../vision.onnx"]
+        and "--minShapes=pixel_values:1x3x" in lines["../../vision.onnx"]
+    )
     weak = plan_build(BuildConfig(folder, precision="fp16"), ORIN)
-    assert "--fp16" in " ".join(weak.trtexec_commands()["llm_tail"]) and "--stronglyTyped" not in " ".join(weak.trtexec_commands()["llm_tail"])
+    assert "--fp16" in " ".join(weak.trtexec_commands()["llm_tail"]) and "--stronglyTyped" not in " ".join(
+        weak.trtexec_commands()["llm_tail"]
+    )
     eleven = plan_build(BuildConfig(folder), Target("H100", (9, 0), "11.0.0", False))
-    assert "--stronglyTyped" not in " ".join(eleven.trtexec_commands()["llm_tail"])  # a no-op on 11: the graph's dtypes decide
+    assert "--stronglyTyped" not in " ".join(
+        eleven.trtexec_commands()["llm_tail"]
+    )  # a no-op on 11: the graph's dtypes decide
 
 
 def test_decode_and_prefill_profiles_are_picked_by_shape(export_cache):
     folder, _ = export_cache("llama_gqa", "fastv")
     profiles = profile_record(graph_profiles(load_manifest(folder), "llm_tail"))
-    low = {name: tuple(lo) for name, (lo, _, _) in profiles[0]["shapes"].items()}  # the prefill minimum: seq 1, past 1
+    low = {
+        name: tuple(lo) for name, (lo, _, _) in profiles[0]["shapes"].items()
+    }  # the prefill minimum: seq 1, past 1
 
     def shapes(seq: int, past: int) -> dict:
         return {n: (past, *s[1:]) if n.startswith("past_") else (1, seq, *s[2:]) for n, s in low.items()}
@@ -195,7 +266,9 @@ def test_decode_and_prefill_profiles_are_picked_by_shape(export_cache):
         pick_profile(profiles, shapes(1, 5000))
 
 
-@pytest.mark.parametrize("heads,head_dim,dtype", [(2, 32, np.float32), (1, 8, np.float16)])  # 256-byte rows, and 16-byte rows
+@pytest.mark.parametrize(
+    "heads,head_dim,dtype", [(2, 32, np.float32), (1, 8, np.float16)]
+)  # 256-byte rows, and 16-byte rows
 def test_device_cache_bookkeeping_matches_the_host_cache(heads, head_dim, dtype):
     """Rows written through the device cache's slot addresses read back through its past addresses
     exactly as the host cache holds them, aligned slots or not (then via scratch and a copy)."""
@@ -205,7 +278,12 @@ def test_device_cache_bookkeeping_matches_the_host_cache(heads, head_dim, dtype)
     host = KVCache(4, 2, 64, heads, head_dim, dtype)
 
     def read(t):
-        return np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * t.nbytes).from_address(t.address)).view(dtype).reshape(t.shape).copy()
+        return (
+            np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * t.nbytes).from_address(t.address))
+            .view(dtype)
+            .reshape(t.shape)
+            .copy()
+        )
 
     misaligned = 0
     for group, count in [("head", 37), ("tail", 20), ("head", 1), ("tail", 1), ("head", 1), ("tail", 3)]:
@@ -220,7 +298,9 @@ def test_device_cache_bookkeeping_matches_the_host_cache(heads, head_dim, dtype)
         host.advance(group, count)
         for name, past in device.past(group).items():
             np.testing.assert_array_equal(read(past), host.past(group)[name])
-    assert (misaligned > 0) == (heads * head_dim * np.dtype(dtype).itemsize % ALIGNMENT != 0)  # the scratch path ran where it must
+    assert (misaligned > 0) == (
+        heads * head_dim * np.dtype(dtype).itemsize % ALIGNMENT != 0
+    )  # the scratch path ran where it must
     with pytest.raises(MllmEdgeError, match="max context of 64"):
         device.slots("head", 64)
     device.close()
@@ -236,17 +316,29 @@ def test_build_without_tensorrt_says_how_to_get_it(export_cache, image_file, tmp
     cases = [
         (["build", str(folder)], "TensorRT is not installed"),
         (["build", str(tmp_path / "nothing")], "does not exist"),
-        (["run", str(image_file), "--bundle", str(folder), "--backend", "tensorrt"], "TensorRT is not installed"),
+        (
+            ["run", str(image_file), "--bundle", str(folder), "--backend", "tensorrt"],
+            "TensorRT is not installed",
+        ),
     ]
     for args, message in cases:
         result = CliRunner().invoke(app, args)
-        assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr, result.output + result.stderr
+        assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr, (
+            result.output + result.stderr
+        )
         assert message in result.stderr, (args, result.stderr)
-    auto = CliRunner().invoke(app, ["run", str(image_file), "--bundle", str(folder), "--max-new-tokens", "2", "--json"])
-    assert auto.exit_code == 0 and json.loads(auto.stdout)["backend"] == "onnxruntime"  # auto falls back to ONNX Runtime
+    auto = CliRunner().invoke(
+        app, ["run", str(image_file), "--bundle", str(folder), "--max-new-tokens", "2", "--json"]
+    )
+    assert (
+        auto.exit_code == 0 and json.loads(auto.stdout)["backend"] == "onnxruntime"
+    )  # auto falls back to ONNX Runtime
 
 
-@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed (it cannot be on these machines): build, run and parity need it and a GPU")
+@pytest.mark.skipif(
+    not HAS_TENSORRT,
+    reason="TensorRT is not installed (it cannot be on these machines): build, run and parity need it and a GPU",
+)
 @pytest.mark.parametrize("method", ["fastv", "fastervlm"])
 def test_engines_build_verify_and_answer_like_onnxruntime(method, export_cache, image_file):
     from mllm_edge.build.build import build_bundle
@@ -255,7 +347,9 @@ def test_engines_build_verify_and_answer_like_onnxruntime(method, export_cache, 
     folder, _ = export_cache("llama_gqa", method)
     plan, checks = build_bundle(BuildConfig(folder, trtexec=True))
     assert checks and all(c.ok for c in checks) and (plan.folder / "trtexec.sh").is_file()
-    ort = Pipeline.load(folder, backend="onnxruntime").generate(image_file, "What is in the picture?", max_new_tokens=8)
+    ort = Pipeline.load(folder, backend="onnxruntime").generate(
+        image_file, "What is in the picture?", max_new_tokens=8
+    )
     trt = Pipeline.load(folder, backend="auto")
     assert trt.backend == "tensorrt"
     result = trt.generate(image_file, "What is in the picture?", max_new_tokens=8)

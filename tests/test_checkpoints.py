@@ -59,10 +59,15 @@ def test_loads_offline_with_the_spec_architecture(tiny_checkpoint):
     assert (vision.image_size, vision.patch_size) == (spec.image_size, spec.patch_size)
     assert cfg.image_seq_length == spec.num_image_tokens
     strategy = "full" if spec.vision_arch == "siglip" else "default"  # SigLIP has no CLS token to drop
-    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (spec.vision_feature_layer, strategy)
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (
+        spec.vision_feature_layer,
+        strategy,
+    )
     assert vision.model_type == f"{spec.vision_arch}_vision_model"
     assert text.vocab_size == len(processor.tokenizer)
-    assert cfg.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id
+    assert (
+        cfg.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id
+    )
     assert model.dtype == torch.float32
     if spec.text_arch == "qwen2":
         assert not text.use_sliding_window
@@ -73,8 +78,16 @@ def test_loads_offline_with_the_spec_architecture(tiny_checkpoint):
 def test_files_have_the_hub_layout(tiny_checkpoint):
     name, path = tiny_checkpoint
     spec = FIXTURE_SPECS[name]
-    for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json"):
+    for file in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ):
         assert (path / file).is_file(), file
 
     # transformers 5's save_pretrained names (the Hub's, except vision_tower.* lacks "vision_model.").
@@ -113,7 +126,9 @@ def test_special_token_ids_agree_everywhere(tiny_checkpoint):
     if FIXTURE_SPECS[name].chat_style == "llava":
         assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
         assert tok("a red circle").input_ids[0] == tok.bos_token_id  # BOS comes from the post-processor
-        assert tok.convert_ids_to_tokens(tok("a red circle", add_special_tokens=False).input_ids)[0].startswith("▁")
+        assert tok.convert_ids_to_tokens(tok("a red circle", add_special_tokens=False).input_ids)[
+            0
+        ].startswith("▁")
     else:
         assert tok.bos_token_id is None and tok.unk_token is None
         assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
@@ -257,7 +272,11 @@ def test_rope_scaling_is_written_to_the_config(tmp_path):
     )
     path = make_tiny_llava(tmp_path / spec.name, spec)
     model, processor = load(path)
-    assert model.config.text_config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert model.config.text_config.rope_parameters == {
+        "rope_type": "linear",
+        "factor": 2.0,
+        "rope_theta": 10000.0,
+    }
     with torch.no_grad():
         assert torch.isfinite(model(**model_inputs(processor)).logits).all()
 
@@ -268,4 +287,6 @@ def test_sample_image_is_deterministic_and_not_square():
     assert image.tobytes() == sample_image().tobytes()
     assert image.tobytes() != sample_image(seed=1).tobytes()
     assert sample_image(width=50, height=80).size == (50, 80)
-    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 10  # shapes on a gradient, not a flat fill
+    assert (
+        len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 10
+    )  # shapes on a gradient, not a flat fill

@@ -63,7 +63,9 @@ def test_reference_answers_and_reports_kept_tokens(tiny_checkpoints, image_file)
     ],
 )
 def test_bad_settings_get_a_clear_error(tiny_checkpoints, image_file, extra, message):
-    result = runner.invoke(app, ["reference", str(image_file), "--model", str(tiny_checkpoints["llama_gqa"]), *extra])
+    result = runner.invoke(
+        app, ["reference", str(image_file), "--model", str(tiny_checkpoints["llama_gqa"]), *extra]
+    )
     assert result.exit_code == 1
     assert message in result.stderr
     assert "Traceback" not in result.output + result.stderr

@@ -50,7 +50,11 @@ def test_every_question_has_the_answer_the_picture_shows():
     for _ in range(60):
         scene = make_scene(rng)
         pixels = np.asarray(scene.render()).astype(int)
-        assert len({it.shape for it in scene.items}) == len({it.colour for it in scene.items}) == len(scene.items)  # unambiguous
+        assert (
+            len({it.shape for it in scene.items})
+            == len({it.colour for it in scene.items})
+            == len(scene.items)
+        )  # unambiguous
         for it in scene.items:  # the centre pixel is the item's colour: what the picture shows
             assert np.abs(pixels[it.y, it.x] - COLOURS[it.colour]).max() <= 1
         by_shape = {it.shape: it for it in scene.items}
@@ -71,7 +75,9 @@ def test_every_question_has_the_answer_the_picture_shows():
                 y = by_shape[words[2]].y
                 assert abs(y - SIZE / 2) > 20 and q.answer == ("top" if y < SIZE / 2 else "bottom")
     kinds = [sample(rng)[1].kind for _ in range(600)]
-    assert {k: kinds.count(k) > 60 for k in set(kinds)} == {k: True for k in ("colour", "shape", "count", "exists", "horizontal", "vertical")}
+    assert {k: kinds.count(k) > 60 for k in set(kinds)} == {
+        k: True for k in ("colour", "shape", "count", "exists", "horizontal", "vertical")
+    }
 
 
 def test_patch_labels_follow_the_geometry():
@@ -97,7 +103,9 @@ def test_patch_labels_follow_the_geometry():
     for i, it in enumerate(scene.items):
         patch = (it.y // 14) * 24 + it.x // 14  # the patch under the item's centre
         assert items[patch] == i + 1
-        assert colours[patch] == 1 + list(COLOURS).index(it.colour) and shapes[patch] == 1 + SHAPES.index(it.shape)
+        assert colours[patch] == 1 + list(COLOURS).index(it.colour) and shapes[patch] == 1 + SHAPES.index(
+            it.shape
+        )
         side = "middle" if abs(it.x - SIZE / 2) <= MARGIN else "left" if it.x < SIZE / 2 else "right"
         height = "middle" if abs(it.y - SIZE / 2) <= MARGIN else "top" if it.y < SIZE / 2 else "bottom"
         assert SIDES[labels["sides"][patch] - 1] == side and HEIGHTS[labels["heights"][patch] - 1] == height
@@ -145,9 +153,13 @@ def test_eval_reports_the_accuracy_of_its_answers(export_cache, tmp_path):
     report = json.loads(result.stdout)
     truth = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [a["answer"] for a in report["answers"]] == [t["answer"] for t in truth] and report["items"] == 6
-    recomputed = sum(normalise(a["predicted"]) == normalise(t["answer"]) for a, t in zip(report["answers"], truth)) / 6
+    recomputed = (
+        sum(normalise(a["predicted"]) == normalise(t["answer"]) for a, t in zip(report["answers"], truth)) / 6
+    )
     assert report["accuracy"] == recomputed
-    assert report["image_tokens_kept"] == 288 and report["image_tokens"] == 576 and report["mean_prefill_ms"] > 0
+    assert (
+        report["image_tokens_kept"] == 288 and report["image_tokens"] == 576 and report["mean_prefill_ms"] > 0
+    )
     same = evaluate(folder, load_jsonl(jsonl), baseline=folder)
     assert same.agreement == 1.0 and same.accuracy == report["accuracy"]  # a bundle agrees with itself
 
@@ -156,10 +168,12 @@ def test_eval_bad_input_is_named(export_cache, tmp_path):
     folder, _ = export_cache("llama_mha", "none")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "question": "q?"}\n')
-    cases = [(["--dataset", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
-             (["--dataset", str(bad)], "bad.jsonl:1: not a JSON object with image, question and answer"),
-             (["--synthetic", "0"], "--synthetic must be >= 1"),
-             (["--synthetic", "2", "--dataset", str(bad)], "not both")]
+    cases = [
+        (["--dataset", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+        (["--dataset", str(bad)], "bad.jsonl:1: not a JSON object with image, question and answer"),
+        (["--synthetic", "0"], "--synthetic must be >= 1"),
+        (["--synthetic", "2", "--dataset", str(bad)], "not both"),
+    ]
     for args, message in cases:
         result = runner.invoke(app, ["eval", "--bundle", str(folder), *args])
         assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
@@ -183,7 +197,9 @@ def blind_accuracy(items) -> float:
     seen: dict[str, Counter] = {}
     for _, q in dataset(0, 4000):
         seen.setdefault(q.text, Counter())[q.answer] += 1
-    return sum(seen.get(i.question, Counter({"": 1})).most_common(1)[0][0] == i.answer for i in items) / len(items)
+    return sum(seen.get(i.question, Counter({"": 1})).most_common(1)[0][0] == i.answer for i in items) / len(
+        items
+    )
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the built-in checkpoint is not in this checkout")
@@ -212,7 +228,9 @@ def test_the_shipped_model_exports_with_no_model_option_and_answers_held_out_sce
 
 @pytest.mark.skipif(SHIPPED, reason="checks the message shown while the built-in checkpoint is absent")
 def test_export_without_a_model_says_the_built_in_one_is_missing(tmp_path):
-    result = runner.invoke(app, ["export", "--out", str(tmp_path / "b"), "--method", "fastv", "--ratio", "0.5"])
+    result = runner.invoke(
+        app, ["export", "--out", str(tmp_path / "b"), "--method", "fastv", "--ratio", "0.5"]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr
     assert "the built-in model is missing" in result.stderr and not (tmp_path / "b").exists()
 
@@ -234,7 +252,9 @@ def test_shared_prefix_training_is_single_turn_training(tmp_path):
     for scene, asked in items:  # every colour and shape question, one of each other kind
         kinds = [q.kind for q in asked]
         assert kinds.count("colour") == kinds.count("shape") == len(scene.items) and kinds.count("count") == 1
-        assert {k: kinds.count(k) for k in set(kinds) - {"colour", "shape"}} == {k: 1 for k in set(kinds) - {"colour", "shape"}}
+        assert {k: kinds.count(k) for k in set(kinds) - {"colour", "shape"}} == {
+            k: 1 for k in set(kinds) - {"colour", "shape"}
+        }
     with torch.no_grad():
         shared, _, word_loss, _ = answer_loss(model, examples.questions(items))
         rows, labels, pixels = [], [], []
@@ -248,13 +268,20 @@ def test_shared_prefix_training_is_single_turn_training(tmp_path):
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
         lab = torch.tensor([lb + [-100] * (width - len(lb)) for lb in labels])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=torch.from_numpy(np.stack(pixels)), labels=lab)
+        out = model(
+            input_ids=ids, attention_mask=mask, pixel_values=torch.from_numpy(np.stack(pixels)), labels=lab
+        )
     assert shared.item() > 0.1 and abs(shared.item() - out.loss.item()) < 1e-4 * out.loss.item()
     # The word loss, from transformers' logits at each picture's image tokens (its first question's row).
     first_rows = [sum(len(asked) for _, asked in items[:i]) for i in range(len(items))]
     logp = out.logits[first_rows][:, ids[0] == examples.image_token_id].log_softmax(-1)  # [pictures, 576, V]
-    named = [(logp[i, patch, word].item()) for i, (scene, _) in enumerate(items)
-             for patch, words in enumerate(examples.patch_words(scene)) for word in words if word != -100]
+    named = [
+        (logp[i, patch, word].item())
+        for i, (scene, _) in enumerate(items)
+        for patch, words in enumerate(examples.patch_words(scene))
+        for word in words
+        if word != -100
+    ]
     assert len(named) > 100 and abs(word_loss.item() + np.mean(named)) < 1e-4 * word_loss.item()
 
 
@@ -274,7 +301,10 @@ def test_patch_words_name_the_covering_item(tmp_path):
             for row in words[owner == i + 1]:  # each word's first token starts the word (blue: "blu" "e")
                 said = ["" if t == -100 else examples.prompts.decode([int(t)]).strip() for t in row]
                 expected = [it.colour, it.shape, side, height]
-                assert all(e.startswith(w) and (w != "") == (e != "") for w, e in zip(said, expected)), (said, expected)
+                assert all(e.startswith(w) and (w != "") == (e != "") for w, e in zip(said, expected)), (
+                    said,
+                    expected,
+                )
 
 
 def test_shortened_pictures_keep_the_items_and_train_as_transformers_would(tmp_path):
@@ -310,12 +340,16 @@ def test_shortened_pictures_keep_the_items_and_train_as_transformers_would(tmp_p
         total, count = 0.0, 0
         for (scene, asked), k in zip(items, kept):
             pixels = torch.from_numpy(examples.preprocess(scene.render()))
-            features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+            features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[
+                model.config.vision_feature_layer
+            ][:, 1:]
             image = model.model.multi_modal_projector(features[:, torch.from_numpy(k)])  # [1, 100, C]
             for q in asked:
                 prompt, answer = examples.ids(q.text, q.answer)
                 first = prompt.index(examples.image_token_id)
-                ids = torch.tensor([prompt[:first] + prompt[first + 576 - 100 :] + answer])  # 100 image tokens
+                ids = torch.tensor(
+                    [prompt[:first] + prompt[first + 576 - 100 :] + answer]
+                )  # 100 image tokens
                 embeds = model.get_input_embeddings()(ids.clamp(max=model.config.text_config.vocab_size - 1))
                 embeds = embeds.masked_scatter((ids == examples.image_token_id)[..., None], image)
                 labels = torch.tensor([[-100] * (ids.shape[1] - len(answer)) + answer])

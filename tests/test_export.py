@@ -20,9 +20,9 @@ import torch
 pytest.importorskip("onnxruntime", reason="verifying exports needs the onnxruntime extra")
 onnx = pytest.importorskip("onnx", reason="export needs the export extra")
 
+from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, inputs  # noqa: E402
 from onnx.external_data_helper import uses_external_data  # noqa: E402
 
-from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, inputs  # noqa: E402
 from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.export import bundle as bundle_module  # noqa: E402
 from mllm_edge.export.bundle import ExportConfig, export_bundle  # noqa: E402
@@ -43,7 +43,9 @@ def reference_model(path: Path, dtype: str):
     return load_llava(path, torch.float16 if dtype == "fp16" else torch.float32)
 
 
-CASES = [(n, m, d) for n in FIXTURES for m in METHODS for d in DTYPES] + [("llama_gqa", "fastv+fastervlm", d) for d in DTYPES]
+CASES = [(n, m, d) for n in FIXTURES for m in METHODS for d in DTYPES] + [
+    ("llama_gqa", "fastv+fastervlm", d) for d in DTYPES
+]
 
 
 @pytest.mark.parametrize("name,method,dtype", CASES, ids=["-".join(c) for c in CASES])
@@ -68,7 +70,10 @@ def test_bundle_matches_pytorch_on_a_new_image(name, method, dtype, export_cache
     assert tokens[0][clear].tolist() == ref_tokens[0][clear].tolist()
     if dtype == "fp32":  # free-running too: the same 8 tokens
         assert chain.generate(input_ids.numpy(), pixel_values.numpy(), 8)[0][0].tolist() == ref.token_ids[0]
-    kept = {"fastv": (chain.kept_image, ref.prefill.kept_llm), "fastervlm": (chain.kept_patches, ref.prefill.kept_vision)}
+    kept = {
+        "fastv": (chain.kept_image, ref.prefill.kept_llm),
+        "fastervlm": (chain.kept_patches, ref.prefill.kept_vision),
+    }
     for part in method.split("+"):
         if part not in kept:
             continue
@@ -88,7 +93,9 @@ def test_kept_sets_equal_transformers_attention(name, export_cache, tiny_checkpo
     folder, _ = export_cache(name, "fastv")
     chain = OnnxChain(folder, load_manifest(folder))
     chain.generate(input_ids.numpy(), pixel_values.numpy(), 1)
-    assert chain.kept_image[0].tolist() == hf_fastv_keep(path, input_ids, pixel_values, k=2, keep=keep_count(n, RATIO))
+    assert chain.kept_image[0].tolist() == hf_fastv_keep(
+        path, input_ids, pixel_values, k=2, keep=keep_count(n, RATIO)
+    )
     if has_cls(path):
         folder, _ = export_cache(name, "fastervlm")
         chain = OnnxChain(folder, load_manifest(folder))
@@ -113,13 +120,20 @@ def test_every_graph_passes_the_tensorrt_lint(name, method, dtype, export_cache)
 def test_fp16_graphs_keep_norms_and_softmax_in_fp32(name, export_cache):
     folder, _ = export_cache(name, "fastv", "fp16")
     for graph in ("llm_head", "llm_tail", "vision"):
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False))
-        types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+        model = onnx.shape_inference.infer_shapes(
+            onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
+        )
+        types = {
+            v.name: v.type.tensor_type.elem_type
+            for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+        }
         softmax_in = [types[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"]
         assert softmax_in and set(softmax_in) == {onnx.TensorProto.FLOAT}, graph
         weights = {t.name: t.data_type for t in model.graph.initializer}
         gemm_weights = [weights[n.input[1]] for n in model.graph.node if n.op_type == "Gemm"]
-        assert gemm_weights and set(gemm_weights) == {onnx.TensorProto.FLOAT16}, f"{graph}: projections store fp16 weights"
+        assert gemm_weights and set(gemm_weights) == {onnx.TensorProto.FLOAT16}, (
+            f"{graph}: projections store fp16 weights"
+        )
         if graph != "vision":  # RMSNorm: the mean of squares is taken in fp32
             means = [types[n.input[0]] for n in model.graph.node if n.op_type == "ReduceMean"]
             assert means and set(means) == {onnx.TensorProto.FLOAT}, graph
@@ -142,13 +156,32 @@ def test_manifest_describes_the_bundle(name, method, export_cache, tiny_checkpoi
     assert manifest.tokenizer["image_token_id"] == spec.image_token_id
     assert manifest.tokenizer["chat_template"] and manifest.tokenizer["eos_token_ids"]
     assert manifest.preprocessing["image_mean"] and manifest.max_context == 2048
-    assert set(manifest.files) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest.files) == {
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+    } - {"manifest.json"}
     tail = manifest.graphs["llm_tail"]
-    assert [t.name for t in tail.outputs][:3] == ["logits", f"new_key.{manifest.pruning['split_layer']}", f"new_value.{manifest.pruning['split_layer']}"]
+    assert [t.name for t in tail.outputs][:3] == [
+        "logits",
+        f"new_key.{manifest.pruning['split_layer']}",
+        f"new_value.{manifest.pruning['split_layer']}",
+    ]
     assert tail.input("hidden_states").shape == ["batch", "seq", spec.text.hidden_size]
-    assert tail.inputs[2].shape == ["past", "batch", spec.text.num_kv_heads, spec.text.head_dim]  # sequence-first
-    assert tail.output(f"new_key.{spec.text.num_layers - 1}").shape == ["seq", "batch", spec.text.num_kv_heads, spec.text.head_dim]
-    assert tail.output("logits").shape == ["batch", spec.text.vocab_size] and tail.output("logits").dtype == "float32"
+    assert tail.inputs[2].shape == [
+        "past",
+        "batch",
+        spec.text.num_kv_heads,
+        spec.text.head_dim,
+    ]  # sequence-first
+    assert tail.output(f"new_key.{spec.text.num_layers - 1}").shape == [
+        "seq",
+        "batch",
+        spec.text.num_kv_heads,
+        spec.text.head_dim,
+    ]
+    assert (
+        tail.output("logits").shape == ["batch", spec.text.vocab_size]
+        and tail.output("logits").dtype == "float32"
+    )
 
 
 def _external_tensors(folder: Path):
@@ -170,7 +203,9 @@ def test_every_weight_is_stored_once(name, export_cache, tiny_checkpoints):
             f.seek(offset)
             data = f.read(length)
         if len(data) > 64:  # tiny constants may coincide; weights must not
-            assert (location, offset) == contents.setdefault(data, (location, offset)), f"{graph}.{tensor.name} stored twice"
+            assert (location, offset) == contents.setdefault(data, (location, offset)), (
+                f"{graph}.{tensor.name} stored twice"
+            )
     tied = reference_model(tiny_checkpoints[name], "fp32").spec.text.tie_word_embeddings
     tail_files = set(load_manifest(folder).graphs["llm_tail"].data_files)
     assert ("embed.onnx.data" in tail_files) == tied
@@ -184,7 +219,9 @@ def test_ratio_zero_gives_the_unpruned_tokens(export_cache, tiny_checkpoints):
         assert report.chain.onnx == none_report.chain.onnx
         input_ids, pixel_values = inputs(tiny_checkpoints["llama_gqa"], seed=1)
         a = OnnxChain(folder, load_manifest(folder)).generate(input_ids.numpy(), pixel_values.numpy(), 6)[0]
-        b = OnnxChain(none_folder, load_manifest(none_folder)).generate(input_ids.numpy(), pixel_values.numpy(), 6)[0]
+        b = OnnxChain(none_folder, load_manifest(none_folder)).generate(
+            input_ids.numpy(), pixel_values.numpy(), 6
+        )[0]
         assert a.tolist() == b.tolist()
 
 
@@ -225,7 +262,13 @@ def test_failed_chain_check_stops_the_export(tmp_path, tiny_checkpoints, monkeyp
 
     monkeypatch.setattr(bundle_module, "make_samples", nudged)
     with pytest.raises(MllmEdgeError, match="decode chain: logits error"):
-        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "bundle", PruningConfig.from_method("fastv", 0.5)))
+        export_bundle(
+            ExportConfig(
+                str(tiny_checkpoints["llama_gqa"]),
+                tmp_path / "bundle",
+                PruningConfig.from_method("fastv", 0.5),
+            )
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -241,7 +284,9 @@ def test_force_replaces_only_bundles(tmp_path, tiny_checkpoints):
 
 def test_max_context_too_small_for_the_sample(tmp_path, tiny_checkpoints):
     with pytest.raises(MllmEdgeError, match="max context 70 is too small: the sample prompt takes"):
-        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "b", PruningConfig(), max_context=70))
+        export_bundle(
+            ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "b", PruningConfig(), max_context=70)
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -252,7 +297,9 @@ def test_interrupted_export_leaves_nothing(stage, tmp_path, tiny_checkpoints):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "bundle", PruningConfig()), interrupt)
+        export_bundle(
+            ExportConfig(str(tiny_checkpoints["llama_gqa"]), tmp_path / "bundle", PruningConfig()), interrupt
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -261,9 +308,19 @@ def test_existing_bundle_needs_force(tmp_path, export_cache, tiny_checkpoints):
     shutil.copytree(export_cache("llama_gqa", "none")[0], out)
     before = (out / "manifest.json").read_text()
     with pytest.raises(MllmEdgeError, match="--force"):
-        export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), out, PruningConfig.from_method("fastv", 0.5)))
+        export_bundle(
+            ExportConfig(str(tiny_checkpoints["llama_gqa"]), out, PruningConfig.from_method("fastv", 0.5))
+        )
     assert (out / "manifest.json").read_text() == before
-    export_bundle(ExportConfig(str(tiny_checkpoints["llama_gqa"]), out, PruningConfig.from_method("fastv", 0.5), force=True, verify=False))
+    export_bundle(
+        ExportConfig(
+            str(tiny_checkpoints["llama_gqa"]),
+            out,
+            PruningConfig.from_method("fastv", 0.5),
+            force=True,
+            verify=False,
+        )
+    )
     assert json.loads((out / "manifest.json").read_text())["pruning"]["method"] == "fastv"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 

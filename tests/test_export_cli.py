@@ -19,7 +19,9 @@ runner = CliRunner()
 def cli_bundle(tmp_path_factory, tiny_checkpoints):
     out = tmp_path_factory.mktemp("cli") / "bundle"
     model = str(tiny_checkpoints["llama_gqa"])
-    result = runner.invoke(app, ["export", "--model", model, "--out", str(out), "--method", "fastv", "--ratio", "0.5"])
+    result = runner.invoke(
+        app, ["export", "--model", model, "--out", str(out), "--method", "fastv", "--ratio", "0.5"]
+    )
     return out, result
 
 
@@ -42,7 +44,9 @@ def test_inspect_lists_graphs_and_lint(cli_bundle):
     for graph in ("vision", "embed", "llm_head", "prune", "llm_tail"):
         assert f"{graph} ({graph}.onnx)" in result.stdout
     assert result.stdout.count("TensorRT 10 lint: ok") == 5
-    prune_ops = next(line for line in result.stdout.splitlines() if line.startswith("  ") and "GatherElements" in line)
+    prune_ops = next(
+        line for line in result.stdout.splitlines() if line.startswith("  ") and "GatherElements" in line
+    )
     assert "TopK 2," in prune_ops  # the prune node ranks, then puts the kept ones back in order
     assert "past_key.0 … past_key.1" in result.stdout
 
@@ -88,8 +92,14 @@ def test_bad_models_and_folders_get_a_clear_error(tiny_checkpoints, tmp_path, cl
         (["--model", str(tmp_path / "missing")], "does not exist"),
         (["--model", str(unsupported)], "language model 'gemma' is not supported"),
         (["--model", siglip, "--method", "fastervlm", "--ratio", "0.5"], "no [CLS] token"),
-        (["--model", str(tiny_checkpoints["llama_gqa"]), "--out", str(cli_bundle[0])], "already exists; pass --force"),
-        (["--model", str(tiny_checkpoints["llama_gqa"]), "--out", str(tmp_path / "no" / "such" / "b")], "does not exist"),
+        (
+            ["--model", str(tiny_checkpoints["llama_gqa"]), "--out", str(cli_bundle[0])],
+            "already exists; pass --force",
+        ),
+        (
+            ["--model", str(tiny_checkpoints["llama_gqa"]), "--out", str(tmp_path / "no" / "such" / "b")],
+            "does not exist",
+        ),
     ]
     for args, message in cases:
         if "--out" not in args:

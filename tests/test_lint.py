@@ -127,7 +127,9 @@ def test_model_local_function():
 
 @pytest.mark.parametrize("op", ["StringNormalizer", "NotARealOp"])
 def test_op_not_in_the_supported_list(op):
-    model = make([helper.make_node(op, ["x"], ["y"], name="n")], [("x", FLOAT, [2])], [("y", FLOAT, [2])], check=False)
+    model = make(
+        [helper.make_node(op, ["x"], ["y"], name="n")], [("x", FLOAT, [2])], [("y", FLOAT, [2])], check=False
+    )
     assert lint_model(model) == [LintFinding("n", op, "not supported by TensorRT 10's ONNX parser")]
 
 
@@ -137,14 +139,20 @@ def test_banned_ops_in_the_parser_list(op):
     if op == "NonZero":
         node, inits, out = helper.make_node(op, ["x"], ["y"], name="n"), [], ("y", INT64, [1, "n"])
     else:
-        node, inits, out = helper.make_node(op, ["x", "axis"], ["y"], name="n"), [i64("axis", 0)], ("y", FLOAT, [4])
+        node, inits, out = (
+            helper.make_node(op, ["x", "axis"], ["y"], name="n"),
+            [i64("axis", 0)],
+            ("y", FLOAT, [4]),
+        )
     findings = lint_model(make([node], [("x", FLOAT, [4])], [out], inits))
     assert findings == [LintFinding("n", op, f"banned: {BANNED_OPS[op]}")]
 
 
 @pytest.mark.parametrize("op", sorted(BANNED_OPS))
 def test_every_banned_op_names_its_reason(op):
-    model = make([helper.make_node(op, ["x"], ["y"], name="n")], [("x", FLOAT, [2])], [("y", FLOAT, [2])], check=False)
+    model = make(
+        [helper.make_node(op, ["x"], ["y"], name="n")], [("x", FLOAT, [2])], [("y", FLOAT, [2])], check=False
+    )
     [finding] = lint_model(model)
     assert finding.op == op and BANNED_OPS[op] in finding.message
 
@@ -170,8 +178,12 @@ def test_topk_limit(k, bad):
 
 def test_slice_axes_from_graph_input():
     node = helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"], name="slice")
-    model = make([node], [("x", FLOAT, [2, 8]), ("axes", INT64, [1])], [("y", FLOAT, ["a", "b"])],
-                 [i64("starts", [1]), i64("ends", [3])])
+    model = make(
+        [node],
+        [("x", FLOAT, [2, 8]), ("axes", INT64, [1])],
+        [("y", FLOAT, ["a", "b"])],
+        [i64("starts", [1]), i64("ends", [3])],
+    )
     [finding] = lint_model(model)
     assert finding.op == "Slice" and "axes 'axes' must be a constant" in finding.message
 
@@ -197,14 +209,22 @@ def test_reduce_axes_must_be_constant(op):
 
 def test_pad_axes_must_be_constant():
     node = helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], name="pad")
-    model = make([node], [("x", FLOAT, [2, 8]), ("axes", INT64, [1])], [("y", FLOAT, ["a", "b"])], [i64("pads", [1, 1])], opset=18)
+    model = make(
+        [node],
+        [("x", FLOAT, [2, 8]), ("axes", INT64, [1])],
+        [("y", FLOAT, ["a", "b"])],
+        [i64("pads", [1, 1])],
+        opset=18,
+    )
     [finding] = lint_model(model)
     assert finding.op == "Pad" and "axes 'axes' must be a constant" in finding.message
 
 
 def test_unsorted_topk_is_a_finding():
     node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", sorted=0)
-    model = make([node], [("x", FLOAT, [1, 8])], [("v", FLOAT, [1, 3]), ("i", INT64, [1, 3])], [i64("k", [3])])
+    model = make(
+        [node], [("x", FLOAT, [1, 8])], [("v", FLOAT, [1, 3]), ("i", INT64, [1, 3])], [i64("k", [3])]
+    )
     [finding] = lint_model(model)
     assert "sorted=0" in finding.message
 
@@ -255,7 +275,9 @@ def test_subgraph_sees_outer_constants():
     then_g = _branch([helper.make_node("TopK", ["x", "k"], ["t", "ti"], name="inner")], "t", FLOAT, ["n"])
     else_g = _branch([helper.make_node("Identity", ["x"], ["e"])], "e", FLOAT, [8])
     node = helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)
-    model = make([node], [("x", FLOAT, [8]), ("c", TensorProto.BOOL, [])], [("y", FLOAT, ["n"])], [i64("k", [9999])])
+    model = make(
+        [node], [("x", FLOAT, [8]), ("c", TensorProto.BOOL, [])], [("y", FLOAT, ["n"])], [i64("k", [9999])]
+    )
     findings = lint_model(model)
     assert ops_of(findings) == ["If", "TopK"] and "k=9999" in findings[1].message
 
@@ -272,25 +294,41 @@ def test_path_with_external_data_is_not_loaded(tmp_path):
     w = numpy_helper.from_array(np.ones((8, 16), np.float32), "w")
     model = make(nodes, [("x", FLOAT, [2, 8])], [("v", FLOAT, [2, 2]), ("i", INT64, [2, 2])], [w], opset=21)
     path = tmp_path / "m.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="w.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="w.data",
+        size_threshold=0,
+    )
     (tmp_path / "w.data").unlink()  # loading the weights would now fail
     for source in (path, str(path)):
-        assert [f.message for f in lint_model(source)] == ["opset 21 > 20: TensorRT 10 parses opsets up to 20"]
+        assert [f.message for f in lint_model(source)] == [
+            "opset 21 > 20: TensorRT 10 parses opsets up to 20"
+        ]
         assert op_counts(source) == {"Constant": 1, "MatMul": 1, "TopK": 1}
 
 
 def test_topk_k_in_external_data_is_a_finding(tmp_path):
     path = tmp_path / "m.onnx"
-    onnx.save_model(topk_model(k_init=i64("k", [5])), path, save_as_external_data=True, location="w.data",
-                    size_threshold=0)
+    onnx.save_model(
+        topk_model(k_init=i64("k", [5])),
+        path,
+        save_as_external_data=True,
+        location="w.data",
+        size_threshold=0,
+    )
     [finding] = lint_model(path)
     assert "k cannot be read" in finding.message
 
 
 def test_op_counts_are_sorted():
-    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Add", ["a", "a"], ["b"]),
-             helper.make_node("Relu", ["b"], ["y"])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Add", ["a", "a"], ["b"]),
+        helper.make_node("Relu", ["b"], ["y"]),
+    ]
     counts = op_counts(make(nodes, [("x", FLOAT, [2])], [("y", FLOAT, [2])]))
     assert counts == {"Add": 1, "Relu": 2} and list(counts) == ["Add", "Relu"]
 
@@ -303,5 +341,7 @@ def test_finding_str():
 def test_supported_ops_from_the_packaged_json():
     ops = supported_ops()
     assert {"MatMul", "TopK", "GatherElements"} <= ops
-    listed = json.loads(resources.files("mllm_edge.export").joinpath("trt10_onnx_ops.json").read_text())["supported"]
+    listed = json.loads(resources.files("mllm_edge.export").joinpath("trt10_onnx_ops.json").read_text())[
+        "supported"
+    ]
     assert len(listed) == len(set(listed)) == len(ops)

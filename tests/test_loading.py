@@ -5,13 +5,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import our_model
 
 from mllm_edge.errors import MllmEdgeError, UnsupportedModelError
 from mllm_edge.models import load_llava, load_llava_spec
 from mllm_edge.models.checkpoint import canonical_key, resolve_checkpoint
 from mllm_edge.models.rope import RotaryEmbedding
-
-from helpers import our_model
 
 
 @pytest.mark.parametrize(
@@ -21,7 +20,10 @@ from helpers import our_model
         ("model.language_model.layers.3.mlp.up_proj.weight", "decoder.layers.3.mlp.up_proj.weight"),
         ("language_model.lm_head.weight", "decoder.lm_head.weight"),
         ("lm_head.weight", "decoder.lm_head.weight"),
-        ("vision_tower.vision_model.encoder.layers.0.layer_norm1.weight", "vision.encoder.layers.0.layer_norm1.weight"),
+        (
+            "vision_tower.vision_model.encoder.layers.0.layer_norm1.weight",
+            "vision.encoder.layers.0.layer_norm1.weight",
+        ),
         ("vision_tower.encoder.layers.0.layer_norm1.weight", "vision.encoder.layers.0.layer_norm1.weight"),
         ("model.vision_tower.embeddings.class_embedding", "vision.embeddings.class_embedding"),
         ("multi_modal_projector.linear_1.bias", "projector.linear_1.bias"),
@@ -107,11 +109,19 @@ def test_missing_weight_is_named(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["text_config"].update(model_type="mistral"), "language model 'mistral' is not supported"),
+        (
+            lambda c: c["text_config"].update(model_type="mistral"),
+            "language model 'mistral' is not supported",
+        ),
         (lambda c: c["vision_config"].update(model_type="dinov2"), "vision tower 'dinov2' is not supported"),
         (lambda c: c.update(model_type="llava_next"), "model type 'llava_next' is not supported"),
         (lambda c: c.update(vision_feature_select_strategy="full"), "only 'default'"),
-        (lambda c: c["text_config"].update(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "RoPE type 'dynamic'"),
+        (
+            lambda c: c["text_config"].update(
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+            ),
+            "RoPE type 'dynamic'",
+        ),
     ],
 )
 def test_unsupported_architectures_get_a_clear_error(tiny_checkpoints, tmp_path, edit, message):
@@ -139,8 +149,14 @@ def test_missing_folder_and_offline_hub_id(tmp_path, monkeypatch):
         {"rope_type": "default", "rope_theta": 10000.0},
         {"rope_type": "default", "rope_theta": 1000000.0},
         {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        },
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     ],
 )
@@ -150,7 +166,9 @@ def test_rope_tables_match_transformers(rope):
 
     from mllm_edge.models.config import _text_spec
 
-    hf_config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_parameters=dict(rope))
+    hf_config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_parameters=dict(rope)
+    )
     positions = torch.tensor([[0, 1, 5, 63, 64, 200, 255]])
     x = torch.zeros(1, 7, 16)
     hf_cos, hf_sin = LlamaRotaryEmbedding(hf_config)(x, positions)

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import has_cls, hf_model, inputs, our_model
 
 from mllm_edge.models import generate, load_llava
 from mllm_edge.models.generate import encode_image
 from mllm_edge.pruning import PruningConfig
-
-from helpers import has_cls, hf_model, inputs, our_model
 
 TOL = 1e-4
 
@@ -33,7 +32,9 @@ def test_vision_features_projector_and_logits_match(tiny_checkpoint):
         projected, _ = encode_image(ours, pixel_values, PruningConfig())
         result = generate(ours, input_ids, pixel_values, max_new_tokens=1)
 
-    assert features.shape == hf_features.shape == (1, ours.spec.num_image_tokens, ours.spec.vision.hidden_size)
+    assert (
+        features.shape == hf_features.shape == (1, ours.spec.num_image_tokens, ours.spec.vision.hidden_size)
+    )
     assert close(features, hf_features) < TOL
     assert close(projected, hf_projected) < TOL
     assert close(result.prefill.logits, hf_logits) < TOL
@@ -45,7 +46,9 @@ def test_greedy_tokens_match_transformers_generate(tiny_checkpoint):
     input_ids, pixel_values = inputs(path)
     eos = hf.generation_config.eos_token_id
     with torch.no_grad():
-        expected = hf.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=16, do_sample=False)
+        expected = hf.generate(
+            input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=16, do_sample=False
+        )
     expected = expected[0, input_ids.shape[1] :].tolist()
     result = generate(ours, input_ids, pixel_values, max_new_tokens=16, eos_token_id=eos)
     assert len(expected) >= 8  # the fixtures are built so that greedy decoding does not stop at once

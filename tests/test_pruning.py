@@ -16,7 +16,9 @@ from mllm_edge.pruning import (
 
 
 # METHODS.md's table for 576 image tokens.
-@pytest.mark.parametrize("ratio, kept", [(0.0, 576), (0.25, 432), (0.5, 288), (0.75, 144), (0.9, 58), (0.95, 29)])
+@pytest.mark.parametrize(
+    "ratio, kept", [(0.0, 576), (0.25, 432), (0.5, 288), (0.75, 144), (0.9, 58), (0.95, 29)]
+)
 def test_keep_count_matches_methods_table(ratio, kept):
     assert keep_count(576, ratio) == kept
 

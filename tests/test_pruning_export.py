@@ -30,8 +30,16 @@ class FasterVLMPrune(torch.nn.Module):
 
 
 def export(module, args, dynamic_shapes, path):
-    torch.onnx.export(module, args, str(path), dynamo=True, opset_version=20, dynamic_shapes=dynamic_shapes,
-                      external_data=False, verbose=False)
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        dynamo=True,
+        opset_version=20,
+        dynamic_shapes=dynamic_shapes,
+        external_data=False,
+        verbose=False,
+    )
     graph = onnx.load(str(path)).graph
     ops = {node.op_type for node in graph.node}
     assert not ops & FORBIDDEN
@@ -47,11 +55,21 @@ def tied_scores(batch: int, length: int, seed: int) -> torch.Tensor:
 
 def test_fastv_prune_graph_matches_pytorch_for_any_prompt_length(tmp_path):
     t = 30
-    args = (torch.randn(2, t, 8), tied_scores(2, t, 0), torch.arange(t).expand(2, t).contiguous(), torch.tensor(4))
+    args = (
+        torch.randn(2, t, 8),
+        tied_scores(2, t, 0),
+        torch.arange(t).expand(2, t).contiguous(),
+        torch.tensor(4),
+    )
     seq = torch.export.Dim("seq", min=NUM_IMAGE + 1, max=4096)
     session = export(FastVPrune(), args, ({1: seq}, {1: seq}, {1: seq}, None), tmp_path / "prune.onnx")
     for t, start, seed in ((30, 4, 1), (57, 0, 2), (40, 24, 3), (100, 50, 4)):
-        inputs = (torch.randn(2, t, 8), tied_scores(2, t, seed), torch.arange(t).expand(2, t).contiguous(), torch.tensor(start))
+        inputs = (
+            torch.randn(2, t, 8),
+            tied_scores(2, t, seed),
+            torch.arange(t).expand(2, t).contiguous(),
+            torch.tensor(start),
+        )
         feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
         for got, want in zip(session.run(None, feeds), FastVPrune()(*inputs)):
             assert (got == want.numpy()).all()

@@ -7,13 +7,11 @@ modules is trusted here.
 
 import pytest
 import torch
-
-from mllm_edge.models import generate
-from mllm_edge.pruning import PruningConfig, keep_count
+from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, hf_model, inputs, our_model, stable_top_k
 
 from mllm_edge.errors import MllmEdgeError
-
-from helpers import has_cls, hf_fastervlm_keep, hf_fastv_keep, hf_model, inputs, our_model, stable_top_k
+from mllm_edge.models import generate
+from mllm_edge.pruning import PruningConfig, keep_count
 
 
 def skip_without_cls(path):
@@ -34,7 +32,9 @@ def test_fastv_kept_tokens_equal_those_from_hf_attention_maps(tiny_checkpoint, k
     ours = our_model(path)
     input_ids, pixel_values = inputs(path)
     keep = keep_count(ours.spec.num_image_tokens, ratio)
-    result = generate(ours, input_ids, pixel_values, PruningConfig.from_method("fastv", ratio, k), max_new_tokens=1)
+    result = generate(
+        ours, input_ids, pixel_values, PruningConfig.from_method("fastv", ratio, k), max_new_tokens=1
+    )
     assert result.prefill.kept_llm[0].tolist() == hf_fastv_keep(path, input_ids, pixel_values, k, keep)
 
 
@@ -45,7 +45,9 @@ def test_fastervlm_kept_patches_equal_those_from_clip_attention_maps(tiny_checkp
     ours = our_model(path)
     input_ids, pixel_values = inputs(path)
     keep = keep_count(ours.spec.num_image_tokens, ratio)
-    result = generate(ours, input_ids, pixel_values, PruningConfig.from_method("fastervlm", ratio), max_new_tokens=1)
+    result = generate(
+        ours, input_ids, pixel_values, PruningConfig.from_method("fastervlm", ratio), max_new_tokens=1
+    )
     assert result.prefill.kept_vision[0].tolist() == hf_fastervlm_keep(path, pixel_values, keep)
 
 
@@ -57,7 +59,9 @@ def test_ratio_zero_reproduces_the_unpruned_model(tiny_checkpoint, method):
     ours = our_model(path)
     input_ids, pixel_values = inputs(path)
     plain = generate(ours, input_ids, pixel_values, max_new_tokens=6)
-    pruned = generate(ours, input_ids, pixel_values, PruningConfig.from_method(method, 0.0, 2), max_new_tokens=6)
+    pruned = generate(
+        ours, input_ids, pixel_values, PruningConfig.from_method(method, 0.0, 2), max_new_tokens=6
+    )
     assert pruned.token_ids == plain.token_ids
     for a, b in zip(pruned.steps_logits, plain.steps_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -91,7 +95,9 @@ def hf_fastv_generate(path, input_ids, pixel_values, k: int, kept_image: list[in
                 s = hidden.shape[1]
                 mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
                 cos_sin = lm.rotary_emb(hidden, positions)
-                hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+                hidden = layer(
+                    hidden, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin
+                )
             logits = hf.lm_head(lm.norm(hidden[:, -1]))
         tokens.append(int(logits.argmax()))
     return tokens
@@ -105,7 +111,9 @@ def test_fastv_generation_equals_recomputation_on_hf_layers(tiny_checkpoint, k, 
     input_ids, pixel_values = inputs(path)
     keep = keep_count(ours.spec.num_image_tokens, ratio)
     kept = hf_fastv_keep(path, input_ids, pixel_values, k, keep)
-    result = generate(ours, input_ids, pixel_values, PruningConfig.from_method("fastv", ratio, k), max_new_tokens=10)
+    result = generate(
+        ours, input_ids, pixel_values, PruningConfig.from_method("fastv", ratio, k), max_new_tokens=10
+    )
     assert result.token_ids[0] == hf_fastv_generate(path, input_ids, pixel_values, k, kept, steps=10)
 
 
@@ -132,14 +140,25 @@ def test_fastv_renumbering_positions_would_change_the_answer(tiny_checkpoint):
             for layer_idx, layer in enumerate(lm.layers):
                 if layer_idx == 1:
                     h = h[:, survivors]
-                positions = torch.arange(h.shape[1])[None] if (layer_idx < 1 or renumber) else torch.tensor([survivors])
+                positions = (
+                    torch.arange(h.shape[1])[None]
+                    if (layer_idx < 1 or renumber)
+                    else torch.tensor([survivors])
+                )
                 s = h.shape[1]
                 mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-                h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=lm.rotary_emb(h, positions))
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    position_embeddings=lm.rotary_emb(h, positions),
+                )
             return hf.lm_head(lm.norm(h[:, -1]))
 
         original, renumbered = run(False), run(True)
-    result = generate(ours, input_ids, pixel_values, PruningConfig.from_method("fastv", 0.75, 1), max_new_tokens=1)
+    result = generate(
+        ours, input_ids, pixel_values, PruningConfig.from_method("fastv", 0.75, 1), max_new_tokens=1
+    )
     torch.testing.assert_close(result.prefill.logits, original, rtol=1e-4, atol=1e-4)
     assert (original - renumbered).abs().max() > 1e-3
 
@@ -161,9 +180,15 @@ def test_fastervlm_generation_equals_hf_generate_on_selected_features(tiny_check
         embeds = hf.get_input_embeddings()(short)
         embeds[0, start : start + keep] = image
         expected = hf.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones_like(short), max_new_tokens=10, min_new_tokens=10, do_sample=False
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(short),
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
         )[0].tolist()
-    result = generate(ours, input_ids, pixel_values, PruningConfig.from_method("fastervlm", 0.75), max_new_tokens=10)
+    result = generate(
+        ours, input_ids, pixel_values, PruningConfig.from_method("fastervlm", 0.75), max_new_tokens=10
+    )
     assert result.prefill.kept_vision[0].tolist() == kept
     assert result.token_ids[0] == expected[-10:]
 
@@ -183,11 +208,15 @@ def test_both_methods_compose(tiny_checkpoint):
         image = torch.cat(hf.model.get_image_features(pixel_values=pixel_values).pooler_output)[kept]
         ids = input_ids[0].tolist()
         start = ids.index(image_id)
-        short = torch.tensor([ids[:start] + [image_id] * vision_keep + ids[start + ours.spec.num_image_tokens :]])
+        short = torch.tensor(
+            [ids[:start] + [image_id] * vision_keep + ids[start + ours.spec.num_image_tokens :]]
+        )
         embeds = hf.get_input_embeddings()(short)
         embeds[0, start : start + vision_keep] = image
         attentions = hf(inputs_embeds=embeds, output_attentions=True).attentions
-    row = attentions[k - 1][0, :, -1, :].mean(dim=0)[start : start + vision_keep]  # over FasterVLM's survivors
+    row = attentions[k - 1][0, :, -1, :].mean(dim=0)[
+        start : start + vision_keep
+    ]  # over FasterVLM's survivors
     result = generate(ours, input_ids, pixel_values, pruning, max_new_tokens=2)
     assert result.prefill.kept_vision[0].tolist() == kept
     assert result.prefill.kept_llm[0].tolist() == stable_top_k(row.tolist(), llm_keep)

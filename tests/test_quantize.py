@@ -41,12 +41,16 @@ def _node_types(path) -> list[str]:
 def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )[0]
 
 
 def test_gemm_rewrite_computes_the_same():
     rng = np.random.default_rng(0)
-    ws, w1, w2, b2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 4), (6, 4), (5, 6), (5,), (5, 3)))
+    ws, w1, w2, b2, w3 = (
+        rng.standard_normal(s).astype(np.float32) for s in ((4, 4), (6, 4), (5, 6), (5,), (5, 3))
+    )
     nodes = [
         helper.make_node("Gemm", ["x", "ws"], ["h0"], transB=1),  # one weight read by two nodes
         helper.make_node("Gemm", ["h0", "ws"], ["h0b"], transB=1),
@@ -54,32 +58,57 @@ def test_gemm_rewrite_computes_the_same():
         helper.make_node("Gemm", ["h1", "w2", "b2"], ["h2"], transB=1),  # with bias (Qwen2's q/k/v)
         helper.make_node("Gemm", ["h2", "w3"], ["y"]),  # transB=0: not ours, left alone
     ]
-    inits = [numpy_helper.from_array(a, n) for a, n in ((ws, "ws"), (w1, "w1"), (w2, "w2"), (b2, "b2"), (w3, "w3"))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    inits = [
+        numpy_helper.from_array(a, n) for a, n in ((ws, "ws"), (w1, "w1"), (w2, "w2"), (b2, "b2"), (w3, "w3"))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     x = rng.standard_normal((2, 4)).astype(np.float32)
     before = _run(model, {"x": x})
     assert quantize.gemms_to_matmuls(model) == 4
     assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "MatMul", "MatMul", "Add", "Gemm"]
-    assert sorted(t.name for t in model.graph.initializer) == ["b2", "w1.T", "w2.T", "w3", "ws.T"]  # the originals dropped
+    assert sorted(t.name for t in model.graph.initializer) == [
+        "b2",
+        "w1.T",
+        "w2.T",
+        "w3",
+        "ws.T",
+    ]  # the originals dropped
     np.testing.assert_allclose(_run(model, {"x": x}), before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, tiny_checkpoints):
     out = tmp_path_factory.mktemp("quantize") / "llama_mha-int8"
-    report = export_bundle(ExportConfig(str(tiny_checkpoints["llama_mha"]), out, PruningConfig(), quantize="int8"))
+    report = export_bundle(
+        ExportConfig(str(tiny_checkpoints["llama_mha"]), out, PruningConfig(), quantize="int8")
+    )
     return out, report
 
 
 def test_int8_bundle_holds_matmulnbits_in_the_llm_graph_only(int8_bundle, export_cache):
     out, report = int8_bundle
     m = load_manifest(out)
-    assert m.quantization == {"weights": "int8", "format": "onnxruntime MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True,
-                              "accuracy_level": 4, "graphs": ["llm_tail"], "backends": ["onnxruntime"]}
+    assert m.quantization == {
+        "weights": "int8",
+        "format": "onnxruntime MatMulNBits",
+        "bits": 8,
+        "block_size": 32,
+        "symmetric": True,
+        "accuracy_level": 4,
+        "graphs": ["llm_tail"],
+        "backends": ["onnxruntime"],
+    }
     assert m.weights == "int8" and m.dtype == "float32"
-    assert m.schema_version == 2 and load_manifest(export_cache("llama_mha", "none")[0]).schema_version == 1  # float: readable by older versions
+    assert (
+        m.schema_version == 2 and load_manifest(export_cache("llama_mha", "none")[0]).schema_version == 1
+    )  # float: readable by older versions
     tail = onnx.load(str(out / "llm_tail.onnx"), load_external_data=False)
     quantized = [n for n in tail.graph.node if n.op_type == "MatMulNBits"]
     # every Linear of the LLM: q, k, v, o, gate, up, down per layer, and the LM head
@@ -101,13 +130,18 @@ def test_int8_bundle_holds_matmulnbits_in_the_llm_graph_only(int8_bundle, export
     for node, original in zip(quantized, gemm_weights):
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
         blocks = -(-a["K"] // 32)
-        packed, scales = numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]])
+        packed, scales = (
+            numpy_helper.to_array(inits[node.input[1]]),
+            numpy_helper.to_array(inits[node.input[2]]),
+        )
         assert packed.dtype == np.uint8 and packed.size == a["N"] * blocks * 32
         assert scales.dtype == np.float32 and scales.size == a["N"] * blocks
         assert list(original.dims) == [a["N"], a["K"]]  # the Gemm's weight, [N, K]
     # verified, against the int8 limits
     tail_check = next(c for c in report.checks if c.graph == "llm_tail")
-    assert tail_check.ok and tail_check.tolerance == 0.3 and tail_check.rel > 1e-4  # quantization error is there
+    assert (
+        tail_check.ok and tail_check.tolerance == 0.3 and tail_check.rel > 1e-4
+    )  # quantization error is there
     assert next(c for c in report.checks if c.graph == "vision").tolerance == 1e-4
     assert report.chain.ok
 
@@ -125,7 +159,9 @@ def test_runtime_decodes_a_quantized_bundle_as_the_plain_chain_does(int8_bundle,
     result = pipeline.generate(image, "what colour is the circle?", max_new_tokens=8)  # may stop early at EOS
     assert len(result.token_ids) >= 4  # enough decode steps through the cache to compare
     pixels = pipeline.preprocess(load_image(image))
-    tokens, _ = OnnxChain(out, load_manifest(out)).generate(np.asarray([result.prompt_token_ids], np.int64), pixels, len(result.token_ids))
+    tokens, _ = OnnxChain(out, load_manifest(out)).generate(
+        np.asarray([result.prompt_token_ids], np.int64), pixels, len(result.token_ids)
+    )
     assert result.token_ids == tokens[0].tolist()
     cli = runner.invoke(app, ["run", str(image), "--bundle", str(out), "--max-new-tokens", "4"])
     assert cli.exit_code == 0 and "onnxruntime on cpu, int8 weights" in cli.stderr, cli.output
@@ -134,11 +170,17 @@ def test_runtime_decodes_a_quantized_bundle_as_the_plain_chain_does(int8_bundle,
 def test_quantized_fastv_qwen2_exports_verified(tiny_checkpoints, tmp_path):
     """Both LLM graphs quantized, and Qwen2's q/k/v biases kept as Adds after the MatMulNBits."""
     out = tmp_path / "qwen2-fastv-int8"
-    report = export_bundle(ExportConfig(str(tiny_checkpoints["qwen2"]), out, PruningConfig.from_method("fastv", 0.5), quantize="int8"))
+    report = export_bundle(
+        ExportConfig(
+            str(tiny_checkpoints["qwen2"]), out, PruningConfig.from_method("fastv", 0.5), quantize="int8"
+        )
+    )
     assert report.manifest.quantization["graphs"] == ["llm_head", "llm_tail"]
     assert all(c.ok for c in report.checks) and report.chain.ok
     for graph in ("llm_head", "llm_tail"):
-        assert "MatMulNBits" in _node_types(out / f"{graph}.onnx") and "Gemm" not in _node_types(out / f"{graph}.onnx")
+        assert "MatMulNBits" in _node_types(out / f"{graph}.onnx") and "Gemm" not in _node_types(
+            out / f"{graph}.onnx"
+        )
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -181,7 +223,11 @@ def test_the_built_in_model_still_answers(weights, tmp_path):
 def test_tensorrt_paths_refuse_a_quantized_bundle(int8_bundle, tmp_path):
     out, _ = int8_bundle
     result = runner.invoke(app, ["build", str(out)])
-    assert result.exit_code == 1 and "TensorRT cannot build" in result.stderr and "Traceback" not in result.output, result.output
+    assert (
+        result.exit_code == 1
+        and "TensorRT cannot build" in result.stderr
+        and "Traceback" not in result.output
+    ), result.output
     with pytest.raises(MllmEdgeError, match="ONNX Runtime only"):
         Pipeline.load(out, backend="tensorrt")
     inspected = runner.invoke(app, ["inspect", str(out)])
@@ -215,5 +261,7 @@ def test_importing_the_quantizer_leaves_logging_alone():
         print(len(root.handlers), root.level)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["0", str(30)]  # no handler added, WARNING as Python starts

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime", reason="the runtime tests need the onnxruntime extra")
 
 from helpers import PROMPT, our_model  # noqa: E402
+
 from mllm_edge.cli import app  # noqa: E402
 from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.models import generate  # noqa: E402
@@ -60,13 +61,17 @@ def test_greedy_answer_equals_the_pytorch_reference(name, method, export_cache, 
     assert result.prompt_token_ids == input_ids[0].tolist()
     assert result.token_ids == ref.token_ids[0]
     kept = result.kept_image_tokens
-    assert kept["vision"] == (ref.prefill.kept_vision[0].tolist() if ref.prefill.kept_vision is not None else None)
+    assert kept["vision"] == (
+        ref.prefill.kept_vision[0].tolist() if ref.prefill.kept_vision is not None else None
+    )
     assert kept["llm"] == (ref.prefill.kept_llm[0].tolist() if ref.prefill.kept_llm is not None else None)
 
 
 def test_ratio_zero_bundle_answers_like_none(export_cache, image_file):
     none = Pipeline.load(export_cache("llama_gqa", "none")[0]).generate(image_file, PROMPT, max_new_tokens=8)
-    zero = Pipeline.load(export_cache("llama_gqa", "fastv", ratio=0.0)[0]).generate(image_file, PROMPT, max_new_tokens=8)
+    zero = Pipeline.load(export_cache("llama_gqa", "fastv", ratio=0.0)[0]).generate(
+        image_file, PROMPT, max_new_tokens=8
+    )
     assert zero.token_ids == none.token_ids
     assert zero.kept_image_tokens["llm"] == list(range(64))
 
@@ -87,7 +92,11 @@ class CopyCountingMemory(HostMemory):
         super().copy(dst, src, nbytes)
 
 
-@pytest.mark.parametrize("memory,alignment", [("onnxruntime", 1), ("host", ALIGNMENT)], ids=["ort-device-memory", "tensorrt-alignment"])
+@pytest.mark.parametrize(
+    "memory,alignment",
+    [("onnxruntime", 1), ("host", ALIGNMENT)],
+    ids=["ort-device-memory", "tensorrt-alignment"],
+)
 @pytest.mark.parametrize("method", ["fastv", "fastervlm"])
 def test_device_cache_answers_like_the_host_cache(method, memory, alignment, export_cache, image_file):
     """The device cache (TensorRT's, and ONNX Runtime's on CUDA) end to end with real graphs: ONNX
@@ -113,7 +122,13 @@ def test_device_tensors_bind_on_the_engines_device(export_cache):
 
     engine = OnnxRuntimeEngine(export_cache("llama_gqa", "none")[0] / "embed.onnx")
     engine.device = "cuda"  # as opened with device="cuda"; binding itself needs no GPU
-    assert engine._where("past_key.0", DeviceTensor(4096, (3, 1, 2, 16), np.dtype(np.float32))) == ("cuda", 0, np.float32, (3, 1, 2, 16), 4096)
+    assert engine._where("past_key.0", DeviceTensor(4096, (3, 1, 2, 16), np.dtype(np.float32))) == (
+        "cuda",
+        0,
+        np.float32,
+        (3, 1, 2, 16),
+        4096,
+    )
     host = np.zeros((1, 1, 64), np.float32)
     assert engine._where("hidden_states", host) == ("cpu", 0, np.float32, (1, 1, 64), host.ctypes.data)
     with pytest.raises(ValueError, match="C-contiguous"):
@@ -122,11 +137,20 @@ def test_device_tensors_bind_on_the_engines_device(export_cache):
 
 def test_seeded_sampling_repeats(export_cache, image_file):
     pipeline = Pipeline.load(export_cache("llama_gqa", "fastv")[0])
-    runs = [pipeline.generate(image_file, PROMPT, max_new_tokens=12, temperature=1.5, top_p=0.95, seed=s).token_ids for s in (7, 7, 8)]
+    runs = [
+        pipeline.generate(
+            image_file, PROMPT, max_new_tokens=12, temperature=1.5, top_p=0.95, seed=s
+        ).token_ids
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1]
-    assert runs[0] != runs[2]  # 12 tokens at temperature 1.5 from a random model: a collision would be a fluke
+    assert (
+        runs[0] != runs[2]
+    )  # 12 tokens at temperature 1.5 from a random model: a collision would be a fluke
     greedy = pipeline.generate(image_file, PROMPT, max_new_tokens=12).token_ids
-    assert pipeline.generate(image_file, PROMPT, max_new_tokens=12, top_p=0.5, seed=3).token_ids == greedy  # T=0 ignores top-p
+    assert (
+        pipeline.generate(image_file, PROMPT, max_new_tokens=12, top_p=0.5, seed=3).token_ids == greedy
+    )  # T=0 ignores top-p
 
 
 def test_generation_stops_at_end_of_sequence(export_cache, image_file):
@@ -163,14 +187,40 @@ def test_runtime_imports_no_torch(export_cache, image_file):
 
 def test_cli_streams_and_reports(export_cache, image_file):
     folder, _ = export_cache("llama_gqa", "fastv")
-    text = runner.invoke(app, ["run", str(image_file), "--prompt", PROMPT, "--bundle", str(folder), "--max-new-tokens", "6"])
+    text = runner.invoke(
+        app, ["run", str(image_file), "--prompt", PROMPT, "--bundle", str(folder), "--max-new-tokens", "6"]
+    )
     assert text.exit_code == 0, text.output + text.stderr
     assert "image tokens 64 -> 64 -> 32" in text.stderr and "tokens/s" in text.stderr
-    as_json = runner.invoke(app, ["run", str(image_file), "--prompt", PROMPT, "--bundle", str(folder), "--max-new-tokens", "6", "--json"])
+    as_json = runner.invoke(
+        app,
+        [
+            "run",
+            str(image_file),
+            "--prompt",
+            PROMPT,
+            "--bundle",
+            str(folder),
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ],
+    )
     assert as_json.exit_code == 0, as_json.output + as_json.stderr
     result = json.loads(as_json.stdout)
     assert result["text"] == text.stdout.rstrip("\n")
-    assert set(result) >= {"text", "prompt", "prompt_token_ids", "token_ids", "kept_image_tokens", "timings_ms", "decode_tokens_per_s", "backend", "device", "peak_rss_mb"}
+    assert set(result) >= {
+        "text",
+        "prompt",
+        "prompt_token_ids",
+        "token_ids",
+        "kept_image_tokens",
+        "timings_ms",
+        "decode_tokens_per_s",
+        "backend",
+        "device",
+        "peak_rss_mb",
+    }
     assert set(result["timings_ms"]) == {"preprocess", "vision", "prefill", "ttft", "decode_per_token"}
     assert result["backend"] == "onnxruntime" and result["device"] == "cpu"
     assert result["kept_image_tokens"]["vision"] is None and len(result["kept_image_tokens"]["llm"]) == 32
@@ -211,7 +261,10 @@ def test_bad_input_gets_a_clear_error(export_cache, image_file, tmp_path):
 
 def test_damaged_bundles_are_named(export_cache, image_file, tmp_path):
     source, _ = export_cache("llama_gqa", "fastv")
-    for victim, message in [("llm_head.onnx", "llm_head.onnx does not match its sha256"), ("manifest.json", "not valid JSON")]:
+    for victim, message in [
+        ("llm_head.onnx", "llm_head.onnx does not match its sha256"),
+        ("manifest.json", "not valid JSON"),
+    ]:
         folder = tmp_path / victim
         shutil.copytree(source, folder)
         data = bytearray((folder / victim).read_bytes())
@@ -232,7 +285,9 @@ def test_cuda_without_onnxruntime_gpu_is_refused(export_cache, image_file):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has onnxruntime-gpu")
-    assert "--device cuda needs onnxruntime-gpu" in _run_error([str(image_file), "--bundle", str(export_cache("llama_gqa", "none")[0]), "--device", "cuda"])
+    assert "--device cuda needs onnxruntime-gpu" in _run_error(
+        [str(image_file), "--bundle", str(export_cache("llama_gqa", "none")[0]), "--device", "cuda"]
+    )
 
 
 def test_decode_positions_follow_the_unpruned_prompt(export_cache, tiny_checkpoints, image_file):
@@ -251,8 +306,13 @@ def test_decode_positions_follow_the_unpruned_prompt(export_cache, tiny_checkpoi
     pipeline._run_llm = shifted
     wrong = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
     assert wrong != right
-    ref = generate(our_model(tiny_checkpoints["llama_gqa"]), *prepare_inputs(tiny_checkpoints["llama_gqa"], sample_image(300, 200, seed=1), PROMPT)[:2],
-                   PruningConfig.from_method("fastv", 0.75), max_new_tokens=10, eos_token_id=2)
+    ref = generate(
+        our_model(tiny_checkpoints["llama_gqa"]),
+        *prepare_inputs(tiny_checkpoints["llama_gqa"], sample_image(300, 200, seed=1), PROMPT)[:2],
+        PruningConfig.from_method("fastv", 0.75),
+        max_new_tokens=10,
+        eos_token_id=2,
+    )
     assert right == ref.token_ids[0]
 
 
@@ -265,7 +325,20 @@ def test_show_pruning_marks_the_kept_patches(export_cache, image_file, tmp_path)
 
     folder, _ = export_cache("llama_gqa", "fastv+fastervlm")
     out = tmp_path / "pruning.png"
-    result = runner.invoke(app, ["run", str(image_file), "--bundle", str(folder), "--max-new-tokens", "2", "--show-pruning", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(image_file),
+            "--bundle",
+            str(folder),
+            "--max-new-tokens",
+            "2",
+            "--show-pruning",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     kept = json.loads(result.stdout)["kept_image_tokens"]
     entered, final = kept_patches(64, kept["vision"], kept["llm"])
@@ -274,7 +347,9 @@ def test_show_pruning_marks_the_kept_patches(export_cache, image_file, tmp_path)
     from mllm_edge.runtime.image import load_image
     from mllm_edge.runtime.show_pruning import model_view
 
-    plain = np.asarray(model_view(pipeline.preprocess(load_image(image_file)), pipeline.manifest.preprocessing), np.float32)
+    plain = np.asarray(
+        model_view(pipeline.preprocess(load_image(image_file)), pipeline.manifest.preprocessing), np.float32
+    )
     drawn = np.asarray(Image.open(out).convert("RGB"), np.float32)
     assert drawn.shape == plain.shape == (64, 64, 3)
     for patch in range(64):
@@ -283,7 +358,9 @@ def test_show_pruning_marks_the_kept_patches(export_cache, image_file, tmp_path)
         ratio = drawn[inner].sum() / max(plain[inner].sum(), 1.0)
         expected = 1.0 if patch in final else LLM_PRUNED_DIM if patch in entered else VISION_PRUNED_DIM
         assert abs(ratio - expected) < 0.03, (patch, ratio, expected)
-    assert "does not exist" in _run_error([str(image_file), "--bundle", str(folder), "--show-pruning", str(tmp_path / "no" / "x.png")])
+    assert "does not exist" in _run_error(
+        [str(image_file), "--bundle", str(folder), "--show-pruning", str(tmp_path / "no" / "x.png")]
+    )
 
 
 def test_cached_decoding_equals_recomputation(export_cache, image_file):
@@ -295,16 +372,22 @@ def test_cached_decoding_equals_recomputation(export_cache, image_file):
     result = pipeline.generate(image_file, PROMPT, max_new_tokens=8)
     from mllm_edge.runtime.image import load_image
 
-    image_embeds = pipeline.engines["vision"].run({"pixel_values": pipeline.preprocess(load_image(image_file))})["image_embeds"]
+    image_embeds = pipeline.engines["vision"].run(
+        {"pixel_values": pipeline.preprocess(load_image(image_file))}
+    )["image_embeds"]
     ids = np.asarray(result.prompt_token_ids, np.int64)
     start = int(np.argmax(ids == pipeline.manifest.tokenizer["image_token_id"]))
     sequence = list(result.prompt_token_ids)
     text = pipeline.manifest.architecture["text"]
     for token in result.token_ids:
         batch = np.asarray([sequence], np.int64)
-        embeds = pipeline.engines["embed"].run({"input_ids": batch, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})["inputs_embeds"]
+        embeds = pipeline.engines["embed"].run(
+            {"input_ids": batch, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)}
+        )["inputs_embeds"]
         empty = np.zeros((1, 1, text["num_kv_heads"], text["head_dim"]), np.float32)  # the null row alone
         past = {f"past_{kind}.{i}": empty for i in range(text["num_layers"]) for kind in ("key", "value")}
-        logits = pipeline.engines["llm_tail"].run({"hidden_states": embeds, "position_ids": np.arange(batch.shape[1])[None], **past})["logits"]
+        logits = pipeline.engines["llm_tail"].run(
+            {"hidden_states": embeds, "position_ids": np.arange(batch.shape[1])[None], **past}
+        )["logits"]
         assert int(logits[0].argmax()) == token
         sequence.append(token)

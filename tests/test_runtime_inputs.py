@@ -47,7 +47,11 @@ def hf_pixels(processor, image) -> np.ndarray:
 def builder(name: str, folder: Path, chat_template: str | None = None) -> PromptBuilder:
     processor = hf_processor(folder)
     return PromptBuilder.from_folder(
-        folder, chat_template, processor.image_token, processor.image_token_id, FIXTURE_SPECS[name].num_image_tokens
+        folder,
+        chat_template,
+        processor.image_token,
+        processor.image_token_id,
+        FIXTURE_SPECS[name].num_image_tokens,
     )
 
 
@@ -62,7 +66,10 @@ def preprocessor(folder: Path) -> ImagePreprocessor:
 def test_processor_is_the_pil_backend(tiny_checkpoint):
     """What we replicate: without torchvision, transformers uses its PIL/numpy image processors."""
     _, folder = tiny_checkpoint
-    assert type(hf_processor(folder).image_processor).__name__ in ("CLIPImageProcessorPil", "SiglipImageProcessorPil")
+    assert type(hf_processor(folder).image_processor).__name__ in (
+        "CLIPImageProcessorPil",
+        "SiglipImageProcessorPil",
+    )
 
 
 @pytest.mark.parametrize("width,height", SIZES)
@@ -109,8 +116,14 @@ def test_converted_modes_match_hf(tiny_checkpoint, mode):
         ("SiglipImageProcessorPil", {}),
         # a crop larger than the resized image (zero padding), int sizes, bilinear
         ("CLIPImageProcessorPil", {"size": 40, "crop_size": 48, "resample": 2}),
-        ("CLIPImageProcessorPil", {"size": {"height": 30, "width": 50}, "do_center_crop": False, "do_normalize": False}),
-        ("SiglipImageProcessorPil", {"size": {"height": 37, "width": 61}, "do_rescale": False, "resample": 1}),
+        (
+            "CLIPImageProcessorPil",
+            {"size": {"height": 30, "width": 50}, "do_center_crop": False, "do_normalize": False},
+        ),
+        (
+            "SiglipImageProcessorPil",
+            {"size": {"height": 37, "width": 61}, "do_rescale": False, "resample": 1},
+        ),
     ],
 )
 def test_other_settings_match_hf(cls_name, cfg):
@@ -127,7 +140,10 @@ def test_other_settings_match_hf(cls_name, cfg):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"image_processor_type": "LlavaNextImageProcessor"}, "unsupported image processor 'LlavaNextImageProcessor'"),
+        (
+            {"image_processor_type": "LlavaNextImageProcessor"},
+            "unsupported image processor 'LlavaNextImageProcessor'",
+        ),
         ({"do_pad": True}, "do_pad=True"),
         ({"image_grid_pinpoints": [[336, 672]]}, "image_grid_pinpoints"),
         ({"size": {"shortest_edge": 336, "longest_edge": 672}}, "unsupported image processor size"),
@@ -142,7 +158,9 @@ def test_unsupported_image_settings_are_refused(tiny_checkpoints, change, messag
 
 def test_switched_off_options_are_accepted(tiny_checkpoints):
     cfg = json.loads((tiny_checkpoints["llama_mha"] / "preprocessor_config.json").read_text())
-    ImagePreprocessor.from_config({**cfg, "do_pad": False, "do_convert_rgb": None, "feature_extractor_type": "CLIPFeatureExtractor"})
+    ImagePreprocessor.from_config(
+        {**cfg, "do_pad": False, "do_convert_rgb": None, "feature_extractor_type": "CLIPFeatureExtractor"}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +261,9 @@ def _generated_like_ids(processor, seed: int) -> list[list[int]]:
     """Answers as a model would produce them, special tokens in between, and random ids."""
     tokenizer = processor.tokenizer
     rng = np.random.default_rng(seed)
-    special = [i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id, processor.image_token_id) if i is not None]
+    special = [
+        i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id, processor.image_token_id) if i is not None
+    ]
     answers = [
         "It is red. The circle is at the left of the image.",
         " Oui : c'est un carré bleu, 日本語 🙂 ü — fin.\n\nTwo lines.",

@@ -55,21 +55,34 @@ class BuildPlan:
         return f"{graph}.engine"
 
     def trtexec_commands(self) -> dict[str, list[str]]:
-        return {g: trtexec_command(f"../../{self.manifest.graphs[g].file}", self.engine_file(g), p, self.settings, self.target.tensorrt,
-                                   str(self.timing_cache.resolve())) for g, p in self.profiles.items()}
+        return {
+            g: trtexec_command(
+                f"../../{self.manifest.graphs[g].file}",
+                self.engine_file(g),
+                p,
+                self.settings,
+                self.target.tensorrt,
+                str(self.timing_cache.resolve()),
+            )
+            for g, p in self.profiles.items()
+        }
 
 
 def plan_build(config: BuildConfig, target: Target) -> BuildPlan:
     manifest = load_manifest(config.bundle)
     check_buildable(config.bundle, manifest)
-    settings = choose_settings(target.tensorrt, manifest.dtype, config.precision, config.workspace_mb, target.jetson)
+    settings = choose_settings(
+        target.tensorrt, manifest.dtype, config.precision, config.workspace_mb, target.jetson
+    )
     max_context = config.max_context or manifest.max_context
     profiles = {g: graph_profiles(manifest, g, max_context) for g in manifest.graphs}
     if config.verify:
         sample_ids = load_sample(config.bundle / manifest.samples["embed"])[0]["input_ids"]
         if sample_ids.shape[1] > max_context:
-            raise MllmEdgeError(f"export's sample prompt takes {sample_ids.shape[1]} tokens, more than --max-context {max_context}: "
-                                "raise --max-context or build with --no-verify")
+            raise MllmEdgeError(
+                f"export's sample prompt takes {sample_ids.shape[1]} tokens, more than --max-context {max_context}: "
+                "raise --max-context or build with --no-verify"
+            )
     folder = engine_folder(config.bundle, target)
     cache = config.timing_cache or folder.parent / f"timing-{target.folder_name}.cache"
     return BuildPlan(config.bundle, manifest, target, settings, max_context, folder, cache, profiles)
@@ -118,7 +131,9 @@ def verify_engine(plan: BuildPlan, graph: str, engine) -> list[OutputCheck]:
     return [compare(graph, name, got[name], ref, tolerance) for name, ref in outputs.items()]
 
 
-def build_bundle(config: BuildConfig, progress: Callable[[str], None] = lambda _: None) -> tuple[BuildPlan, list[OutputCheck]]:
+def build_bundle(
+    config: BuildConfig, progress: Callable[[str], None] = lambda _: None
+) -> tuple[BuildPlan, list[OutputCheck]]:
     from . import tensorrt_api
     from .target import gpu_info
 
@@ -130,15 +145,24 @@ def build_bundle(config: BuildConfig, progress: Callable[[str], None] = lambda _
     checks: list[OutputCheck] = []
     try:
         cache = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else None
-        meta = EngineSet(target.to_dict(), plan.settings.to_dict(), plan.max_context, sha256_file(plan.bundle / MANIFEST_NAME),
-                         created_by=f"mllm-edge {__version__}")
+        meta = EngineSet(
+            target.to_dict(),
+            plan.settings.to_dict(),
+            plan.max_context,
+            sha256_file(plan.bundle / MANIFEST_NAME),
+            created_by=f"mllm-edge {__version__}",
+        )
         for graph, profiles in plan.profiles.items():  # one at a time, memory freed in between
             check_memory(graph, graph_weight_mb(plan, graph), plan.settings.workspace_mb, target)
             progress(f"building {graph}")
-            engine_bytes, cache = tensorrt_api.build_engine(plan.bundle / plan.manifest.graphs[graph].file, profiles, plan.settings, cache)
+            engine_bytes, cache = tensorrt_api.build_engine(
+                plan.bundle / plan.manifest.graphs[graph].file, profiles, plan.settings, cache
+            )
             file = tmp / plan.engine_file(graph)
             file.write_bytes(engine_bytes)
-            meta.engines[graph] = EngineEntry(file.name, plan.manifest.graphs[graph].file, sha256_file(file), profile_record(profiles))
+            meta.engines[graph] = EngineEntry(
+                file.name, plan.manifest.graphs[graph].file, sha256_file(file), profile_record(profiles)
+            )
             del engine_bytes
             gc.collect()
         plan.timing_cache.write_bytes(cache)
@@ -158,7 +182,9 @@ def build_bundle(config: BuildConfig, progress: Callable[[str], None] = lambda _
             bad = [c for c in checks if not c.ok]
             if bad:
                 worst = ", ".join(f"{c.graph}.{c.output} {c.rel:.2e}" for c in bad)
-                raise MllmEdgeError(f"the engines disagree with the bundle's reference outputs beyond {ENGINE_TOLERANCE[plan.settings.precision]:.0e}: {worst}")
+                raise MllmEdgeError(
+                    f"the engines disagree with the bundle's reference outputs beyond {ENGINE_TOLERANCE[plan.settings.precision]:.0e}: {worst}"
+                )
             meta.verified = True
         write_engine_set(tmp, meta)
         if plan.folder.exists():

@@ -44,7 +44,9 @@ class EngineSet:
 
 
 def profile_record(profiles: list[Profile]) -> list[dict]:
-    return [{"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}} for p in profiles]
+    return [
+        {"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}} for p in profiles
+    ]
 
 
 def write_engine_set(folder: Path, meta: EngineSet) -> None:
@@ -53,11 +55,15 @@ def write_engine_set(folder: Path, meta: EngineSet) -> None:
     tmp.replace(folder / ENGINES_META)
 
 
-def load_engine_set(folder: Path, bundle: Path, here: Target | None = None, verify_files: bool = True) -> EngineSet:
+def load_engine_set(
+    folder: Path, bundle: Path, here: Target | None = None, verify_files: bool = True
+) -> EngineSet:
     """Read and check an engine folder: complete, for this bundle, (given `here`) for this machine."""
     path = folder / ENGINES_META
     if not path.is_file():
-        raise MllmEdgeError(f"{folder} holds no finished engines ({ENGINES_META} is missing): run `mllm-edge build {bundle}`")
+        raise MllmEdgeError(
+            f"{folder} holds no finished engines ({ENGINES_META} is missing): run `mllm-edge build {bundle}`"
+        )
     try:
         data = json.loads(path.read_text())
         engines = {k: EngineEntry(**v) for k, v in data.pop("engines").items()}
@@ -65,16 +71,24 @@ def load_engine_set(folder: Path, bundle: Path, here: Target | None = None, veri
     except (ValueError, TypeError, KeyError) as e:
         raise MllmEdgeError(f"{path} is damaged ({e}): rebuild with `mllm-edge build {bundle}`") from None
     if meta.schema_version != ENGINES_SCHEMA:
-        raise MllmEdgeError(f"{path} has schema {meta.schema_version}; this mllm-edge reads {ENGINES_SCHEMA}: rebuild with `mllm-edge build {bundle}`")
+        raise MllmEdgeError(
+            f"{path} has schema {meta.schema_version}; this mllm-edge reads {ENGINES_SCHEMA}: rebuild with `mllm-edge build {bundle}`"
+        )
     if meta.bundle_manifest_sha256 != sha256_file(bundle / MANIFEST_NAME):
-        raise MllmEdgeError(f"the engines in {folder} were built from another export of this bundle: rebuild with `mllm-edge build {bundle}`")
+        raise MllmEdgeError(
+            f"the engines in {folder} were built from another export of this bundle: rebuild with `mllm-edge build {bundle}`"
+        )
     if here is not None and (why := same_machine(meta.target, here)):
         raise MllmEdgeError(why)
     if verify_files:
         for entry in meta.engines.values():
             file = folder / entry.file
             if not file.is_file():
-                raise MllmEdgeError(f"engine {entry.file} is missing from {folder}: rebuild with `mllm-edge build {bundle}`")
+                raise MllmEdgeError(
+                    f"engine {entry.file} is missing from {folder}: rebuild with `mllm-edge build {bundle}`"
+                )
             if sha256_file(file) != entry.sha256:
-                raise MllmEdgeError(f"engine {entry.file} in {folder} is damaged (sha256 differs): rebuild with `mllm-edge build {bundle}`")
+                raise MllmEdgeError(
+                    f"engine {entry.file} in {folder} is damaged (sha256 differs): rebuild with `mllm-edge build {bundle}`"
+                )
     return meta

@@ -32,7 +32,9 @@ def _shape(dims: list, sizes: dict[str, tuple[int, int, int]], which: int, graph
         elif d in sizes:
             out.append(sizes[d][which])
         else:
-            raise MllmEdgeError(f"{graph}: input {tensor} has a dimension '{d}' this version cannot size; re-export the bundle")
+            raise MllmEdgeError(
+                f"{graph}: input {tensor} has a dimension '{d}' this version cannot size; re-export the bundle"
+            )
     return tuple(out)
 
 
@@ -42,7 +44,9 @@ def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = Non
     image = manifest.pruning["image_tokens"]
     llm_images = image["llm"]  # image tokens the vision graph outputs (after FasterVLM)
     if ctx <= llm_images or ctx > manifest.max_context:  # a prompt holds every image token and some text
-        raise MllmEdgeError(f"--max-context must be above the {llm_images} image tokens and at most the bundle's {manifest.max_context}, got {ctx}")
+        raise MllmEdgeError(
+            f"--max-context must be above the {llm_images} image tokens and at most the bundle's {manifest.max_context}, got {ctx}"
+        )
     spec = manifest.graphs[graph]
     prompt_opt = min(llm_images + OPT_TEXT_TOKENS, ctx)
     past_opt = min(prompt_opt + OPT_ANSWER_TOKENS, ctx)
@@ -50,13 +54,19 @@ def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = Non
     if graph == "vision":
         plans = {"static": {"batch": one}}
     elif graph == "embed":
-        plans = {"prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "image_tokens": (llm_images,) * 3},
-                 "decode": {"batch": one, "seq": one, "image_tokens": one}}
-    elif graph == "prune":  # its output has seq - (image tokens dropped) rows: the prompt holds every image token
+        plans = {
+            "prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "image_tokens": (llm_images,) * 3},
+            "decode": {"batch": one, "seq": one, "image_tokens": one},
+        }
+    elif (
+        graph == "prune"
+    ):  # its output has seq - (image tokens dropped) rows: the prompt holds every image token
         plans = {"prefill": {"batch": one, "seq": (llm_images, prompt_opt, ctx)}}
     elif graph in ("llm_head", "llm_tail"):
-        plans = {"prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "past": one},
-                 "decode": {"batch": one, "seq": one, "past": (1, past_opt, ctx)}}
+        plans = {
+            "prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "past": one},
+            "decode": {"batch": one, "seq": one, "past": (1, past_opt, ctx)},
+        }
     else:
         raise MllmEdgeError(f"the bundle has a graph '{graph}' this version cannot build; re-export it")
     profiles = []

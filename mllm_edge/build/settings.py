@@ -40,14 +40,20 @@ class BuildSettings:
         return asdict(self)
 
 
-def choose_settings(trt_version: str, bundle_dtype: str, precision: str | None, workspace_mb: int | None, jetson: bool) -> BuildSettings:
+def choose_settings(
+    trt_version: str, bundle_dtype: str, precision: str | None, workspace_mb: int | None, jetson: bool
+) -> BuildSettings:
     """precision None means the bundle's own."""
     major = trt_major(trt_version)
     if major < 10:
-        raise MllmEdgeError(f"TensorRT {trt_version} is too old: mllm-edge builds with TensorRT 10 or newer (JetPack 6 ships 10.3)")
+        raise MllmEdgeError(
+            f"TensorRT {trt_version} is too old: mllm-edge builds with TensorRT 10 or newer (JetPack 6 ships 10.3)"
+        )
     own = BUNDLE_PRECISION.get(bundle_dtype)
     if own is None:
-        raise MllmEdgeError(f"the bundle's dtype '{bundle_dtype}' cannot be built; re-export with --dtype fp16 or fp32")
+        raise MllmEdgeError(
+            f"the bundle's dtype '{bundle_dtype}' cannot be built; re-export with --dtype fp16 or fp32"
+        )
     precision = precision or own
     if precision not in PRECISIONS:
         raise MllmEdgeError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
@@ -57,12 +63,18 @@ def choose_settings(trt_version: str, bundle_dtype: str, precision: str | None, 
         raise MllmEdgeError(f"--workspace must be at least 64 MB, got {workspace_mb}")
     if precision == own:
         return BuildSettings(precision, strongly_typed=True, workspace_mb=workspace_mb)
-    export_hint = "export makes no bf16 bundles yet: use fp16" if precision == "bf16" else f"mllm-edge export --dtype {precision}"
+    export_hint = (
+        "export makes no bf16 bundles yet: use fp16"
+        if precision == "bf16"
+        else f"mllm-edge export --dtype {precision}"
+    )
     if own == "fp32" and precision in ("fp16", "bf16"):
         if major >= 11:
             raise MllmEdgeError(
                 f"TensorRT {trt_version} builds only strongly typed networks, so a {precision} engine needs a {precision} bundle "
                 f"({export_hint}), or build this fp32 bundle with --precision fp32"
             )
-        return BuildSettings(precision, strongly_typed=False, builder_flags=[precision.upper()], workspace_mb=workspace_mb)
+        return BuildSettings(
+            precision, strongly_typed=False, builder_flags=[precision.upper()], workspace_mb=workspace_mb
+        )
     raise MllmEdgeError(f"a {own} bundle cannot give {precision} engines ({export_hint})")

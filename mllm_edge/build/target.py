@@ -56,7 +56,11 @@ def detect_jetson(root: Path = Path("/")) -> str | None:
     device tree, so the release file alone also counts.
     """
     model_file = root / "proc/device-tree/model"
-    model = model_file.read_bytes().decode(errors="replace").rstrip("\x00").strip() if model_file.is_file() else ""
+    model = (
+        model_file.read_bytes().decode(errors="replace").rstrip("\x00").strip()
+        if model_file.is_file()
+        else ""
+    )
     if "jetson" in model.lower():
         return model
     if (root / "etc/nv_tegra_release").is_file():
@@ -74,7 +78,11 @@ def same_machine(built: dict, here: Target) -> str | None:
         problems.append(f"TensorRT {built.get('tensorrt')} (installed: {here.tensorrt})")
     if not problems:
         return None
-    return f"the engines were built for {built.get('gpu', '?')} with " + " and ".join(problems) + ": rebuild them here with `mllm-edge build`"
+    return (
+        f"the engines were built for {built.get('gpu', '?')} with "
+        + " and ".join(problems)
+        + ": rebuild them here with `mllm-edge build`"
+    )
 
 
 def gpu_info(tensorrt_version: str, root: Path = Path("/")) -> Target:
@@ -124,10 +132,15 @@ def _cuda_device_ctypes() -> tuple[str, tuple[int, int], int, int]:
     try:
         cuda = ctypes.CDLL("libcuda.so.1")  # the driver API: stable symbols for name and attributes
     except OSError:
-        raise MllmEdgeError("no CUDA driver (libcuda.so.1) on this machine; TensorRT engines need an NVIDIA GPU") from None
+        raise MllmEdgeError(
+            "no CUDA driver (libcuda.so.1) on this machine; TensorRT engines need an NVIDIA GPU"
+        ) from None
+
     def check(status: int, what: str) -> None:
         if status != 0:
-            raise MllmEdgeError(f"the CUDA driver failed at {what} (error {status}); TensorRT engines need a working GPU")
+            raise MllmEdgeError(
+                f"the CUDA driver failed at {what} (error {status}); TensorRT engines need a working GPU"
+            )
 
     check(cuda.cuInit(0), "cuInit")
     dev = ctypes.c_int()
@@ -135,7 +148,9 @@ def _cuda_device_ctypes() -> tuple[str, tuple[int, int], int, int]:
     buf = ctypes.create_string_buffer(256)
     check(cuda.cuDeviceGetName(buf, 256, dev), "cuDeviceGetName")
     major, minor = ctypes.c_int(), ctypes.c_int()
-    check(cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "the compute capability")  # ..._COMPUTE_CAPABILITY_MAJOR
+    check(
+        cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "the compute capability"
+    )  # ..._COMPUTE_CAPABILITY_MAJOR
     check(cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev), "the compute capability")  # ..._MINOR
     ctx = ctypes.c_void_p()
     check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")

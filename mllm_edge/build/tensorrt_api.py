@@ -46,7 +46,9 @@ def make_logger(trt):
     return Logger()
 
 
-def build_engine(onnx_path: Path, profiles: list[Profile], settings: BuildSettings, timing_cache: bytes | None) -> tuple[bytes, bytes]:
+def build_engine(
+    onnx_path: Path, profiles: list[Profile], settings: BuildSettings, timing_cache: bytes | None
+) -> tuple[bytes, bytes]:
     """-> (serialized engine, updated timing cache)."""
     trt = import_tensorrt()
     logger = make_logger(trt)
@@ -63,7 +65,9 @@ def build_engine(onnx_path: Path, profiles: list[Profile], settings: BuildSettin
     for name in settings.builder_flags:
         flag = getattr(trt.BuilderFlag, name, None)  # by name: 11 renumbered and removed flags
         if flag is None:
-            raise MllmEdgeError(f"TensorRT {trt.__version__} has no builder flag {name}; export the bundle in that precision instead")
+            raise MllmEdgeError(
+                f"TensorRT {trt.__version__} has no builder flag {name}; export the bundle in that precision instead"
+            )
         config.set_flag(flag)
     for p in profiles:
         if not p.shapes:
@@ -73,18 +77,29 @@ def build_engine(onnx_path: Path, profiles: list[Profile], settings: BuildSettin
             try:
                 profile.set_shape(name, low, opt, high)
             except RuntimeError as e:  # inconsistent min/opt/max: a bug of profiles.py, said plainly
-                raise MllmEdgeError(f"{onnx_path.name}: TensorRT refused the {p.name} shapes of {name} {low} {opt} {high}: {e}") from None
+                raise MllmEdgeError(
+                    f"{onnx_path.name}: TensorRT refused the {p.name} shapes of {name} {low} {opt} {high}: {e}"
+                ) from None
         if config.add_optimization_profile(profile) < 0:
-            raise MllmEdgeError(f"TensorRT rejected the {p.name} profile of {onnx_path.name}: {'; '.join(logger.errors)}")
+            raise MllmEdgeError(
+                f"TensorRT rejected the {p.name} profile of {onnx_path.name}: {'; '.join(logger.errors)}"
+            )
     cache = config.create_timing_cache(timing_cache or b"")
     if cache is None or not config.set_timing_cache(cache, False):  # made on another GPU or TensorRT
-        print("TensorRT: the timing cache does not fit this GPU or TensorRT version; starting a new one", file=sys.stderr)
+        print(
+            "TensorRT: the timing cache does not fit this GPU or TensorRT version; starting a new one",
+            file=sys.stderr,
+        )
         config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise MllmEdgeError(f"TensorRT could not build {onnx_path.name}: {'; '.join(logger.errors) or 'see the messages above'}")
+        raise MllmEdgeError(
+            f"TensorRT could not build {onnx_path.name}: {'; '.join(logger.errors) or 'see the messages above'}"
+        )
     updated = config.get_timing_cache()
-    return bytes(memoryview(plan)), bytes(memoryview(updated.serialize())) if updated is not None else (timing_cache or b"")
+    return bytes(memoryview(plan)), bytes(memoryview(updated.serialize())) if updated is not None else (
+        timing_cache or b""
+    )
 
 
 def load_engine(path: Path):
@@ -94,5 +109,7 @@ def load_engine(path: Path):
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
-        raise MllmEdgeError(f"TensorRT cannot open {path.name} ({'; '.join(logger.errors)}): rebuild with `mllm-edge build`")
+        raise MllmEdgeError(
+            f"TensorRT cannot open {path.name} ({'; '.join(logger.errors)}): rebuild with `mllm-edge build`"
+        )
     return trt, engine, logger

@@ -21,13 +21,24 @@ def _dims(shape) -> str:
     return "x".join(str(d) for d in shape) if len(shape) else "scalar"
 
 
-def trtexec_command(onnx: str, engine: str, profiles: list[Profile], settings: BuildSettings, trt_version: str, timing_cache: str) -> list[str]:
+def trtexec_command(
+    onnx: str,
+    engine: str,
+    profiles: list[Profile],
+    settings: BuildSettings,
+    trt_version: str,
+    timing_cache: str,
+) -> list[str]:
     cmd = [TRTEXEC, f"--onnx={onnx}", f"--saveEngine={engine}", "--skipInference"]
     if any(p.shapes for p in profiles):
         for i, p in enumerate(profiles):
             cmd.append(f"--profile={i}")
             for flag, which in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
-                cmd.append(flag + "=" + ",".join(f"{name}:{_dims(shapes[which])}" for name, shapes in p.shapes.items()))
+                cmd.append(
+                    flag
+                    + "="
+                    + ",".join(f"{name}:{_dims(shapes[which])}" for name, shapes in p.shapes.items())
+                )
     cmd.append(f"--memPoolSize=workspace:{settings.workspace_mb}M")
     cmd.append(f"--timingCacheFile={timing_cache}")
     cmd.append(f"--builderOptimizationLevel={settings.optimization_level}")
@@ -41,8 +52,15 @@ def trtexec_command(onnx: str, engine: str, profiles: list[Profile], settings: B
 
 def trtexec_script(commands: dict[str, list[str]], header: str) -> str:
     """A bash script running each graph's command from the engine folder."""
-    lines = ["#!/usr/bin/env bash", f"# {header}", "# Run from this folder; on JetPack, TRTEXEC=/usr/src/tensorrt/bin/trtexec.",
-             "set -euo pipefail", 'cd "$(dirname "$0")"', 'TRTEXEC="${TRTEXEC:-trtexec}"', ""]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {header}",
+        "# Run from this folder; on JetPack, TRTEXEC=/usr/src/tensorrt/bin/trtexec.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-trtexec}"',
+        "",
+    ]
     for graph, cmd in commands.items():
         lines.append(f"# {graph}")
         lines.append('"$TRTEXEC" ' + " ".join(shlex.quote(a) for a in cmd[1:]))

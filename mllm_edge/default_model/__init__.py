@@ -16,6 +16,8 @@ NAME = "mllm-edge default (synthetic scenes)"
 
 def checkpoint() -> Path:
     if not (CHECKPOINT / "config.json").is_file():
-        raise MllmEdgeError(f"the built-in model is missing from {CHECKPOINT}: reinstall mllm-edge, or train it with "
-                            "`python -m mllm_edge.default_model.train`")
+        raise MllmEdgeError(
+            f"the built-in model is missing from {CHECKPOINT}: reinstall mllm-edge, or train it with "
+            "`python -m mllm_edge.default_model.train`"
+        )
     return CHECKPOINT

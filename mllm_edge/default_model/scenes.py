@@ -29,8 +29,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
-           "purple": (140, 60, 180), "orange": (245, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
 BACKGROUNDS = ((245, 245, 245), (225, 225, 215), (200, 205, 210), (235, 230, 245))
 NUMBERS = ("one", "two", "three", "four")
 SIZE = 336  # pixels, the model's input size
@@ -60,7 +66,9 @@ class Scene:
         image = Image.new("RGB", (size, size), self.background)
         if self.noise:
             rng = random.Random(self.seed)
-            grain = Image.frombytes("L", (size, size), rng.randbytes(size * size)).point(lambda v: 128 + (v - 128) * self.noise // 128)
+            grain = Image.frombytes("L", (size, size), rng.randbytes(size * size)).point(
+                lambda v: 128 + (v - 128) * self.noise // 128
+            )
             image = Image.blend(image, Image.merge("RGB", (grain, grain, grain)), 0.25)
         draw = ImageDraw.Draw(image)
         for it in self.items:
@@ -99,7 +107,9 @@ def _outline(it: Item) -> list[tuple[float, float]]:
         return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
     if it.shape == "diamond":
         return [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
-    return [(x + r * math.cos(a), y + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]  # triangle
+    return [
+        (x + r * math.cos(a), y + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+    ]  # triangle
 
 
 def make_scene(rng: random.Random) -> Scene:
@@ -123,9 +133,21 @@ def questions(scene: Scene) -> list[Question]:
         out.append(Question("colour", f"What colour is the {it.shape}?", it.colour))
         out.append(Question("shape", f"What shape is the {it.colour} thing?", it.shape))
         if abs(it.x - SIZE / 2) > MARGIN:
-            out.append(Question("horizontal", f"Is the {it.shape} on the left or the right?", "left" if it.x < SIZE / 2 else "right"))
+            out.append(
+                Question(
+                    "horizontal",
+                    f"Is the {it.shape} on the left or the right?",
+                    "left" if it.x < SIZE / 2 else "right",
+                )
+            )
         if abs(it.y - SIZE / 2) > MARGIN:
-            out.append(Question("vertical", f"Is the {it.shape} at the top or the bottom?", "top" if it.y < SIZE / 2 else "bottom"))
+            out.append(
+                Question(
+                    "vertical",
+                    f"Is the {it.shape} at the top or the bottom?",
+                    "top" if it.y < SIZE / 2 else "bottom",
+                )
+            )
     out.append(Question("count", "How many shapes are there?", NUMBERS[len(scene.items) - 1]))
     for shape in SHAPES:
         out.append(Question("exists", f"Is there a {shape}?", "yes" if shape in present else "no"))
@@ -153,7 +175,17 @@ def write_jsonl(items: list[tuple[Scene, Question]], folder: Path) -> Path:
     for i, (scene, q) in enumerate(items):
         name = f"scene-{i:05d}.png"
         scene.render().save(folder / name)
-        lines.append(json.dumps({"image": name, "question": q.text, "answer": q.answer, "kind": q.kind, "scene": asdict(scene)}))
+        lines.append(
+            json.dumps(
+                {
+                    "image": name,
+                    "question": q.text,
+                    "answer": q.answer,
+                    "kind": q.kind,
+                    "scene": asdict(scene),
+                }
+            )
+        )
     path = folder / "questions.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -165,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from ..evaluate import HELD_OUT_SEED
 
-    p = argparse.ArgumentParser(description="Write one synthetic scene (a held-out one by default) and print its questions and answers.")
+    p = argparse.ArgumentParser(
+        description="Write one synthetic scene (a held-out one by default) and print its questions and answers."
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     args = p.parse_args(argv)

@@ -93,11 +93,13 @@ SHORTENED_KEEP = (288, 144, 58)
 # The scene's table, one classification per field; class 0 is "no such item" everywhere.
 SIDES = ("left", "right", "middle")  # middle: within MARGIN of the centre line (never asked)
 HEIGHTS = ("top", "bottom", "middle")
-TABLE_FIELDS = ([(f"colour of the {s}", 1 + len(COLOURS)) for s in SHAPES]
-                + [(f"side of the {s}", 1 + len(SIDES)) for s in SHAPES]
-                + [(f"height of the {s}", 1 + len(HEIGHTS)) for s in SHAPES]
-                + [(f"shape of the {c} thing", 1 + len(SHAPES)) for c in COLOURS]
-                + [("number of items", 5)])
+TABLE_FIELDS = (
+    [(f"colour of the {s}", 1 + len(COLOURS)) for s in SHAPES]
+    + [(f"side of the {s}", 1 + len(SIDES)) for s in SHAPES]
+    + [(f"height of the {s}", 1 + len(HEIGHTS)) for s in SHAPES]
+    + [(f"shape of the {c} thing", 1 + len(SHAPES)) for c in COLOURS]
+    + [("number of items", 5)]
+)
 
 
 def patch_items(scene: Scene, grid: int = GRID) -> np.ndarray:
@@ -114,10 +116,12 @@ def patch_labels(scene: Scene, grid: int = GRID) -> dict[str, np.ndarray]:
     """Per patch, classes of the item covering it (patch_items), 0 on the background: "colours" and
     "shapes" (1 + index in COLOURS, SHAPES), "sides" and "heights" (1 + index in SIDES, HEIGHTS)."""
     items = patch_items(scene, grid)
-    per_item = {"colours": [1 + list(COLOURS).index(it.colour) for it in scene.items],
-                "shapes": [1 + SHAPES.index(it.shape) for it in scene.items],
-                "sides": [_side(it.x - SIZE / 2) for it in scene.items],
-                "heights": [_side(it.y - SIZE / 2) for it in scene.items]}
+    per_item = {
+        "colours": [1 + list(COLOURS).index(it.colour) for it in scene.items],
+        "shapes": [1 + SHAPES.index(it.shape) for it in scene.items],
+        "sides": [_side(it.x - SIZE / 2) for it in scene.items],
+        "heights": [_side(it.y - SIZE / 2) for it in scene.items],
+    }
     return {name: np.array([0] + classes)[items] for name, classes in per_item.items()}
 
 
@@ -146,10 +150,14 @@ class Probes(torch.nn.Module):
     def __init__(self, width: int, grid: int = GRID):
         super().__init__()
         self.grid = grid
-        self.per_patch = torch.nn.ModuleDict({"colours": torch.nn.Linear(width, 1 + len(COLOURS)),
-                                              "shapes": torch.nn.Linear(width, 1 + len(SHAPES)),
-                                              "sides": torch.nn.Linear(width, 1 + len(SIDES)),
-                                              "heights": torch.nn.Linear(width, 1 + len(HEIGHTS))})
+        self.per_patch = torch.nn.ModuleDict(
+            {
+                "colours": torch.nn.Linear(width, 1 + len(COLOURS)),
+                "shapes": torch.nn.Linear(width, 1 + len(SHAPES)),
+                "sides": torch.nn.Linear(width, 1 + len(SIDES)),
+                "heights": torch.nn.Linear(width, 1 + len(HEIGHTS)),
+            }
+        )
         self.column = torch.nn.Linear(width, grid)
         self.row = torch.nn.Linear(width, grid)
         self.table = torch.nn.ModuleList(torch.nn.Linear(width, classes) for _, classes in TABLE_FIELDS)
@@ -161,13 +169,19 @@ class Probes(torch.nn.Module):
         patches and on [CLS], the scene table [B, F]."""
         summary, features = hidden[:, 0], hidden[:, 1:]
         on_item = labels["shapes"] > 0
-        loss = sum(F.cross_entropy(probe(features).flatten(0, 1), labels[name].flatten())
-                   for name, probe in self.per_patch.items())
+        loss = sum(
+            F.cross_entropy(probe(features).flatten(0, 1), labels[name].flatten())
+            for name, probe in self.per_patch.items()
+        )
         # The patch's own place: CLIP's position embeddings otherwise fade out of the features, and
         # where an item is (left/right/top/bottom questions) can only come from there.
         place = torch.arange(features.shape[1])
-        loss = loss + F.cross_entropy(self.column(features).flatten(0, 1), (place % self.grid).repeat(features.shape[0]))
-        loss = loss + F.cross_entropy(self.row(features).flatten(0, 1), (place // self.grid).repeat(features.shape[0]))
+        loss = loss + F.cross_entropy(
+            self.column(features).flatten(0, 1), (place % self.grid).repeat(features.shape[0])
+        )
+        loss = loss + F.cross_entropy(
+            self.row(features).flatten(0, 1), (place // self.grid).repeat(features.shape[0])
+        )
         item_features = features[on_item]  # [N, C]
         rows = labels["table"][:, None, :].expand(-1, features.shape[1], -1)[on_item]  # [N, F]
         table_loss, table_right = 0.0, 0.0
@@ -183,8 +197,13 @@ class Probes(torch.nn.Module):
             summary_loss = summary_loss + F.cross_entropy(logits, labels["table"][:, f])
             summary_right = summary_right + (logits.argmax(-1) == labels["table"][:, f]).float().mean()
         with torch.no_grad():
-            accuracy = {f"{name[:-1]} on items": (probe(item_features).argmax(-1) == labels[name][on_item]).float().mean().item()
-                        for name, probe in self.per_patch.items()}
+            accuracy = {
+                f"{name[:-1]} on items": (probe(item_features).argmax(-1) == labels[name][on_item])
+                .float()
+                .mean()
+                .item()
+                for name, probe in self.per_patch.items()
+            }
             accuracy["column"] = (self.column(features).argmax(-1) == place % self.grid).float().mean().item()
             accuracy["table on items"] = (table_right / len(self.table)).item()
             accuracy["table on [CLS]"] = (summary_right / len(self.summary)).item()
@@ -208,15 +227,23 @@ class Examples:
 
         config = json.loads((folder / "config.json").read_text())
         self.image_token_id = config.get("image_token_id", config.get("image_token_index"))
-        self.preprocess = ImagePreprocessor.from_config(json.loads((folder / "preprocessor_config.json").read_text()))
+        self.preprocess = ImagePreprocessor.from_config(
+            json.loads((folder / "preprocessor_config.json").read_text())
+        )
         template = (folder / "chat_template.jinja").read_text()
-        self.prompts = PromptBuilder.from_folder(folder, template, "<image>", self.image_token_id, SPEC.num_image_tokens)
+        self.prompts = PromptBuilder.from_folder(
+            folder, template, "<image>", self.image_token_id, SPEC.num_image_tokens
+        )
         self.eos = self.prompts.tokenizer.token_to_id("</s>")
         self._cache: dict[str, tuple[list[int], list[int]]] = {}
         # patch_labels' classes -> the first token of the word naming them; -100 for none and "middle"
         first = lambda word: self.ids("", word)[1][0]
-        self._word_ids = {"colours": [-100] + [first(c) for c in COLOURS], "shapes": [-100] + [first(s) for s in SHAPES],
-                          "sides": [-100, first("left"), first("right"), -100], "heights": [-100, first("top"), first("bottom"), -100]}
+        self._word_ids = {
+            "colours": [-100] + [first(c) for c in COLOURS],
+            "shapes": [-100] + [first(s) for s in SHAPES],
+            "sides": [-100, first("left"), first("right"), -100],
+            "heights": [-100, first("top"), first("bottom"), -100],
+        }
 
     def ids(self, question: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids + </s>)."""
@@ -233,9 +260,11 @@ class Examples:
     def pictures(self, scenes: list[Scene]) -> dict[str, torch.Tensor]:
         """Pixels and the dense labels of the seeing stage."""
         labels = [patch_labels(s) for s in scenes]
-        return {"pixel_values": torch.from_numpy(np.stack([self.preprocess(s.render())[0] for s in scenes])),
-                **{name: torch.from_numpy(np.stack([lb[name] for lb in labels])).long() for name in labels[0]},
-                "table": torch.from_numpy(np.stack([scene_table(s) for s in scenes]))}
+        return {
+            "pixel_values": torch.from_numpy(np.stack([self.preprocess(s.render())[0] for s in scenes])),
+            **{name: torch.from_numpy(np.stack([lb[name] for lb in labels])).long() for name in labels[0]},
+            "table": torch.from_numpy(np.stack([scene_table(s) for s in scenes])),
+        }
 
     def patch_words(self, scene: Scene) -> np.ndarray:
         """[patches, 4]: the first token of the words naming each patch's item, its colour, shape, side
@@ -243,7 +272,9 @@ class Examples:
         labels = patch_labels(scene)
         return np.stack([np.array(ids)[labels[name]] for name, ids in self._word_ids.items()], 1)
 
-    def questions(self, items: list[tuple[Scene, list[Question]]], kept: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    def questions(
+        self, items: list[tuple[Scene, list[Question]]], kept: list[np.ndarray] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Several questions per picture, for shared-prefix training (answer_loss): the prompt up to the
         last image token is the same for every question, so it is split off; the rest of each prompt,
         then the answer, is one right-padded row, labelled on the answer tokens only.
@@ -257,11 +288,15 @@ class Examples:
             owner = patch_items(scene)[kept[index]]
             for q in asked:
                 prompt, answer = self.ids(q.text, q.answer)
-                split = len(prompt) - prompt[::-1].index(self.image_token_id)  # just after the last image token
+                split = len(prompt) - prompt[::-1].index(
+                    self.image_token_id
+                )  # just after the last image token
                 if prefix is None:
                     prefix = prompt[:split]
                 if prompt[:split] != prefix:
-                    raise AssertionError(f"the chat template puts text before the image that depends on the question: {q.text!r}")
+                    raise AssertionError(
+                        f"the chat template puts text before the image that depends on the question: {q.text!r}"
+                    )
                 rows.append(prompt[split:] + answer)
                 labels.append([-100] * (len(prompt) - split) + answer)
                 picture.append(index)
@@ -273,16 +308,26 @@ class Examples:
         pad = self.prompts.tokenizer.token_to_id("<pad>")
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         lab = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r, l) in enumerate(zip(rows, labels)):
-            ids[i, : len(r)], lab[i, : len(l)] = torch.tensor(r), torch.tensor(l)
+        for i, (r, target) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)], lab[i, : len(target)] = torch.tensor(r), torch.tensor(target)
         pixels = torch.from_numpy(np.stack([self.preprocess(scene.render())[0] for scene, _ in items]))
         # The image tokens end the prefix: drop the pruned ones' placeholders; the text after them
         # follows at once (contiguous positions, as after FasterVLM).
         prefix = prefix[: len(prefix) - GRID * GRID + len(kept[0])]
-        return {"prefix_ids": torch.tensor([prefix] * len(items)), "suffix_ids": ids, "labels": lab,
-                "picture": torch.tensor(picture), "pixel_values": pixels, "kept": torch.from_numpy(np.stack(kept)),
-                "target_patches": torch.from_numpy(np.stack(targets)), "answer_at": torch.tensor(answer_at), "named": torch.tensor(named),
-                "patch_words": torch.from_numpy(np.stack([self.patch_words(scene)[k] for (scene, _), k in zip(items, kept)])).long()}
+        return {
+            "prefix_ids": torch.tensor([prefix] * len(items)),
+            "suffix_ids": ids,
+            "labels": lab,
+            "picture": torch.tensor(picture),
+            "pixel_values": pixels,
+            "kept": torch.from_numpy(np.stack(kept)),
+            "target_patches": torch.from_numpy(np.stack(targets)),
+            "answer_at": torch.tensor(answer_at),
+            "named": torch.tensor(named),
+            "patch_words": torch.from_numpy(
+                np.stack([self.patch_words(scene)[k] for (scene, _), k in zip(items, kept)])
+            ).long(),
+        }
 
 
 NAMED_WORDS = SHAPES + tuple(COLOURS)
@@ -302,7 +347,9 @@ def kept_patches(rng: random.Random, scene: Scene, keep: int) -> np.ndarray:
     then random background ones: a picture as a pruner that finds the items would shorten it."""
     owner = patch_items(scene)
     items, background = np.flatnonzero(owner > 0).tolist(), np.flatnonzero(owner == 0).tolist()
-    chosen = rng.sample(items, keep) if len(items) >= keep else items + rng.sample(background, keep - len(items))
+    chosen = (
+        rng.sample(items, keep) if len(items) >= keep else items + rng.sample(background, keep - len(items))
+    )
     return np.array(sorted(chosen))
 
 
@@ -326,7 +373,9 @@ def picture_questions(rng: random.Random) -> tuple[Scene, list[Question]]:
     return scene, chosen
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], key_probe: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+def answer_loss(
+    model, batch: dict[str, torch.Tensor], key_probe: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, ...]:
     """(Mean cross-entropy of the answer tokens, focus loss, word loss, key loss), the vision tower frozen.
 
     The key loss (with key_probe, a linear read-out dropped after training) asks the answer position,
@@ -367,17 +416,28 @@ def answer_loss(model, batch: dict[str, torch.Tensor], key_probe: torch.nn.Modul
     named = words[on_item]
     word = -word_logp.gather(1, named.clamp(min=0))[named != -100].mean()
     cache = prefix.past_key_values
-    cache.batch_select_indices(batch["picture"])  # one row per question, its picture's prefix (differentiable)
+    cache.batch_select_indices(
+        batch["picture"]
+    )  # one row per question, its picture's prefix (differentiable)
     ids = batch["suffix_ids"]
     start = prefix_ids.shape[1]
     positions = torch.arange(start, start + ids.shape[1])[None].expand(ids.shape[0], -1)
-    model.set_attn_implementation("eager")  # returns attention weights; the suffix is short, so eager costs little
+    model.set_attn_implementation(
+        "eager"
+    )  # returns attention weights; the suffix is short, so eager costs little
     try:
-        out = lm(inputs_embeds=embed(ids), past_key_values=cache, position_ids=positions, output_attentions=True,
-                 output_hidden_states=key_probe is not None)
+        out = lm(
+            inputs_embeds=embed(ids),
+            past_key_values=cache,
+            position_ids=positions,
+            output_attentions=True,
+            output_hidden_states=key_probe is not None,
+        )
     finally:
         model.set_attn_implementation("sdpa")
-    targets = batch["labels"][:, 1:]  # the suffix starts with question text: its first token is never an answer
+    targets = batch["labels"][
+        :, 1:
+    ]  # the suffix starts with question text: its first token is never an answer
     where = targets != -100
     answer = F.cross_entropy(model.lm_head(out.last_hidden_state[:, :-1][where]), targets[where])
     rows = out.attentions[-1][torch.arange(ids.shape[0]), :, batch["answer_at"]]  # [N, H, prefix + suffix]
@@ -386,18 +446,27 @@ def answer_loss(model, batch: dict[str, torch.Tensor], key_probe: torch.nn.Modul
     focus = -torch.log(mass[about] + 1e-6).mean() if about.any() else mass.sum() * 0
     key = answer.new_zeros(())
     if key_probe is not None:
-        before_last = out.hidden_states[-2][torch.arange(ids.shape[0]), batch["answer_at"]]  # the last layer's input
+        before_last = out.hidden_states[-2][
+            torch.arange(ids.shape[0]), batch["answer_at"]
+        ]  # the last layer's input
         key = F.cross_entropy(key_probe(before_last), batch["named"], ignore_index=-100)
     return answer, focus, word, key
 
 
 def _optimiser(params, lr: float, steps: int):
     params = [p for p in params if p.requires_grad]
-    optim = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    optim = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
     warmup = max(steps // 20, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    )
     return optim, schedule
 
 
@@ -409,7 +478,9 @@ def _step(loss: torch.Tensor, params, optim, schedule) -> None:
     schedule.step()
 
 
-def train_seeing(model, examples: Examples, rng: random.Random, steps: int, batch: int, lr: float, log) -> dict:
+def train_seeing(
+    model, examples: Examples, rng: random.Random, steps: int, batch: int, lr: float, log
+) -> dict:
     """Stage 1: the vision tower and the probes on dense patch labels. Returns held-out probe accuracies."""
     tower = model.model.vision_tower
     probes = Probes(model.config.vision_config.hidden_size)
@@ -421,7 +492,10 @@ def train_seeing(model, examples: Examples, rng: random.Random, steps: int, batc
         loss, accuracy = probes(select_layer_output(model, b["pixel_values"]), b)
         _step(loss, params, optim, schedule)
         if step % 100 == 0 or step == steps - 1:
-            log(f"seeing   {step:5d}  loss {loss.item():.3f}  " + "  ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+            log(
+                f"seeing   {step:5d}  loss {loss.item():.3f}  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
+            )
     tower.eval()
     with torch.no_grad():
         held_out = random.Random(HELD_OUT_SEED)
@@ -430,8 +504,18 @@ def train_seeing(model, examples: Examples, rng: random.Random, steps: int, batc
     return accuracy
 
 
-def train_answering(model, examples: Examples, rng: random.Random, steps: int, batch: int,
-                    lr: float, focus_weight: float, word_weight: float, key_weight: float, log) -> None:
+def train_answering(
+    model,
+    examples: Examples,
+    rng: random.Random,
+    steps: int,
+    batch: int,
+    lr: float,
+    focus_weight: float,
+    word_weight: float,
+    key_weight: float,
+    log,
+) -> None:
     """Stage 2: projector and language model on the answers to picture_questions about each of
     batch pictures per step; the vision tower stays as stage 1 left it."""
     model.model.vision_tower.requires_grad_(False)
@@ -446,22 +530,31 @@ def train_answering(model, examples: Examples, rng: random.Random, steps: int, b
         answer, focus, word, key = answer_loss(model, examples.questions(items, kept), key_probe)
         _step(answer + focus_weight * focus + word_weight * word + key_weight * key, params, optim, schedule)
         if step % 100 == 0 or step == steps - 1:
-            log(f"answering {step:5d}  loss {answer.item():.3f}  focus {focus.item():.3f}  words {word.item():.3f}"
-                f"  key {key.item():.3f}  lr {schedule.get_last_lr()[0]:.2e}")
+            log(
+                f"answering {step:5d}  loss {answer.item():.3f}  focus {focus.item():.3f}  words {word.item():.3f}"
+                f"  key {key.item():.3f}  lr {schedule.get_last_lr()[0]:.2e}"
+            )
     model.eval()
     model.requires_grad_(True)
 
 
 @torch.inference_mode()
-def evaluate(model, examples: Examples, items: list[tuple[Scene, Question]], max_new_tokens: int = 4) -> dict[str, float]:
+def evaluate(
+    model, examples: Examples, items: list[tuple[Scene, Question]], max_new_tokens: int = 4
+) -> dict[str, float]:
     """Exact-match accuracy of greedy answers (transformers' generate), overall and per question kind."""
     right: dict[str, list[bool]] = {kind: [] for kind in QUESTION_KINDS}
     for scene, q in items:
         prompt = torch.tensor([examples.ids(q.text, q.answer)[0]])
         pixels = torch.from_numpy(examples.preprocess(scene.render()))
-        out = model.generate(input_ids=prompt, pixel_values=pixels, attention_mask=torch.ones_like(prompt),
-                             max_new_tokens=max_new_tokens, do_sample=False)
-        text = examples.prompts.decode([t for t in out[0, prompt.shape[1]:].tolist() if t != examples.eos])
+        out = model.generate(
+            input_ids=prompt,
+            pixel_values=pixels,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        text = examples.prompts.decode([t for t in out[0, prompt.shape[1] :].tolist() if t != examples.eos])
         right[q.kind].append(normalise(text) == normalise(q.answer))
     every = [r for rs in right.values() for r in rs]
     return {"all": sum(every) / len(every), **{k: sum(rs) / len(rs) for k, rs in right.items() if rs}}
@@ -480,8 +573,11 @@ def main() -> None:
     p.add_argument("--focus-weight", type=float, default=0.5)
     p.add_argument("--word-weight", type=float, default=1.0)
     p.add_argument("--key-weight", type=float, default=1.0)
-    p.add_argument("--only", choices=("seeing", "answering"),
-                   help="run one stage: 'seeing' writes the checkpoint after stage 1, 'answering' continues from --out's")
+    p.add_argument(
+        "--only",
+        choices=("seeing", "answering"),
+        help="run one stage: 'seeing' writes the checkpoint after stage 1, 'answering' continues from --out's",
+    )
     p.add_argument("--eval", type=int, default=300, help="held-out questions scored at the end")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -506,21 +602,58 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(work, dtype=torch.float32)
     examples = Examples(work)
     if args.only != "answering":
-        seeing = {"seed": args.seed, "steps": args.seeing_steps, "batch": args.seeing_batch, "lr": args.seeing_lr}
-        probes = train_seeing(model, examples, random.Random(args.seed), args.seeing_steps, args.seeing_batch, args.seeing_lr, log)
+        seeing = {
+            "seed": args.seed,
+            "steps": args.seeing_steps,
+            "batch": args.seeing_batch,
+            "lr": args.seeing_lr,
+        }
+        probes = train_seeing(
+            model,
+            examples,
+            random.Random(args.seed),
+            args.seeing_steps,
+            args.seeing_batch,
+            args.seeing_lr,
+            log,
+        )
         log("held-out probes: " + "  ".join(f"{k} {v:.3f}" for k, v in probes.items()))
-        record["seeing"] = {**seeing, "held_out_probe_accuracy": probes, "seconds": round(time.time() - start)}
+        record["seeing"] = {
+            **seeing,
+            "held_out_probe_accuracy": probes,
+            "seconds": round(time.time() - start),
+        }
     if args.only != "seeing":
-        answering = {"seed": args.seed + 1, "steps": args.answering_steps, "batch": args.answering_batch,
-                     "lr": args.answering_lr, "focus_weight": args.focus_weight, "word_weight": args.word_weight,
-                     "key_weight": args.key_weight, "shortened_share": SHORTENED_SHARE, "shortened_keep": list(SHORTENED_KEEP)}
+        answering = {
+            "seed": args.seed + 1,
+            "steps": args.answering_steps,
+            "batch": args.answering_batch,
+            "lr": args.answering_lr,
+            "focus_weight": args.focus_weight,
+            "word_weight": args.word_weight,
+            "key_weight": args.key_weight,
+            "shortened_share": SHORTENED_SHARE,
+            "shortened_keep": list(SHORTENED_KEEP),
+        }
         began = time.time()
-        train_answering(model, examples, random.Random(args.seed + 1), args.answering_steps, args.answering_batch,
-                        args.answering_lr, args.focus_weight, args.word_weight, args.key_weight, log)
+        train_answering(
+            model,
+            examples,
+            random.Random(args.seed + 1),
+            args.answering_steps,
+            args.answering_batch,
+            args.answering_lr,
+            args.focus_weight,
+            args.word_weight,
+            args.key_weight,
+            log,
+        )
         held_out = random.Random(HELD_OUT_SEED)
         accuracy = evaluate(model, examples, [sample(held_out) for _ in range(args.eval)])
-        log(f"held-out exact match {accuracy['all']:.1%} on {args.eval} questions: "
-            + "  ".join(f"{k} {v:.0%}" for k, v in accuracy.items() if k != "all"))
+        log(
+            f"held-out exact match {accuracy['all']:.1%} on {args.eval} questions: "
+            + "  ".join(f"{k} {v:.0%}" for k, v in accuracy.items() if k != "all")
+        )
         record["answering"] = {**answering, "seconds": round(time.time() - began)}
         record["held_out"] = {"seed": HELD_OUT_SEED, "questions": args.eval, "exact_match": accuracy}
     model.save_pretrained(work)  # the probes are not part of the model: a plain LLaVA checkpoint

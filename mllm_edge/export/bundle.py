@@ -85,7 +85,9 @@ def check_destination(out: Path, force: bool) -> None:
     if not out.is_dir():
         raise MllmEdgeError(f"{out} exists and is not a folder")
     if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise MllmEdgeError(f"{out} is not a bundle (it has no {MANIFEST_NAME}); --force replaces only bundles")
+        raise MllmEdgeError(
+            f"{out} is not a bundle (it has no {MANIFEST_NAME}); --force replaces only bundles"
+        )
 
 
 def check_max_context(max_context: int | None, spec) -> int:
@@ -136,7 +138,9 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     samples = make_samples(llava, folder, modules, pruning)
     needed = samples.llm_prompt_tokens + CHAIN_TOKENS
     if needed > max_context:
-        raise MllmEdgeError(f"max context {max_context} is too small: the sample prompt takes {samples.llm_prompt_tokens} tokens, plus {CHAIN_TOKENS} to decode")
+        raise MllmEdgeError(
+            f"max context {max_context} is too small: the sample prompt takes {samples.llm_prompt_tokens} tokens, plus {CHAIN_TOKENS} to decode"
+        )
 
     graph_specs = {}
     for name, module in modules.items():
@@ -157,7 +161,12 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
         graph_specs[name] = graph_spec(tmp / graph_specs[name].file)
 
     on_stage("lint")  # quantized graphs hold ONNX Runtime's MatMulNBits: never for TensorRT, not linted
-    problems = [f"{name}: {finding}" for name, s in graph_specs.items() if name not in quantized for finding in lint_model(tmp / s.file)]
+    problems = [
+        f"{name}: {finding}"
+        for name, s in graph_specs.items()
+        if name not in quantized
+        for finding in lint_model(tmp / s.file)
+    ]
     if problems:
         raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
 
@@ -165,7 +174,10 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     sample_files = save_samples(samples, tmp / "samples")
     tokenizer = save_tokenizer(folder, tmp / "tokenizer", spec.image_token_id)
     manifest = Manifest(
-        source={"model": str(config.model), "revision": folder.name if folder.parent.name == "snapshots" else None},
+        source={
+            "model": str(config.model),
+            "revision": folder.name if folder.parent.name == "snapshots" else None,
+        },
         architecture={**spec.to_dict(), "num_image_tokens": spec.num_image_tokens},
         pruning=pruning_entry(pruning, spec),
         dtype=str(DTYPES[config.dtype]).removeprefix("torch."),
@@ -197,7 +209,14 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     keep_vision, keep_llm = pruning.keep_counts(spec.num_image_tokens)
     t = spec.text
     flops = prefill_flops(
-        t.num_layers, t.hidden_size, t.intermediate_size, samples.text_tokens, spec.num_image_tokens, keep_vision, keep_llm, pruning.split_layer
+        t.num_layers,
+        t.hidden_size,
+        t.intermediate_size,
+        samples.text_tokens,
+        spec.num_image_tokens,
+        keep_vision,
+        keep_llm,
+        pruning.split_layer,
     )
     files = {rel: (out / rel).stat().st_size for rel in manifest.files}
     return ExportReport(out, manifest, checks, chain, flops, shared, files)
@@ -247,12 +266,19 @@ def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):
     past = Dim("past", min=1, max=max_context + 1)  # the null row and up to max_context tokens
     inputs, _ = samples.graphs[name]
     if name in ("vision", "embed", "prune"):  # batch-first inputs: the sample, twice
-        twice = {k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v) for k, v in inputs.items()}
+        twice = {
+            k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v)
+            for k, v in inputs.items()
+        }
     if name == "vision":
         return (twice["pixel_values"],), ({0: batch},)
     if name == "embed":
         images = Dim("image_tokens", min=1, max=llava.spec.num_image_tokens)
-        return (twice["input_ids"], twice["image_embeds"], twice["image_start"]), ({0: batch, 1: seq}, {0: batch, 1: images}, None)
+        return (twice["input_ids"], twice["image_embeds"], twice["image_start"]), (
+            {0: batch, 1: seq},
+            {0: batch, 1: images},
+            None,
+        )
     if name == "prune":
         args = tuple(twice[k] for k in module.input_names)
         return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, None)
@@ -264,7 +290,9 @@ def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):
     hidden = torch.randn(2, s, t.hidden_size, generator=generator).to(dtype)
     positions = torch.arange(p, p + s).expand(2, s).contiguous()
     num_past = len(module.input_names) - 2
-    pasts = [torch.randn(p, 2, t.num_kv_heads, t.head_dim, generator=generator).to(dtype) for _ in range(num_past)]  # sequence-first
+    pasts = [
+        torch.randn(p, 2, t.num_kv_heads, t.head_dim, generator=generator).to(dtype) for _ in range(num_past)
+    ]  # sequence-first
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: past, 1: batch} for _ in range(num_past)))
     return (hidden, positions, *pasts), shapes
 

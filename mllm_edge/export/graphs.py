@@ -94,7 +94,9 @@ class LlmHeadGraph(nn.Module):
         self.output_names = ["hidden_states", "last_row"] + new_names(0, k)
 
     def forward(self, inputs_embeds, position_ids, *past):
-        out = self.decoder.run_layers(inputs_embeds, position_ids, 0, self.k, _pairs(past), row_layer=self.k - 1)
+        out = self.decoder.run_layers(
+            inputs_embeds, position_ids, 0, self.k, _pairs(past), row_layer=self.k - 1
+        )
         return (out.hidden, out.last_row, *_interleave(out.new_keys, out.new_values))
 
 
@@ -110,7 +112,11 @@ class PruneGraph(nn.Module):
 
     def forward(self, hidden_states, last_row, position_ids, image_start):
         kept_image, kept_positions = fastv_select(last_row, image_start, self.num_image, self.keep)
-        return gather_tokens(hidden_states, kept_positions), gather_tokens(position_ids, kept_positions), kept_image
+        return (
+            gather_tokens(hidden_states, kept_positions),
+            gather_tokens(position_ids, kept_positions),
+            kept_image,
+        )
 
 
 class LlmTailGraph(nn.Module):
@@ -124,5 +130,7 @@ class LlmTailGraph(nn.Module):
         self.output_names = ["logits"] + new_names(start, stop)
 
     def forward(self, hidden_states, position_ids, *past):
-        out = self.decoder.run_layers(hidden_states, position_ids, self.start, self.decoder.spec.num_layers, _pairs(past))
+        out = self.decoder.run_layers(
+            hidden_states, position_ids, self.start, self.decoder.spec.num_layers, _pairs(past)
+        )
         return (self.decoder.logits(out.hidden[:, -1]).float(), *_interleave(out.new_keys, out.new_values))

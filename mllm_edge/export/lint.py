@@ -42,7 +42,18 @@ BANNED_OPS: dict[str, str] = {
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # input index of the axes that must be known at build time
-_REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")
+_REDUCE_OPS = (
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSum",
+    "ReduceSumSquare",
+)
 _CONST_AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "Pad": 3, **{op: 1 for op in _REDUCE_OPS}}
 
 
@@ -79,7 +90,9 @@ def lint_model(model: onnx.ModelProto | str | os.PathLike) -> list[LintFinding]:
             messages.append(f"opset import of domain '{imp.domain}': TensorRT parses only the default domain")
         elif imp.version > MAX_OPSET:
             messages.append(f"opset {imp.version} > {MAX_OPSET}: TensorRT 10 parses opsets up to {MAX_OPSET}")
-    messages += [f"model-local function '{fn.domain}:{fn.name}': inline it at export" for fn in model.functions]
+    messages += [
+        f"model-local function '{fn.domain}:{fn.name}': inline it at export" for fn in model.functions
+    ]
     return [LintFinding("", "", m) for m in messages] + list(_lint_graph(model.graph, {}, ""))
 
 

@@ -69,7 +69,12 @@ def export_graph(module: torch.nn.Module, args: tuple, dynamic_shapes, folder: P
 def graph_spec(path: Path) -> GraphSpec:
     model = onnx.load(str(path), load_external_data=False)
     data_files = sorted({_location(t) for t in model.graph.initializer if uses_external_data(t)})
-    return GraphSpec(path.name, [_tensor_spec(v) for v in model.graph.input], [_tensor_spec(v) for v in model.graph.output], data_files)
+    return GraphSpec(
+        path.name,
+        [_tensor_spec(v) for v in model.graph.input],
+        [_tensor_spec(v) for v in model.graph.output],
+        data_files,
+    )
 
 
 def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:

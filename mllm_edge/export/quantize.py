@@ -56,7 +56,9 @@ def check_quantize(name: str | None, dtype: str) -> None:
     if name not in BITS:
         raise MllmEdgeError(f"unknown --quantize '{name}' (choose from {', '.join(BITS)})")
     if dtype != "fp32":
-        raise MllmEdgeError(f"--quantize {name} needs --dtype fp32: the int{BITS[name]} weights are multiplied with fp32 activations by ONNX Runtime's CPU kernel")
+        raise MllmEdgeError(
+            f"--quantize {name} needs --dtype fp32: the int{BITS[name]} weights are multiplied with fp32 activations by ONNX Runtime's CPU kernel"
+        )
 
 
 def gemms_to_matmuls(model: onnx.ModelProto, folder: Path | None = None) -> int:
@@ -72,7 +74,12 @@ def gemms_to_matmuls(model: onnx.ModelProto, folder: Path | None = None) -> int:
     nodes, transposed, rewritten = [], {}, 0  # transposed: weight name -> its transpose's
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        plain = (
+            attrs.get("transA", 0) == 0
+            and attrs.get("transB", 0) == 1
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+        )
         if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
             nodes.append(node)
             continue
@@ -88,9 +95,13 @@ def gemms_to_matmuls(model: onnx.ModelProto, folder: Path | None = None) -> int:
         has_bias = len(node.input) > 2 and node.input[2] != ""
         base = node.name or node.output[0]  # node names must be unique, and may be empty
         product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], transposed[name]], [product], name=f"{base}.matmul"))
+        nodes.append(
+            helper.make_node("MatMul", [node.input[0], transposed[name]], [product], name=f"{base}.matmul")
+        )
         if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{base}.bias"))
+            nodes.append(
+                helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{base}.bias")
+            )
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -123,14 +134,22 @@ def quantize_graph(folder: Path, name: str, weights: str) -> None:
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     try:
-        quantizer = _quantizer_class()(model, bits=BITS[weights], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
+        quantizer = _quantizer_class()(
+            model, bits=BITS[weights], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
+        )
         quantizer.process()
     except Exception as e:  # its own many kinds; the version is what a user can act on
-        raise MllmEdgeError(f"ONNX Runtime {onnxruntime.__version__}'s quantizer failed on the {name} graph (tested with 1.31): {e}") from e
+        raise MllmEdgeError(
+            f"ONNX Runtime {onnxruntime.__version__}'s quantizer failed on the {name} graph (tested with 1.31): {e}"
+        ) from e
     model = quantizer.model.model  # the same proto, changed in place by the default algorithm
-    (folder / f"{name}.onnx.data").unlink(missing_ok=True)  # quantized before weights are shared: only its own
+    (folder / f"{name}.onnx.data").unlink(
+        missing_ok=True
+    )  # quantized before weights are shared: only its own
     # every tensor page-aligned, as onnx_graph's data files are, so runtimes can map them
-    onnx_ir.save(onnx_ir.from_proto(model), path, external_data=f"{name}.onnx.data", alignment=ALIGN, align_threshold=0)
+    onnx_ir.save(
+        onnx_ir.from_proto(model), path, external_data=f"{name}.onnx.data", alignment=ALIGN, align_threshold=0
+    )
 
 
 def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
@@ -139,7 +158,13 @@ def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     info = {e.key: e.value for e in tensor.external_data}
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+    return np.memmap(
+        folder / info["location"],
+        dtype=dtype,
+        mode="r",
+        offset=int(info.get("offset", 0)),
+        shape=tuple(tensor.dims),
+    )
 
 
 def _quantizer_class():

@@ -27,7 +27,9 @@ CHAIN_TOKENS = 8
 @dataclass
 class Samples:
     graphs: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # name -> (inputs, outputs)
-    chain: dict[str, np.ndarray]  # input_ids (processor's, unpruned run), pixel_values, token_ids, step_logits
+    chain: dict[
+        str, np.ndarray
+    ]  # input_ids (processor's, unpruned run), pixel_values, token_ids, step_logits
     prompt: str  # the rendered chat prompt
     text_tokens: int  # prompt tokens that are not image tokens
     llm_prompt_tokens: int  # prompt tokens entering the LLM (image run after FasterVLM)
@@ -37,7 +39,9 @@ def numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
-def llm_prompt_ids(input_ids: torch.Tensor, start: int, num_full: int, num_kept: int, image_token_id: int) -> torch.Tensor:
+def llm_prompt_ids(
+    input_ids: torch.Tensor, start: int, num_full: int, num_kept: int, image_token_id: int
+) -> torch.Tensor:
     """The processor's ids with the image run shortened to the tokens the vision graph outputs."""
     run = torch.full((input_ids.shape[0], num_kept), image_token_id, dtype=input_ids.dtype)
     return torch.cat((input_ids[:, :start], run, input_ids[:, start + num_full :]), dim=1)
@@ -65,7 +69,10 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
     ids = llm_prompt_ids(input_ids, start, num_full, image_embeds.shape[1], llava.spec.image_token_id)
     image_start = torch.tensor(start, dtype=torch.int64)
     embeds = modules["embed"](ids, image_embeds, image_start)
-    graphs["embed"] = ({"input_ids": ids, "image_embeds": image_embeds, "image_start": image_start}, {"inputs_embeds": embeds})
+    graphs["embed"] = (
+        {"input_ids": ids, "image_embeds": image_embeds, "image_start": image_start},
+        {"inputs_embeds": embeds},
+    )
 
     positions = torch.arange(ids.shape[1])[None]
     hidden = embeds
@@ -73,7 +80,10 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
         head = modules["llm_head"]
         past = empty_past(llava, head.k, dtype)
         hidden, last_row = head(embeds, positions, *past)[:2]
-        graphs["llm_head"] = (dict(zip(head.input_names, (embeds, positions, *past))), {"hidden_states": hidden, "last_row": last_row})
+        graphs["llm_head"] = (
+            dict(zip(head.input_names, (embeds, positions, *past))),
+            {"hidden_states": hidden, "last_row": last_row},
+        )
         prune = modules["prune"]
         prune_in = (hidden, last_row, positions, image_start)
         prune_out = prune(*prune_in)
@@ -84,14 +94,19 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
     logits = tail(hidden, positions, *past)[0]
     graphs["llm_tail"] = (dict(zip(tail.input_names, (hidden, positions, *past))), {"logits": logits})
 
-    result = generate(llava, input_ids, pixel_values, pruning, max_new_tokens=CHAIN_TOKENS)  # no EOS stop: 8 tokens
+    result = generate(
+        llava, input_ids, pixel_values, pruning, max_new_tokens=CHAIN_TOKENS
+    )  # no EOS stop: 8 tokens
     chain = {
         "input_ids": numpy(input_ids),
         "pixel_values": numpy(pixel_values),
         "token_ids": np.asarray(result.token_ids, dtype=np.int64),
         "step_logits": np.stack([numpy(x) for x in result.steps_logits], axis=1),  # [B, steps, V]
     }
-    as_numpy = {name: ({k: numpy(v) for k, v in i.items()}, {k: numpy(v) for k, v in o.items()}) for name, (i, o) in graphs.items()}
+    as_numpy = {
+        name: ({k: numpy(v) for k, v in i.items()}, {k: numpy(v) for k, v in o.items()})
+        for name, (i, o) in graphs.items()
+    }
     return Samples(as_numpy, chain, rendered, input_ids.shape[1] - num_full, ids.shape[1])
 
 

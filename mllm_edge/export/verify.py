@@ -53,7 +53,10 @@ def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
     for name, spec in manifest.graphs.items():
         inputs, outputs = load_sample(folder / manifest.samples[name])
         results = session(folder / spec.file).run(inputs)  # the session closes before the next opens
-        checks += [compare(name, out, results[out], ref, graph_tolerance(manifest, name)) for out, ref in outputs.items()]
+        checks += [
+            compare(name, out, results[out], ref, graph_tolerance(manifest, name))
+            for out, ref in outputs.items()
+        ]
     return checks
 
 
@@ -66,7 +69,11 @@ class OnnxChain:
         weights are mapped at a time (opening an unoptimised session is cheap: weights load lazily)."""
         self.manifest = manifest
         self.folder, self.low_memory = folder, low_memory
-        self.sessions = {} if low_memory else {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
+        self.sessions = (
+            {}
+            if low_memory
+            else {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
+        )
         self.split = manifest.pruning["split_layer"]
         self.num_layers = manifest.architecture["text"]["num_layers"]
         self.kept_patches = self.kept_image = None  # of the last generate(), when the bundle prunes
@@ -74,14 +81,24 @@ class OnnxChain:
     def _empty_past(self, start: int, stop: int, batch: int) -> dict[str, np.ndarray]:
         spec = self.manifest.graphs["llm_tail"].input(f"past_key.{self.num_layers - 1}")
         shape = (1, batch, *spec.shape[2:])  # sequence-first: the null row alone
-        return {f"past_{kind}.{i}": np.zeros(shape, spec.dtype) for i in range(start, stop) for kind in ("key", "value")}
+        return {
+            f"past_{kind}.{i}": np.zeros(shape, spec.dtype)
+            for i in range(start, stop)
+            for kind in ("key", "value")
+        }
 
     def _run_llm(self, name, hidden_name, hidden, positions, past, start, stop):
-        feeds = {hidden_name: hidden, "position_ids": positions, **{k: past[k] for k in self._past_names(start, stop)}}
+        feeds = {
+            hidden_name: hidden,
+            "position_ids": positions,
+            **{k: past[k] for k in self._past_names(start, stop)},
+        }
         values = self._run(name, feeds)
         for i in range(start, stop):
             for kind in ("key", "value"):
-                past[f"past_{kind}.{i}"] = np.concatenate((past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=0)
+                past[f"past_{kind}.{i}"] = np.concatenate(
+                    (past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=0
+                )
         return values
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,7 +109,9 @@ class OnnxChain:
     def _past_names(start, stop):
         return [f"past_{kind}.{i}" for i in range(start, stop) for kind in ("key", "value")]
 
-    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int, forced: np.ndarray | None = None):
+    def generate(
+        self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int, forced: np.ndarray | None = None
+    ):
         """Greedy: -> token ids [B, steps] and logits [B, steps, V].
 
         With forced [B, steps], step t is fed forced[:, t - 1] instead of its own previous choice
@@ -107,17 +126,31 @@ class OnnxChain:
         run = np.full((input_ids.shape[0], image_embeds.shape[1]), image_token, input_ids.dtype)
         ids = np.concatenate((input_ids[:, :start], run, input_ids[:, start + num_full :]), axis=1)
         b, t = ids.shape
-        hidden = self._run("embed", {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)})["inputs_embeds"]
+        hidden = self._run(
+            "embed",
+            {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)},
+        )["inputs_embeds"]
         positions = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
         past = self._empty_past(0, self.num_layers, b)
         if self.split:
             head = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)
             pruned = self._run(
                 "prune",
-                {"hidden_states": head["hidden_states"], "last_row": head["last_row"], "position_ids": positions, "image_start": np.array(start, np.int64)},
+                {
+                    "hidden_states": head["hidden_states"],
+                    "last_row": head["last_row"],
+                    "position_ids": positions,
+                    "image_start": np.array(start, np.int64),
+                },
             )
-            hidden, positions, self.kept_image = pruned["kept_hidden_states"], pruned["kept_position_ids"], pruned["kept_image"]
-        logits = self._run_llm("llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers)["logits"]
+            hidden, positions, self.kept_image = (
+                pruned["kept_hidden_states"],
+                pruned["kept_position_ids"],
+                pruned["kept_image"],
+            )
+        logits = self._run_llm(
+            "llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers
+        )["logits"]
         tokens, all_logits = [], []
         no_image = np.zeros((b, 1, image_embeds.shape[2]), image_embeds.dtype)
         for step in range(steps):
@@ -128,12 +161,21 @@ class OnnxChain:
                 break
             fed = token if forced is None else forced[:, step]
             hidden = self._run(
-                "embed", {"input_ids": fed[:, None].astype(np.int64), "image_embeds": no_image, "image_start": np.array(NO_IMAGE, np.int64)}
+                "embed",
+                {
+                    "input_ids": fed[:, None].astype(np.int64),
+                    "image_embeds": no_image,
+                    "image_start": np.array(NO_IMAGE, np.int64),
+                },
             )["inputs_embeds"]
             positions = np.full((b, 1), t + step, np.int64)
             if self.split:
-                hidden = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)["hidden_states"]
-            logits = self._run_llm("llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers)["logits"]
+                hidden = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)[
+                    "hidden_states"
+                ]
+            logits = self._run_llm(
+                "llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers
+            )["logits"]
         return np.stack(tokens, axis=1), np.stack(all_logits, axis=1)
 
 
@@ -142,20 +184,25 @@ def verify_chain(folder: Path, manifest: Manifest) -> ChainCheck:
     so one tie broken the other way does not derail the steps after it)."""
     with np.load(folder / manifest.samples["chain"]) as chain:
         ref_tokens, ref_logits = chain["token_ids"], chain["step_logits"]
-        tokens, logits = OnnxChain(folder, manifest, low_memory=True).generate(chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1], ref_tokens)
+        tokens, logits = OnnxChain(folder, manifest, low_memory=True).generate(
+            chain["input_ids"], chain["pixel_values"], ref_tokens.shape[1], ref_tokens
+        )
     ref, got = ref_logits[0].astype(np.float64), logits[0].astype(np.float64)
     error = np.abs(got - ref).max(axis=-1)
     top2 = np.sort(ref, axis=-1)[:, -2:]
     ties = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * error).tolist()
     rel = float((error / np.maximum(np.abs(ref).max(axis=-1), 1e-30)).max())
-    return ChainCheck(ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel, CHAIN_TOLERANCE[manifest.weights])
+    return ChainCheck(
+        ref_tokens[0].tolist(), tokens[0].tolist(), ties, rel, CHAIN_TOLERANCE[manifest.weights]
+    )
 
 
 def failures(checks: list[OutputCheck], chain: ChainCheck | None) -> str | None:
     """None when everything passed, else a message for the user."""
     bad = [c for c in checks if not c.ok]
     lines = [
-        f"{c.graph}.{c.output}: error {c.rel:.2e} of its scale (max abs {c.max_abs:.3g}) > {c.tolerance:.0e}" if c.tolerance
+        f"{c.graph}.{c.output}: error {c.rel:.2e} of its scale (max abs {c.max_abs:.3g}) > {c.tolerance:.0e}"
+        if c.tolerance
         else f"{c.graph}.{c.output}: integers differ from PyTorch's"
         for c in bad
     ]
@@ -172,4 +219,6 @@ def require_onnxruntime() -> None:
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None:
-        raise MllmEdgeError("verifying an export needs ONNX Runtime: pip install 'mllm-edge[onnxruntime]' (or pass --no-verify)")
+        raise MllmEdgeError(
+            "verifying an export needs ONNX Runtime: pip install 'mllm-edge[onnxruntime]' (or pass --no-verify)"
+        )

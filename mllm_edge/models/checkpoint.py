@@ -43,7 +43,7 @@ def canonical_key(key: str) -> str:
     """Map a checkpoint key to our module's parameter name (idempotent)."""
     for old, new in _PREFIXES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -56,7 +56,9 @@ def resolve_checkpoint(model: str | Path) -> Path:
         raise MllmEdgeError(f"{model} is a file; expected a checkpoint folder or a Hugging Face hub id")
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) is not None
     if not looks_like_hub_id:
-        raise MllmEdgeError(f"model folder {model} does not exist (nor is it a hub id like 'llava-hf/llava-1.5-7b-hf')")
+        raise MllmEdgeError(
+            f"model folder {model} does not exist (nor is it a hub id like 'llava-hf/llava-1.5-7b-hf')"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -69,7 +71,10 @@ def resolve_checkpoint(model: str | Path) -> Path:
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], str]:
-    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+    for index_name, kind in (
+        ("model.safetensors.index.json", "safetensors"),
+        ("pytorch_model.bin.index.json", "bin"),
+    ):
         index = folder / index_name
         if index.is_file():
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))

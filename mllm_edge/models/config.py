@@ -101,12 +101,18 @@ def _vision_spec(cfg, feature_layer: int, select_strategy: str) -> VisionSpec:
     # index i are the output of encoder layer i-1, so layers [0, i) are all that need to run.
     n_states = cfg.num_hidden_layers + 1
     if not -n_states <= feature_layer < n_states:
-        raise MllmEdgeError(f"vision_feature_layer={feature_layer} is outside the tower's {cfg.num_hidden_layers} layers")
+        raise MllmEdgeError(
+            f"vision_feature_layer={feature_layer} is outside the tower's {cfg.num_hidden_layers} layers"
+        )
     layers_used = feature_layer % n_states
     if layers_used == 0:
-        raise UnsupportedModelError("vision_feature_layer selects the embeddings: no encoder layer to take features from")
+        raise UnsupportedModelError(
+            "vision_feature_layer selects the embeddings: no encoder layer to take features from"
+        )
     if cfg.image_size % cfg.patch_size:
-        raise UnsupportedModelError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
+        raise UnsupportedModelError(
+            f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}"
+        )
     return VisionSpec(
         arch=cfg.model_type,
         image_size=cfg.image_size,

@@ -45,7 +45,9 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), rope.cos, rope.sin)
         # Keys and values come out sequence-first, the cache's layout: the rows are reordered once.
         x_seq = x.transpose(0, 1)
-        k_new = apply_rope(self.k_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim), rope.cos_seq, rope.sin_seq)
+        k_new = apply_rope(
+            self.k_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim), rope.cos_seq, rope.sin_seq
+        )
         v_new = self.v_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim)
         out = self.o_proj(cached_attention(q, past_k, past_v, k_new, v_new, mask, self.scale))
         # The last query sees every key (causal), so its row needs no mask.
@@ -74,7 +76,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x, rope: Rope, past_k, past_v, mask, want_last_row: bool = False):
-        attn, k_new, v_new, row = self.self_attn(self.input_layernorm(x), rope, past_k, past_v, mask, want_last_row)
+        attn, k_new, v_new, row = self.self_attn(
+            self.input_layernorm(x), rope, past_k, past_v, mask, want_last_row
+        )
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_new, v_new, row
@@ -95,7 +99,9 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = (
+            None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        )
         self.rotary = RotaryEmbedding(spec)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

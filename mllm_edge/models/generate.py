@@ -39,7 +39,10 @@ class KVCache:
         self.lengths = [0] * t.num_layers
 
     def past(self, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.keys[i][: 1 + self.lengths[i]], self.values[i][: 1 + self.lengths[i]]) for i in range(start, stop)]
+        return [
+            (self.keys[i][: 1 + self.lengths[i]], self.values[i][: 1 + self.lengths[i]])
+            for i in range(start, stop)
+        ]
 
     def append(self, start: int, new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> None:
         for i, (k, v) in enumerate(zip(new_keys, new_values), start=start):
@@ -87,14 +90,18 @@ def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch
     """
     start, n = llava.image_span(input_ids)
     if n != llava.spec.num_image_tokens:
-        raise MllmEdgeError(f"the prompt holds {n} image tokens; this model puts {llava.spec.num_image_tokens}")
+        raise MllmEdgeError(
+            f"the prompt holds {n} image tokens; this model puts {llava.spec.num_image_tokens}"
+        )
     text = llava.decoder.embed(input_ids)
     embeds = torch.cat((text[:, :start], image_embeds.to(text.dtype), text[:, start + n :]), dim=1)
     return embeds, start
 
 
 @torch.inference_mode()
-def prefill(llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruningConfig, cache: KVCache) -> Prefill:
+def prefill(
+    llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruningConfig, cache: KVCache
+) -> Prefill:
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     decoder = llava.decoder
     num_layers = llava.spec.text.num_layers
@@ -119,7 +126,9 @@ def prefill(llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, p
 
 
 @torch.inference_mode()
-def decode_step(llava: Llava, token_ids: torch.Tensor, position: int, cache: KVCache, split: int) -> torch.Tensor:
+def decode_step(
+    llava: Llava, token_ids: torch.Tensor, position: int, cache: KVCache, split: int
+) -> torch.Tensor:
     """One new token per sequence: token_ids [B] at `position` -> logits [B, V].
 
     The layer groups [0, split) and [split, L) read their own cache lengths.
@@ -176,7 +185,9 @@ def generate(
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     done = [False] * len(tokens)
     all_logits, first = [], None
-    for token, logits, first in generate_steps(llava, input_ids, pixel_values, pruning, max_new_tokens):
+    for token, logits, first in generate_steps(  # noqa: B007 (first is read after the loop)
+        llava, input_ids, pixel_values, pruning, max_new_tokens
+    ):
         all_logits.append(logits)
         for i, tok in enumerate(token.tolist()):
             if not done[i]:

@@ -30,7 +30,9 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise UnsupportedModelError(f"activation '{name}' is not supported ({', '.join(ACTIVATIONS)})") from None
+        raise UnsupportedModelError(
+            f"activation '{name}' is not supported ({', '.join(ACTIVATIONS)})"
+        ) from None
 
 
 class Linear(nn.Linear):
@@ -44,7 +46,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(
+            *x.shape[:-1], self.out_features
+        )
 
 
 class RMSNorm(nn.Module):
@@ -71,7 +75,9 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.reshape(b, s, num_kv_heads, r, d).permute(0, 2, 3, 1, 4).reshape(b, num_kv_heads, r * s, d)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """Softmax attention with grouped keys/values; the softmax runs in fp32.
 
     q: [B, S, H, D]; k, v: [B, T, G, D]; mask: additive, broadcastable to [S, T] or None.
@@ -90,7 +96,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.reshape(b, g, h // g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, h * d)
 
 
-def attention_row(q_row: torch.Tensor, k: torch.Tensor, scale: float, mask_row: torch.Tensor | None = None) -> torch.Tensor:
+def attention_row(
+    q_row: torch.Tensor, k: torch.Tensor, scale: float, mask_row: torch.Tensor | None = None
+) -> torch.Tensor:
     """Post-softmax attention of one query position over all keys, averaged over the query heads.
 
     This is the single row FastV and FasterVLM rank tokens by, computed directly in O(T) so the
@@ -128,15 +136,21 @@ def cached_attention(q, past_k, past_v, new_k, new_v, mask: torch.Tensor, scale:
     g = new_k.shape[2]
     num_past = past_k.shape[0]
     qg = group_queries(q * scale, g)  # [B, G, R*S, D]
-    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(num_past, q.device)  # [B, G, R*S, 1+P]
+    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(
+        num_past, q.device
+    )  # [B, G, R*S, 1+P]
     scores_new = torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()  # [B, G, R*S, S]
     scores_new = (scores_new.reshape(b, g, h // g, s, s) + mask).reshape(b, g, (h // g) * s, s)
     probs = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1).to(q.dtype)
-    out = torch.matmul(probs[..., :num_past], past_v.permute(1, 2, 0, 3)) + torch.matmul(probs[..., num_past:], new_v.permute(1, 2, 0, 3))
+    out = torch.matmul(probs[..., :num_past], past_v.permute(1, 2, 0, 3)) + torch.matmul(
+        probs[..., num_past:], new_v.permute(1, 2, 0, 3)
+    )
     return out.reshape(b, g, h // g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, h * d)
 
 
-def cached_attention_row(q_row: torch.Tensor, past_k: torch.Tensor, new_k: torch.Tensor, scale: float) -> torch.Tensor:
+def cached_attention_row(
+    q_row: torch.Tensor, past_k: torch.Tensor, new_k: torch.Tensor, scale: float
+) -> torch.Tensor:
     """attention_row of the last new query over the real past keys and the new keys: [B, P+S] fp32.
 
     past_k: [1 + P, B, G, D] with its null row first (masked, then dropped from the row).
@@ -144,7 +158,9 @@ def cached_attention_row(q_row: torch.Tensor, past_k: torch.Tensor, new_k: torch
     b, h, d = q_row.shape
     g = new_k.shape[2]
     qg = (q_row * scale).reshape(b, g, h // g, d)
-    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(past_k.shape[0], q_row.device)
+    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(
+        past_k.shape[0], q_row.device
+    )
     scores = torch.cat((scores_past, torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()), dim=-1)
     return torch.softmax(scores, dim=-1).reshape(b, h, -1).mean(dim=1)[:, 1:]
 

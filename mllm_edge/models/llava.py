@@ -38,7 +38,9 @@ class Llava(nn.Module):
         starts = is_image.int().argmax(dim=1)
         start = int(starts[0])
         if bool((starts != start).any()) or not bool(is_image[:, start : start + n].all()):
-            raise MllmEdgeError("image placeholder tokens must form one run at the same place in every prompt")
+            raise MllmEdgeError(
+                "image placeholder tokens must form one run at the same place in every prompt"
+            )
         return start, n
 
 
@@ -81,4 +83,4 @@ def _is_unused_layer(key: str, spec: LlavaSpec) -> bool:
     prefix = "vision.encoder.layers."
     if not key.startswith(prefix):
         return False
-    return int(key[len(prefix):].split(".")[0]) >= spec.vision.num_layers
+    return int(key[len(prefix) :].split(".")[0]) >= spec.vision.num_layers

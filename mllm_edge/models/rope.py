@@ -17,7 +17,9 @@ def rope_frequencies(spec: TextSpec) -> tuple[torch.Tensor, float]:
     params = spec.rope_parameters
     if params["rope_type"] == "default":
         dim = spec.head_dim
-        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv_freq = 1.0 / (
+            params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+        )
         return inv_freq, 1.0
     from transformers import LlamaConfig  # the RoPE fields are the same for every decoder we support
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -84,7 +84,9 @@ class VisionTower(nn.Module):
         self.spec = spec
         self.embeddings = VisionEmbeddings(spec)
         # sic: CLIP's spelling. SigLIP has no norm before the encoder.
-        self.pre_layrnorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps) if spec.has_cls else nn.Identity()
+        self.pre_layrnorm = (
+            nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps) if spec.has_cls else nn.Identity()
+        )
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(spec) for _ in range(spec.num_layers))
 
@@ -94,7 +96,9 @@ class VisionTower(nn.Module):
         The CLS->CLS entry is dropped from the row and the rest is not renormalised (ranking is unchanged).
         """
         if want_cls_row and not self.spec.has_cls:
-            raise UnsupportedModelError(f"FasterVLM ranks patches by [CLS] attention; {self.spec.arch} has no [CLS] token")
+            raise UnsupportedModelError(
+                f"FasterVLM ranks patches by [CLS] attention; {self.spec.arch} has no [CLS] token"
+            )
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         row = None
         last = len(self.encoder.layers) - 1

@@ -26,9 +26,18 @@ class PrefillFlops:
 
 
 def prefill_flops(
-    num_layers: int, d: int, m: int, text_tokens: int, image_tokens: int, vision_keep: int, llm_keep: int, k: int
+    num_layers: int,
+    d: int,
+    m: int,
+    text_tokens: int,
+    image_tokens: int,
+    vision_keep: int,
+    llm_keep: int,
+    k: int,
 ) -> PrefillFlops:
     """text_tokens: prompt tokens that are not image tokens; k: FastV's layer (0 without FastV)."""
     full = layer_flops(text_tokens + image_tokens, d, m)
-    pruned = k * layer_flops(text_tokens + vision_keep, d, m) + (num_layers - k) * layer_flops(text_tokens + llm_keep, d, m)
+    pruned = k * layer_flops(text_tokens + vision_keep, d, m) + (num_layers - k) * layer_flops(
+        text_tokens + llm_keep, d, m
+    )
     return PrefillFlops(full, pruned / num_layers)

@@ -28,7 +28,9 @@ def keep_count(num_tokens: int, ratio: float) -> int:
 def check_fastv_layer(k: int, num_layers: int) -> int:
     """FastV's K: layers [0, K) see every token, so 1 <= K < L (K = 0 would be random selection)."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < num_layers:
-        raise MllmEdgeError(f"FastV layer K must satisfy 1 <= K < {num_layers} (the model's layer count), got {k!r}")
+        raise MllmEdgeError(
+            f"FastV layer K must satisfy 1 <= K < {num_layers} (the model's layer count), got {k!r}"
+        )
     return k
 
 
@@ -51,19 +53,27 @@ class PruningConfig:
     fastervlm: FasterVLMConfig | None = None
 
     @classmethod
-    def from_method(cls, method: str, ratio: float = 0.0, k: int = 2, vision_ratio: float | None = None) -> PruningConfig:
+    def from_method(
+        cls, method: str, ratio: float = 0.0, k: int = 2, vision_ratio: float | None = None
+    ) -> PruningConfig:
         """`--method`/`--ratio`/`--k` as the CLI takes them; `vision_ratio` sets FasterVLM's ratio when both run."""
         if method not in METHODS:
             raise MllmEdgeError(f"unknown pruning method '{method}' (choose from {', '.join(METHODS)})")
         check_ratio(ratio)
         if method == "none" and ratio:
-            raise MllmEdgeError(f"ratio {ratio} given without a pruning method: add --method fastv or fastervlm")
+            raise MllmEdgeError(
+                f"ratio {ratio} given without a pruning method: add --method fastv or fastervlm"
+            )
         if vision_ratio is not None and method != "fastv+fastervlm":
-            raise MllmEdgeError("a vision ratio applies only when both methods run (--method fastv+fastervlm)")
+            raise MllmEdgeError(
+                "a vision ratio applies only when both methods run (--method fastv+fastervlm)"
+            )
         fastv = FastVConfig(ratio, k) if "fastv" in method.split("+") else None
         fastervlm = None
         if "fastervlm" in method:
-            fastervlm = FasterVLMConfig(check_ratio(ratio if vision_ratio is None else vision_ratio, "vision ratio"))
+            fastervlm = FasterVLMConfig(
+                check_ratio(ratio if vision_ratio is None else vision_ratio, "vision ratio")
+            )
         return cls(fastv, fastervlm)
 
     def validate(self, num_layers: int, vision_has_cls: bool = True) -> None:
@@ -73,7 +83,9 @@ class PruningConfig:
         if self.fastervlm is not None:
             check_ratio(self.fastervlm.ratio)
             if not vision_has_cls:
-                raise MllmEdgeError("FasterVLM ranks patches by [CLS] attention, and this vision tower has no [CLS] token")
+                raise MllmEdgeError(
+                    "FasterVLM ranks patches by [CLS] attention, and this vision tower has no [CLS] token"
+                )
 
     @property
     def split_layer(self) -> int:

@@ -49,7 +49,9 @@ def fastv_select(last_row: torch.Tensor, image_start: torch.Tensor | int, num_im
     in_image = (j >= image_start) & (j < image_start + keep)
     image_slot = (j - image_start).clamp(0, keep - 1)
     from_image = image_start + torch.gather(kept_image, 1, image_slot)
-    kept_positions = torch.where(j < image_start, j, torch.where(in_image, from_image, j + (num_image - keep)))
+    kept_positions = torch.where(
+        j < image_start, j, torch.where(in_image, from_image, j + (num_image - keep))
+    )
     return kept_image, kept_positions
 
 

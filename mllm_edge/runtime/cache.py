@@ -16,7 +16,9 @@ from ..errors import MllmEdgeError
 
 
 class KVCache:
-    def __init__(self, num_layers: int, split: int, max_len: int, kv_heads: int, head_dim: int, dtype, batch: int = 1):
+    def __init__(
+        self, num_layers: int, split: int, max_len: int, kv_heads: int, head_dim: int, dtype, batch: int = 1
+    ):
         shape = (1 + max_len, batch, kv_heads, head_dim)
         # np.zeros maps pages lazily, so an unused tail of the context costs no memory
         self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]

@@ -58,8 +58,18 @@ class HostMemory:
 
 
 class DeviceKVCache:
-    def __init__(self, memory, num_layers: int, split: int, max_len: int, kv_heads: int, head_dim: int, dtype, batch: int = 1,
-                 alignment: int = ALIGNMENT):
+    def __init__(
+        self,
+        memory,
+        num_layers: int,
+        split: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype,
+        batch: int = 1,
+        alignment: int = ALIGNMENT,
+    ):
         self.memory, self.dtype, self.alignment = memory, np.dtype(dtype), alignment
         self.row_shape = (batch, kv_heads, head_dim)
         self.row_bytes = batch * kv_heads * head_dim * self.dtype.itemsize

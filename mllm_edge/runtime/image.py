@@ -40,21 +40,44 @@ def load_image(path: str | Path) -> Image.Image:
 # sets it to null (as transformers does). The CLIP mean/std are OpenAI's, SigLIP's are 0.5.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_COMMON = dict(do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
+_COMMON = dict(
+    do_resize=True,
+    resample=3,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    do_convert_rgb=True,
+)
 _DEFAULTS = {
     "CLIPImageProcessor": dict(
-        _COMMON, size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224},
-        image_mean=_CLIP_MEAN, image_std=_CLIP_STD,
+        _COMMON,
+        size={"shortest_edge": 224},
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        image_mean=_CLIP_MEAN,
+        image_std=_CLIP_STD,
     ),
     "SiglipImageProcessor": dict(
-        _COMMON, size={"height": 224, "width": 224}, do_center_crop=False, crop_size=None,
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+        _COMMON,
+        size={"height": 224, "width": 224},
+        do_center_crop=False,
+        crop_size=None,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
     ),
 }
 # Keys that carry no preprocessing (bookkeeping, or call-time options of transformers).
 _IGNORED = {
-    "image_processor_type", "processor_class", "feature_extractor_type", "input_data_format",
-    "device", "return_tensors", "disable_grouping", "image_seq_length", "pad_size", "default_to_square",
+    "image_processor_type",
+    "processor_class",
+    "feature_extractor_type",
+    "input_data_format",
+    "device",
+    "return_tensors",
+    "disable_grouping",
+    "image_seq_length",
+    "pad_size",
+    "default_to_square",
 }
 
 
@@ -74,13 +97,21 @@ class ImagePreprocessor:
 
     def __init__(self, cfg: dict):
         kind = cfg.get("image_processor_type")
-        kind = kind[:-3] if isinstance(kind, str) and kind.endswith("Pil") else kind  # to_dict() drops "Pil" too
+        kind = (
+            kind[:-3] if isinstance(kind, str) and kind.endswith("Pil") else kind
+        )  # to_dict() drops "Pil" too
         if kind not in _DEFAULTS:
             raise MllmEdgeError(f"unsupported image processor {kind!r} (supported: {', '.join(_DEFAULTS)})")
         # Unknown options are refused unless switched off (None/False): e.g. LLaVA-NeXT's do_pad.
-        unknown = sorted(k for k, v in cfg.items() if k not in _DEFAULTS[kind] and k not in _IGNORED and v not in (None, False))
+        unknown = sorted(
+            k
+            for k, v in cfg.items()
+            if k not in _DEFAULTS[kind] and k not in _IGNORED and v not in (None, False)
+        )
         if unknown:
-            raise MllmEdgeError(f"unsupported {kind} options: {', '.join(f'{k}={cfg[k]!r}' for k in unknown)}")
+            raise MllmEdgeError(
+                f"unsupported {kind} options: {', '.join(f'{k}={cfg[k]!r}' for k in unknown)}"
+            )
         if cfg.get("data_format") not in (None, "channels_first"):
             raise MllmEdgeError(f"unsupported {kind} option data_format={cfg['data_format']!r}")
         opt = {k: (cfg[k] if cfg.get(k) is not None else default) for k, default in _DEFAULTS[kind].items()}
@@ -98,17 +129,22 @@ class ImagePreprocessor:
         try:
             self.resample = Image.Resampling(int(opt["resample"]))
         except (TypeError, ValueError):
-            raise MllmEdgeError(f"unsupported {kind} option resample={opt['resample']!r} (expected a PIL filter 0-5)") from None
+            raise MllmEdgeError(
+                f"unsupported {kind} option resample={opt['resample']!r} (expected a PIL filter 0-5)"
+            ) from None
 
         self.do_center_crop = bool(opt["do_center_crop"])
         self.crop_size = _height_width(opt["crop_size"], "crop_size") if self.do_center_crop else None
         self.do_rescale, self.rescale_factor = bool(opt["do_rescale"]), float(opt["rescale_factor"])
         self.do_normalize = bool(opt["do_normalize"])
         self.mean, self.std = (
-            [float(x)] * 3 if isinstance(x, (int, float)) else [float(v) for v in x] for x in (opt["image_mean"], opt["image_std"])
+            [float(x)] * 3 if isinstance(x, (int, float)) else [float(v) for v in x]
+            for x in (opt["image_mean"], opt["image_std"])
         )
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise MllmEdgeError(f"{kind} image_mean and image_std must have 3 values, got {self.mean} and {self.std}")
+            raise MllmEdgeError(
+                f"{kind} image_mean and image_std must have 3 values, got {self.mean} and {self.std}"
+            )
         self.do_convert_rgb = bool(opt["do_convert_rgb"])
 
     @classmethod
@@ -121,7 +157,10 @@ class ImagePreprocessor:
         if self.size is not None:
             return self.size
         short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)  # int() truncates, as HF
+        new_short, new_long = (
+            self.shortest_edge,
+            int(self.shortest_edge * long / short),
+        )  # int() truncates, as HF
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
@@ -139,13 +178,17 @@ class ImagePreprocessor:
             if not np.issubdtype(pixels.dtype, np.floating):
                 pixels = pixels.astype(np.float32)
             mean, std = np.array(self.mean, dtype=pixels.dtype), np.array(self.std, dtype=pixels.dtype)
-            pixels = ((pixels.T - mean) / std).T  # the same expression (and float32 rounding) as HF's normalize
+            pixels = (
+                (pixels.T - mean) / std
+            ).T  # the same expression (and float32 rounding) as HF's normalize
         return np.ascontiguousarray(pixels[None], dtype=np.float32)
 
     def _to_rgb(self, image: Image.Image) -> Image.Image:
         if not self.do_convert_rgb:
             if image.mode != "RGB":
-                raise MllmEdgeError(f"the image is {image.mode}, and this checkpoint's processor does not convert to RGB")
+                raise MllmEdgeError(
+                    f"the image is {image.mode}, and this checkpoint's processor does not convert to RGB"
+                )
             return image
         # As transformers' convert_to_rgb: transparency is composited onto white, not dropped.
         if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -166,4 +209,6 @@ def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.nd
     top_pad, left_pad = math.ceil((new_height - height) / 2), math.ceil((new_width - width) / 2)
     padded[:, top_pad : top_pad + height, left_pad : left_pad + width] = pixels
     top, left = top + top_pad, left + left_pad
-    return padded[:, max(0, top) : min(new_height, top + crop_height), max(0, left) : min(new_width, left + crop_width)]
+    return padded[
+        :, max(0, top) : min(new_height, top + crop_height), max(0, left) : min(new_width, left + crop_width)
+    ]

@@ -32,7 +32,9 @@ class RunResult:
     prompt: str  # the rendered chat prompt
     prompt_token_ids: list[int]  # as the HF processor gives them: the image placeholder once per image token
     token_ids: list[int]  # generated
-    kept_image_tokens: dict  # {"vision": FasterVLM's kept patches or None, "llm": FastV's kept indices or None}
+    kept_image_tokens: (
+        dict  # {"vision": FasterVLM's kept patches or None, "llm": FastV's kept indices or None}
+    )
     timings_ms: dict = field(default_factory=dict)  # preprocess, vision, prefill, ttft, decode_per_token
     decode_tokens_per_s: float = 0.0
     backend: str = ""
@@ -61,14 +63,19 @@ class Pipeline:
         max_len, memory, alignment = manifest.max_context, None, 1
         if backend == "tensorrt":
             if manifest.quantization:
-                raise MllmEdgeError(f"{folder} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime")
+                raise MllmEdgeError(
+                    f"{folder} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime"
+                )
             from .backends.tensorrt import open_engines
 
             self.device = "cuda"
             self.engines, memory, max_len = open_engines(folder, manifest)
             alignment = DEVICE_ALIGNMENT
         else:
-            self.engines = {name: load_engine(backend, folder / spec.file, device) for name, spec in manifest.graphs.items()}
+            self.engines = {
+                name: load_engine(backend, folder / spec.file, device)
+                for name, spec in manifest.graphs.items()
+            }
             if device == "cuda":  # keep the cache on the GPU: a host cache would be uploaded whole every step
                 from .backends.onnxruntime import OrtDeviceMemory
 
@@ -76,12 +83,25 @@ class Pipeline:
         self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
         tok = manifest.tokenizer
         num_image = manifest.pruning["image_tokens"]["vision"]
-        self.prompts = PromptBuilder.from_folder(folder / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], num_image)
+        self.prompts = PromptBuilder.from_folder(
+            folder / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], num_image
+        )
         text = manifest.architecture["text"]
         self.split = manifest.pruning["split_layer"]
         dtype = np.dtype(manifest.graphs["llm_tail"].input("hidden_states").dtype)
-        self.cache_shape = (text["num_layers"], self.split, max_len, text["num_kv_heads"], text["head_dim"], dtype)
-        self.cache = KVCache(*self.cache_shape) if memory is None else DeviceKVCache(memory, *self.cache_shape, alignment=alignment)
+        self.cache_shape = (
+            text["num_layers"],
+            self.split,
+            max_len,
+            text["num_kv_heads"],
+            text["head_dim"],
+            dtype,
+        )
+        self.cache = (
+            KVCache(*self.cache_shape)
+            if memory is None
+            else DeviceKVCache(memory, *self.cache_shape, alignment=alignment)
+        )
         self.max_context = max_len
         self.dtype = dtype
         self.eos = set(tok["eos_token_ids"])
@@ -103,7 +123,15 @@ class Pipeline:
             pass
         return generation.result
 
-    def stream(self, image, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Generation:
+    def stream(
+        self,
+        image,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generation:
         """image: a path or a PIL image. Checks the settings now, runs as the result is iterated."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MllmEdgeError(f"max new tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -111,7 +139,9 @@ class Pipeline:
         picture = image if hasattr(image, "convert") else load_image(image)
         return Generation(self._steps(picture, prompt, max_new_tokens, sampler))
 
-    def _run_llm(self, graph: str, group: str, hidden_name: str, hidden: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_llm(
+        self, graph: str, group: str, hidden_name: str, hidden: np.ndarray, positions: np.ndarray
+    ) -> dict[str, np.ndarray]:
         count = hidden.shape[1]
         inputs = {hidden_name: hidden, "position_ids": positions, **self.cache.past(group)}
         out = self.engines[graph].run(inputs, self.cache.slots(group, count))
@@ -133,24 +163,41 @@ class Pipeline:
         image_token = self.manifest.tokenizer["image_token_id"]
         image_start = int(np.argmax(ids == image_token))
         num_full, n = int((ids == image_token).sum()), image_embeds.shape[1]
-        ids = np.concatenate((ids[:image_start], np.full(n, image_token, np.int64), ids[image_start + num_full :]))[None]
+        ids = np.concatenate(
+            (ids[:image_start], np.full(n, image_token, np.int64), ids[image_start + num_full :])
+        )[None]
         length = ids.shape[1]
         if length + 1 > self.max_context:
             owner = "engines'" if self.backend == "tensorrt" else "bundle's"
-            raise MllmEdgeError(f"the prompt takes {length} tokens; the {owner} max context is {self.max_context}")
+            raise MllmEdgeError(
+                f"the prompt takes {length} tokens; the {owner} max context is {self.max_context}"
+            )
         max_new_tokens = min(max_new_tokens, self.max_context - length)
 
         self.cache.reset()
-        embeds = self.engines["embed"].run({"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(image_start, np.int64)})["inputs_embeds"]
+        embeds = self.engines["embed"].run(
+            {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(image_start, np.int64)}
+        )["inputs_embeds"]
         positions = np.arange(length, dtype=np.int64)[None]
         hidden, kept_llm = embeds, None
         if self.split:
             head = self._run_llm("llm_head", "head", "inputs_embeds", embeds, positions)
             pruned = self.engines["prune"].run(
-                {"hidden_states": head["hidden_states"], "last_row": head["last_row"], "position_ids": positions, "image_start": np.array(image_start, np.int64)}
+                {
+                    "hidden_states": head["hidden_states"],
+                    "last_row": head["last_row"],
+                    "position_ids": positions,
+                    "image_start": np.array(image_start, np.int64),
+                }
             )
-            hidden, positions, kept_llm = pruned["kept_hidden_states"], pruned["kept_position_ids"], pruned["kept_image"]
-        logits = self._run_llm("llm_tail", "tail", "hidden_states", np.ascontiguousarray(hidden), np.ascontiguousarray(positions))["logits"]
+            hidden, positions, kept_llm = (
+                pruned["kept_hidden_states"],
+                pruned["kept_position_ids"],
+                pruned["kept_image"],
+            )
+        logits = self._run_llm(
+            "llm_tail", "tail", "hidden_states", np.ascontiguousarray(hidden), np.ascontiguousarray(positions)
+        )["logits"]
         t_prefill = time.perf_counter()
 
         stream = TextStream(self.prompts)
@@ -170,8 +217,16 @@ class Pipeline:
                 yield piece
             if step + 1 == max_new_tokens:
                 break
-            hidden = self.engines["embed"].run({"input_ids": np.array([[token]], np.int64), "image_embeds": no_image, "image_start": no_image_start})["inputs_embeds"]
-            position = np.array([[length + step]], np.int64)  # the unpruned prompt length: FastV keeps original positions
+            hidden = self.engines["embed"].run(
+                {
+                    "input_ids": np.array([[token]], np.int64),
+                    "image_embeds": no_image,
+                    "image_start": no_image_start,
+                }
+            )["inputs_embeds"]
+            position = np.array(
+                [[length + step]], np.int64
+            )  # the unpruned prompt length: FastV keeps original positions
             if self.split:
                 hidden = self._run_llm("llm_head", "head", "inputs_embeds", hidden, position)["hidden_states"]
             logits = self._run_llm("llm_tail", "tail", "hidden_states", hidden, position)["logits"]

@@ -25,7 +25,15 @@ from tokenizers import Tokenizer
 from ..errors import MllmEdgeError
 
 # Named special tokens transformers always passes to chat templates (when set), as its special_tokens_map.
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -53,7 +61,9 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the environment transformers renders them in."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -169,7 +179,11 @@ class PromptBuilder:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         try:
             return self.template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.special_tokens
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=True,
+                **self.special_tokens,
             )
         except jinja2.exceptions.TemplateError as e:
             raise MllmEdgeError(f"the chat template failed: {e}") from None
@@ -178,7 +192,9 @@ class PromptBuilder:
         """Ids as the HF processor gives them: the image token expanded to num_image_tokens copies, specials added."""
         count = rendered.count(self.image_token)
         if count != 1:
-            raise MllmEdgeError(f"the rendered prompt holds {count} image tokens {self.image_token!r}, expected 1")
+            raise MllmEdgeError(
+                f"the rendered prompt holds {count} image tokens {self.image_token!r}, expected 1"
+            )
         # Expand in the text and tokenize that, as the processor does.
         text = rendered.replace(self.image_token, self.image_token * self.num_image_tokens)
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids

@@ -31,14 +31,18 @@ def model_view(pixel_values: np.ndarray, preprocessing: dict) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0))
 
 
-def kept_patches(num_patches: int, kept_vision: list[int] | None, kept_llm: list[int] | None) -> tuple[set[int], set[int]]:
+def kept_patches(
+    num_patches: int, kept_vision: list[int] | None, kept_llm: list[int] | None
+) -> tuple[set[int], set[int]]:
     """-> (patches that entered the LLM, patches that went on past FastV's layer)."""
     entered = list(kept_vision) if kept_vision is not None else list(range(num_patches))
     final = [entered[i] for i in kept_llm] if kept_llm is not None else entered
     return set(entered), set(final)
 
 
-def draw_pruning(pixel_values: np.ndarray, preprocessing: dict, grid: int, kept_vision, kept_llm, out: str | Path) -> Path:
+def draw_pruning(
+    pixel_values: np.ndarray, preprocessing: dict, grid: int, kept_vision, kept_llm, out: str | Path
+) -> Path:
     picture = model_view(pixel_values, preprocessing)
     width, height = picture.size
     entered, final = kept_patches(grid * grid, kept_vision, kept_llm)

@@ -187,7 +187,9 @@ def _corpus() -> list[str]:
             f"system\n{CHATML_SYSTEM_PROMPT}\nuser\nWhat colour is the {shape}?\nassistant\nIt is {colour}.",
         ]
     for shape in _SHAPES:
-        lines.append(f"A {shape} is above a {shape}, below a {shape}, next to a {shape} and inside a {shape}.")
+        lines.append(
+            f"A {shape} is above a {shape}, below a {shape}, next to a {shape} and inside a {shape}."
+        )
     return lines
 
 
@@ -228,7 +230,9 @@ def _build_tokenizer(chat_style: str, model_max_length: int):
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
         # As in llava-hf/llava-1.5-*: <image> and <pad> come right after the trained vocabulary.
-        tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False), LLAMA_SPECIALS["pad"]])
+        tok.add_special_tokens(
+            [AddedToken(IMAGE_TOKEN, special=True, normalized=False), LLAMA_SPECIALS["pad"]]
+        )
         names = dict(
             bos_token=bos,
             eos_token=LLAMA_SPECIALS["eos"],
@@ -292,10 +296,14 @@ def _build_config(spec: TinyLlavaSpec, tokenizer):
     )
     if spec.vision_arch == "clip":
         # as in openai/clip-vit-large-patch14-336
-        vision_config = CLIPVisionConfig(**vision_kwargs, projection_dim=spec.vision_hidden_size, hidden_act="quick_gelu")
+        vision_config = CLIPVisionConfig(
+            **vision_kwargs, projection_dim=spec.vision_hidden_size, hidden_act="quick_gelu"
+        )
     elif spec.vision_arch == "siglip":
         # as in llava-interleave-qwen: SigLIP's own activation, no pooling head
-        vision_config = SiglipVisionConfig(**vision_kwargs, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+        vision_config = SiglipVisionConfig(
+            **vision_kwargs, hidden_act="gelu_pytorch_tanh", vision_use_head=False
+        )
     else:
         raise ValueError(f"unknown vision_arch {spec.vision_arch!r} (expected 'clip' or 'siglip')")
     return LlavaConfig(
@@ -368,7 +376,9 @@ def _write_hub_weight_names(weights_file: Path) -> None:
     prefix, hub_prefix = "vision_tower.", "vision_tower.vision_model."
     tensors = load_file(weights_file)
     renamed = {
-        hub_prefix + key[len(prefix) :] if key.startswith(prefix) and not key.startswith(hub_prefix) else key: value
+        hub_prefix + key[len(prefix) :]
+        if key.startswith(prefix) and not key.startswith(hub_prefix)
+        else key: value
         for key, value in tensors.items()
     }
     save_file(renamed, weights_file, metadata={"format": "pt"})
@@ -386,7 +396,9 @@ def _build_processor(spec: TinyLlavaSpec, tokenizer):
     # config says "CLIPImageProcessor" either way.
     if spec.vision_arch == "siglip":
         # SigLIP resizes straight to a square and normalises to [-1, 1]; every patch is a token.
-        image_processor_cls = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+        image_processor_cls = (
+            getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+        )
         image_processor = image_processor_cls(
             size={"height": spec.image_size, "width": spec.image_size},
             resample=3,
@@ -395,7 +407,9 @@ def _build_processor(spec: TinyLlavaSpec, tokenizer):
         )
         additional_tokens = 0
     else:
-        image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        image_processor_cls = (
+            getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        )
         image_processor = image_processor_cls(
             size={"shortest_edge": spec.image_size},
             crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -429,8 +443,12 @@ def _save_processor(processor, out: Path) -> None:
     checkpoints keep them in preprocessor_config.json, and also carry the chat template in
     tokenizer_config.json. Code that reads these files without transformers sees the Hub layout.
     """
-    processor.save_pretrained(out)  # tokenizer.json, tokenizer_config.json, chat_template.jinja, processor_config.json
-    processor.tokenizer.save_pretrained(out, save_jinja_files=False)  # chat template into tokenizer_config.json
+    processor.save_pretrained(
+        out
+    )  # tokenizer.json, tokenizer_config.json, chat_template.jinja, processor_config.json
+    processor.tokenizer.save_pretrained(
+        out, save_jinja_files=False
+    )  # chat template into tokenizer_config.json
 
     processor_file = out / "processor_config.json"
     settings = json.loads(processor_file.read_text())

@@ -16,6 +16,10 @@ def load_engine(backend: str, path: Path, device: str = "cpu") -> Engine:
         from .onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, device)
-    if backend == "tensorrt":  # engines come as a set, with their device cache: see Pipeline and backends.tensorrt
-        raise MllmEdgeError("TensorRT engines are opened per bundle (Pipeline.load(bundle, backend='tensorrt')), not per graph")
+    if (
+        backend == "tensorrt"
+    ):  # engines come as a set, with their device cache: see Pipeline and backends.tensorrt
+        raise MllmEdgeError(
+            "TensorRT engines are opened per bundle (Pipeline.load(bundle, backend='tensorrt')), not per graph"
+        )
     raise MllmEdgeError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

@@ -17,6 +17,8 @@ class Engine(Protocol):
     input_names: list[str]
     output_names: list[str]
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """Run once; returns every output not passed in `outputs` (those are written in place)."""
         ...

@@ -21,7 +21,9 @@ def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise MllmEdgeError("the onnxruntime backend needs ONNX Runtime: pip install 'mllm-edge[onnxruntime]' (or [onnxruntime-gpu])") from None
+        raise MllmEdgeError(
+            "the onnxruntime backend needs ONNX Runtime: pip install 'mllm-edge[onnxruntime]' (or [onnxruntime-gpu])"
+        ) from None
     return onnxruntime
 
 
@@ -33,7 +35,10 @@ class OnnxRuntimeEngine:
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MllmEdgeError("--device cuda needs onnxruntime-gpu with a CUDA GPU; this ONNX Runtime offers " + ", ".join(ort.get_available_providers()))
+                raise MllmEdgeError(
+                    "--device cuda needs onnxruntime-gpu with a CUDA GPU; this ONNX Runtime offers "
+                    + ", ".join(ort.get_available_providers())
+                )
             providers.insert(0, "CUDAExecutionProvider")
         elif device != "cpu":
             raise MllmEdgeError(f"unknown device '{device}' (choose cpu or cuda)")
@@ -54,7 +59,9 @@ class OnnxRuntimeEngine:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         outputs = outputs or {}
         binding = self.session.io_binding()
         for name in self.input_names:

@@ -24,7 +24,9 @@ def _cuda():
     try:
         from polygraphy import cuda
     except ImportError:
-        raise MllmEdgeError("the TensorRT backend needs Polygraphy's CUDA wrapper: pip install 'mllm-edge[tensorrt]'") from None
+        raise MllmEdgeError(
+            "the TensorRT backend needs Polygraphy's CUDA wrapper: pip install 'mllm-edge[tensorrt]'"
+        ) from None
     return cuda
 
 
@@ -48,7 +50,12 @@ class CudaMemory:
     def memset(self, address: int, value: int, nbytes: int) -> None:
         import ctypes  # typed arguments: untyped ctypes ints would be truncated to 32 bits
 
-        status = self.wrapper.handle.cudaMemsetAsync(ctypes.c_void_p(address), ctypes.c_int(value), ctypes.c_size_t(nbytes), ctypes.c_void_p(self.stream.ptr))
+        status = self.wrapper.handle.cudaMemsetAsync(
+            ctypes.c_void_p(address),
+            ctypes.c_int(value),
+            ctypes.c_size_t(nbytes),
+            ctypes.c_void_p(self.stream.ptr),
+        )
         if status != 0:
             raise MllmEdgeError(f"cudaMemsetAsync failed with CUDA error {status}")
 
@@ -62,12 +69,18 @@ def pick_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> in
         ok = True
         for name, (low, _, high) in p["shapes"].items():
             shape = shapes.get(name)
-            if shape is None or len(shape) != len(low) or any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
+            if (
+                shape is None
+                or len(shape) != len(low)
+                or any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high))
+            ):
                 ok = False
                 break
         if ok:
             return i
-    raise MllmEdgeError(f"no optimization profile of the engine takes these shapes {shapes}: rebuild with a larger --max-context")
+    raise MllmEdgeError(
+        f"no optimization profile of the engine takes these shapes {shapes}: rebuild with a larger --max-context"
+    )
 
 
 class TensorRTEngine:
@@ -79,7 +92,9 @@ class TensorRTEngine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        self.dtypes = {n: np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}  # fixed: not per call
+        self.dtypes = {
+            n: np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(n))) for n in names
+        }  # fixed: not per call
         self.staging: dict[str, tuple[int, int]] = {}  # name -> (address, capacity in bytes)
         self.active_profile = 0
 
@@ -110,16 +125,22 @@ class TensorRTEngine:
         for name in self.input_names:
             value = inputs[name]
             if not self.context.set_input_shape(name, shapes[name]):
-                raise MllmEdgeError(f"{self.name}: TensorRT refused shape {shapes[name]} for {name} ({self._why()})")
+                raise MllmEdgeError(
+                    f"{self.name}: TensorRT refused shape {shapes[name]} for {name} ({self._why()})"
+                )
             dtype = self.dtypes[name]
             if np.dtype(value.dtype) != dtype:
-                raise MllmEdgeError(f"{self.name}: input {name} is {np.dtype(value.dtype)}, the engine takes {dtype}")  # our bug
+                raise MllmEdgeError(
+                    f"{self.name}: input {name} is {np.dtype(value.dtype)}, the engine takes {dtype}"
+                )  # our bug
             if isinstance(value, DeviceTensor):
                 address = value.address
             else:
                 host = np.ascontiguousarray(value)
                 address = self._stage(name, host.nbytes)
-                self.memory.wrapper.memcpy(address, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice, stream.ptr)
+                self.memory.wrapper.memcpy(
+                    address, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice, stream.ptr
+                )
             self._bind(name, address)
         returned = {}
         for name in self.output_names:
@@ -127,7 +148,9 @@ class TensorRTEngine:
             if name in outputs:
                 target = outputs[name]
                 if tuple(target.shape) != shape:
-                    raise MllmEdgeError(f"{self.name}: output {name} is {shape}, its binding {tuple(target.shape)}")  # our bug
+                    raise MllmEdgeError(
+                        f"{self.name}: output {name} is {shape}, its binding {tuple(target.shape)}"
+                    )  # our bug
                 self._bind(name, target.address)
             else:
                 returned[name] = np.empty(shape, self.dtypes[name])
@@ -136,7 +159,9 @@ class TensorRTEngine:
             raise MllmEdgeError(f"TensorRT failed running the {self.name} engine ({self._why()})")
         for name, host in returned.items():
             address = self.staging[name][0]
-            self.memory.wrapper.memcpy(host.ctypes.data, address, host.nbytes, cuda.MemcpyKind.DeviceToHost, stream.ptr)
+            self.memory.wrapper.memcpy(
+                host.ctypes.data, address, host.nbytes, cuda.MemcpyKind.DeviceToHost, stream.ptr
+            )
         stream.synchronize()
         return returned
 
@@ -157,13 +182,20 @@ def open_engines(bundle: Path, manifest) -> tuple[dict[str, TensorRTEngine], Cud
     if not (folder / ENGINES_META).is_file():
         others = sorted(p.parent.name for p in (bundle / ENGINES_DIR).glob(f"*/{ENGINES_META}"))
         found = f" (it has engines for {', '.join(others)} only)" if others else ""
-        raise MllmEdgeError(f"{bundle} has no engines for this machine, {target.folder_name}{found}: run `mllm-edge build {bundle}`")
+        raise MllmEdgeError(
+            f"{bundle} has no engines for this machine, {target.folder_name}{found}: run `mllm-edge build {bundle}`"
+        )
     meta = load_engine_set(folder, bundle, target)
     memory = CudaMemory()
-    engines = {graph: TensorRTEngine(folder / entry.file, entry.profiles, memory) for graph, entry in meta.engines.items()}
+    engines = {
+        graph: TensorRTEngine(folder / entry.file, entry.profiles, memory)
+        for graph, entry in meta.engines.items()
+    }
     missing = set(manifest.graphs) - set(engines)
     if missing:
-        raise MllmEdgeError(f"the engines in {folder} lack {', '.join(sorted(missing))}: rebuild with `mllm-edge build {bundle}`")
+        raise MllmEdgeError(
+            f"the engines in {folder} lack {', '.join(sorted(missing))}: rebuild with `mllm-edge build {bundle}`"
+        )
     return engines, memory, meta.max_context
 
 
