@@ -324,24 +324,8 @@ def build(
     from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .build.build import BuildConfig, build_bundle, check_buildable
-    from .manifest import load_manifest
+    from .build.build import BuildConfig, build_bundle
 
-    manifest = load_manifest(bundle)  # a clear error for a missing or damaged bundle before TensorRT loads
-    check_buildable(bundle, manifest)
-    try:
-        from .export.lint import lint_model
-    except ImportError:
-        lint_model = None
-    if (
-        lint_model is not None
-    ):  # the graphs must parse in TensorRT 10: say which rule breaks, not a parser trace
-        for spec in manifest.graphs.values():
-            findings = lint_model(bundle / spec.file)
-            if findings:
-                raise MllmEdgeError(
-                    f"{spec.file} breaks TensorRT 10's ONNX rules: " + "; ".join(map(str, findings))
-                )
     config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify)
     with Progress(
         SpinnerColumn(),

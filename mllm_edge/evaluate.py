@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .default_model.scenes import HELD_OUT_SEED, normalise, sample
 from .errors import MllmEdgeError
 
-HELD_OUT_SEED = (
-    1_000_003  # the synthetic held-out set: never drawn from in training (train.py uses small seeds)
-)
 MAX_NEW_TOKENS = 8  # answers are a word or two
 
 
@@ -50,10 +48,6 @@ class EvalReport:
         return asdict(self)
 
 
-def normalise(text: str) -> str:
-    return text.strip().strip(".").strip().lower()
-
-
 def load_jsonl(path: Path) -> list[EvalItem]:
     if not path.is_file():
         raise MllmEdgeError(f"dataset {path} does not exist")
@@ -77,8 +71,6 @@ def load_jsonl(path: Path) -> list[EvalItem]:
 
 
 def synthetic_items(count: int, seed: int = HELD_OUT_SEED) -> list[EvalItem]:
-    from .default_model.scenes import sample
-
     if count < 1:
         raise MllmEdgeError(f"--synthetic must be >= 1, got {count}")
     rng = random.Random(seed)

@@ -11,10 +11,20 @@ import numpy as np
 import pytest
 
 from mllm_edge.build.build import BuildConfig, plan_build, write_trtexec
-from mllm_edge.build.metadata import EngineEntry, EngineSet, load_engine_set, profile_record, write_engine_set
 from mllm_edge.build.profiles import graph_profiles
 from mllm_edge.build.settings import choose_settings
-from mllm_edge.build.target import Target, available_memory, detect_jetson, same_machine, slug
+from mllm_edge.engines import (
+    EngineEntry,
+    EngineSet,
+    Target,
+    available_memory,
+    detect_jetson,
+    load_engine_set,
+    profile_record,
+    same_machine,
+    slug,
+    write_engine_set,
+)
 from mllm_edge.errors import MllmEdgeError
 from mllm_edge.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from mllm_edge.runtime.backends.tensorrt import pick_profile

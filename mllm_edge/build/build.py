@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..engines import EngineEntry, EngineSet, Target, engine_folder, profile_record, write_engine_set
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from ..parity import ENGINE_TOLERANCE, OutputCheck, compare, load_sample
-from .metadata import EngineEntry, EngineSet, profile_record, write_engine_set
 from .profiles import Profile, graph_profiles
 from .settings import BuildSettings, choose_settings
-from .target import Target, engine_folder
 from .trtexec import trtexec_command, trtexec_script
 
 TRTEXEC_SCRIPT = "trtexec.sh"
@@ -68,9 +67,11 @@ class BuildPlan:
         }
 
 
-def plan_build(config: BuildConfig, target: Target) -> BuildPlan:
-    manifest = load_manifest(config.bundle)
-    check_buildable(config.bundle, manifest)
+def plan_build(config: BuildConfig, target: Target, manifest: Manifest | None = None) -> BuildPlan:
+    """Everything a build decides, from the bundle (its manifest, when already loaded and checked) and the target."""
+    if manifest is None:
+        manifest = load_manifest(config.bundle)
+        check_buildable(config.bundle, manifest)
     settings = choose_settings(
         target.tensorrt, manifest.dtype, config.precision, config.workspace_mb, target.jetson
     )
@@ -96,6 +97,22 @@ def check_buildable(bundle: Path, manifest: Manifest) -> None:
             f"{bundle} holds {q['weights']} weights as ONNX Runtime's MatMulNBits op ({', '.join(q['graphs'])}), which TensorRT cannot "
             f"build: run it with `mllm-edge run --bundle {bundle}` (ONNX Runtime), or export without --quantize for TensorRT"
         )
+
+
+def check_graphs(bundle: Path, manifest: Manifest) -> None:
+    """Before TensorRT loads: the bundle can be built, and its graphs keep TensorRT 10's ONNX rules
+    (which rule breaks, rather than a parser trace). The lint needs onnx, which a Jetson may lack."""
+    check_buildable(bundle, manifest)
+    try:
+        from ..export.lint import lint_model
+    except ImportError:
+        return
+    for spec in manifest.graphs.values():
+        findings = lint_model(bundle / spec.file)
+        if findings:
+            raise MllmEdgeError(
+                f"{spec.file} breaks TensorRT 10's ONNX rules: " + "; ".join(map(str, findings))
+            )
 
 
 def graph_weight_mb(plan: BuildPlan, graph: str) -> int:
@@ -134,12 +151,16 @@ def verify_engine(plan: BuildPlan, graph: str, engine) -> list[OutputCheck]:
 def build_bundle(
     config: BuildConfig, progress: Callable[[str], None] = lambda _: None
 ) -> tuple[BuildPlan, list[OutputCheck]]:
+    from ..engines import gpu_info
     from . import tensorrt_api
-    from .target import gpu_info
 
+    manifest = load_manifest(
+        config.bundle
+    )  # a clear error for a missing or damaged bundle before TensorRT loads
+    check_graphs(config.bundle, manifest)
     trt = tensorrt_api.import_tensorrt()
     target = gpu_info(trt.__version__)
-    plan = plan_build(config, target)
+    plan = plan_build(config, target, manifest)
     plan.folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{plan.folder.name}.", suffix=".partial", dir=plan.folder.parent))
     checks: list[OutputCheck] = []

@@ -1,7 +1,7 @@
-"""The thin layer over NVIDIA's TensorRT Python API (10.x and 11.x): build one engine, open one.
+"""The thin layer over NVIDIA's TensorRT Python API (10.x and 11.x): build one engine.
 
 Everything TensorRT-specific that can only run with TensorRT and a GPU is here and kept short; the
-rest of `mllm_edge.build` decides what to pass. Failures in TensorRT mostly come back as None or
+rest of `mllm_edge.build` decides what to pass; opening an engine is `mllm_edge.engines`' job. Failures in TensorRT mostly come back as None or
 False with the reason sent to the logger, so a logger that keeps the errors turns them into our
 MllmEdgeError. Never run in this repository's CI (TensorRT cannot be installed there).
 """
@@ -11,39 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..engines import import_tensorrt, make_logger
 from ..errors import MllmEdgeError
 from .profiles import Profile
 from .settings import BuildSettings
-
-INSTALL_HINT = (
-    "TensorRT is not installed: on a Jetson (JetPack 6) it comes with the system: make the venv with "
-    "`python3 -m venv --system-site-packages .venv`; on a desktop: pip install 'mllm-edge[tensorrt]'"
-)
-
-
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise MllmEdgeError(INSTALL_HINT) from None
-    return tensorrt
-
-
-def make_logger(trt):
-    """A trt.ILogger that prints warnings and errors to stderr and keeps the errors for our messages."""
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
-                self.errors.append(msg)
-            if severity <= trt.ILogger.WARNING:  # severities are ordered, most severe first
-                print(f"TensorRT: {msg}", file=sys.stderr)
-
-    return Logger()
 
 
 def build_engine(
@@ -100,16 +71,3 @@ def build_engine(
     return bytes(memoryview(plan)), bytes(memoryview(updated.serialize())) if updated is not None else (
         timing_cache or b""
     )
-
-
-def load_engine(path: Path):
-    """-> (trt module, ICudaEngine, logger): keep the logger to explain later failures."""
-    trt = import_tensorrt()
-    logger = make_logger(trt)
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise MllmEdgeError(
-            f"TensorRT cannot open {path.name} ({'; '.join(logger.errors)}): rebuild with `mllm-edge build`"
-        )
-    return trt, engine, logger

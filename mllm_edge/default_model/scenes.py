@@ -40,10 +40,18 @@ COLOURS = {
 BACKGROUNDS = ((245, 245, 245), (225, 225, 215), (200, 205, 210), (235, 230, 245))
 NUMBERS = ("one", "two", "three", "four")
 SIZE = 336  # pixels, the model's input size
+HELD_OUT_SEED = (
+    1_000_003  # the synthetic held-out set: never drawn from in training (train.py uses small seeds)
+)
 MARGIN = 40  # pixels from the centre line a shape must be for a left/right or top/bottom question
 OUTLINE = (25, 25, 25)
 OUTLINE_WIDTH = 3  # pixels
 QUESTION_KINDS = ("colour", "shape", "count", "exists", "horizontal", "vertical")
+
+
+def normalise(text: str) -> str:
+    """An answer as exact match compares it: case, surrounding space and a final full stop ignored."""
+    return text.strip().strip(".").strip().lower()
 
 
 @dataclass(frozen=True)
@@ -194,8 +202,6 @@ def write_jsonl(items: list[tuple[Scene, Question]], folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """python -m mllm_edge.default_model.scenes OUT.png [--seed N]: a held-out scene and its questions."""
     import argparse
-
-    from ..evaluate import HELD_OUT_SEED
 
     p = argparse.ArgumentParser(
         description="Write one synthetic scene (a held-out one by default) and print its questions and answers."

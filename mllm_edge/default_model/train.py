@@ -49,10 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import HELD_OUT_SEED, normalise
 from ..testing.checkpoints import TinyLlavaSpec, make_tiny_llava
 from .scenes import (
     COLOURS,
+    HELD_OUT_SEED,
     MARGIN,
     QUESTION_KINDS,
     SHAPES,
@@ -60,6 +60,7 @@ from .scenes import (
     Question,
     Scene,
     make_scene,
+    normalise,
     questions,
     sample,
 )

@@ -18,7 +18,7 @@ from ..models.generate import generate
 from ..models.inputs import prepare_inputs
 from ..models.llava import Llava
 from ..pruning import PruningConfig
-from ..testing.checkpoints import sample_image
+from .sample_image import sample_image
 
 SAMPLE_PROMPT = "What is in this picture? Answer in one sentence."
 CHAIN_TOKENS = 8

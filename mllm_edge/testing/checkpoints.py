@@ -18,8 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from ..export.sample_image import sample_image  # noqa: F401  (re-exported: the tests' pictures)
 
 # OpenAI CLIP normalisation, as in every llava-hf preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -492,35 +491,3 @@ def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, *, hub_weight_name
     _save_processor(_build_processor(spec, tokenizer), out)
     _write_json(out / "tiny_llava_spec.json", asdict(spec))
     return out
-
-
-def sample_image(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
-    """A deterministic RGB test picture: a colour gradient with a few filled shapes on it."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    background = np.stack(
-        [
-            64 + 128 * x / max(width - 1, 1),
-            64 + 128 * y / max(height - 1, 1),
-            np.full_like(x, 96.0 + 64.0 * rng.random()),
-        ],
-        axis=-1,
-    )
-    image = Image.fromarray(background.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    palette = [(220, 30, 30), (30, 160, 60), (40, 60, 220), (240, 210, 30), (150, 40, 170), (250, 250, 250)]
-    for i in range(6):
-        w = int(rng.integers(width // 8, width // 3 + 1))
-        h = int(rng.integers(height // 8, height // 3 + 1))
-        x0 = int(rng.integers(0, max(width - w, 1)))
-        y0 = int(rng.integers(0, max(height - h, 1)))
-        box = (x0, y0, x0 + w, y0 + h)
-        colour = palette[int(rng.integers(len(palette)))]
-        kind = i % 3
-        if kind == 0:
-            draw.ellipse(box, fill=colour)
-        elif kind == 1:
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(x0 + w // 2, y0), (x0 + w, y0 + h), (x0, y0 + h)], fill=colour)
-    return image

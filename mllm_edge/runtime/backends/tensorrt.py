@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ...build.tensorrt_api import load_engine
+from ...engines import (
+    ENGINES_DIR,
+    ENGINES_META,
+    engine_folder,
+    gpu_info,
+    import_tensorrt,
+    load_engine,
+    load_engine_set,
+)
 from ...errors import MllmEdgeError
 from ..device_cache import DeviceTensor
 
@@ -173,9 +181,6 @@ class TensorRTEngine:
 
 def open_engines(bundle: Path, manifest) -> tuple[dict[str, TensorRTEngine], CudaMemory, int]:
     """The engines `mllm-edge build` made for this GPU and TensorRT: (engines, memory, max context)."""
-    from ...build.metadata import ENGINES_META, load_engine_set
-    from ...build.target import ENGINES_DIR, engine_folder, gpu_info
-    from ...build.tensorrt_api import import_tensorrt
 
     target = gpu_info(import_tensorrt().__version__)
     folder = engine_folder(bundle, target)
@@ -201,8 +206,6 @@ def open_engines(bundle: Path, manifest) -> tuple[dict[str, TensorRTEngine], Cud
 
 def engines_for_this_machine(bundle: Path) -> bool:
     """Whether `auto` should pick TensorRT: it imports, a GPU answers, and engines for it exist."""
-    from ...build.metadata import ENGINES_META
-    from ...build.target import engine_folder, gpu_info
 
     try:
         import tensorrt

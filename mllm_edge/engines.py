@@ -1,18 +1,29 @@
-"""The machine engines are built for: GPU, compute capability, TensorRT version, Jetson or not.
+"""TensorRT engines without torch: the machine they are for, their folder and `engines.json`, opening one.
 
-Engines only run on the GPU model and TensorRT version they were built with, so they live in a
-folder named after all three, `engines/<gpu>-sm<cc>-trt<version>/`, and the runtime picks the
-folder of the machine it runs on. Reading the GPU needs CUDA (`gpu_info`, thin); naming, Jetson
-detection from the platform's files and the match check are plain Python.
+`mllm-edge build` writes engines and the runtime opens them; both read this one module, so neither
+imports the other's internals.
+
+- Engines only run on the GPU model and TensorRT version they were built with, so they live in
+  `engines/<gpu>-sm<cc>-trt<version>/`, and the runtime picks the folder of the machine it runs on.
+  Reading the GPU needs CUDA (`gpu_info`, thin); naming, Jetson detection and the match check are
+  plain Python.
+- `engines.json` is written last, after every engine is in place, so a folder without it is an
+  unfinished build. It records the GPU, TensorRT version and the bundle manifest's sha256, so engines
+  of another machine or another export are refused with a message that says to rebuild.
+- TensorRT's failures mostly come back as None or False with the reason sent to the logger, so a
+  logger that keeps the errors turns them into our MllmEdgeError. Never run in this repository's CI.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import MllmEdgeError
+from .errors import MllmEdgeError
+from .manifest import MANIFEST_NAME, sha256_file
 
 ENGINES_DIR = "engines"
 
@@ -161,3 +172,126 @@ def _cuda_device_ctypes() -> tuple[str, tuple[int, int], int, int]:
     finally:
         cuda.cuDevicePrimaryCtxRelease(dev)
     return buf.value.decode(), (major.value, minor.value), total.value, free.value
+
+
+ENGINES_META = "engines.json"
+ENGINES_SCHEMA = 1
+
+
+@dataclass
+class EngineEntry:
+    file: str  # relative to the engine folder
+    onnx: str  # the bundle's graph file it was built from
+    sha256: str
+    profiles: list[dict]  # [{"name": ..., "shapes": {input: [min, opt, max]}}]
+
+
+@dataclass
+class EngineSet:
+    target: dict  # Target.to_dict()
+    settings: dict  # BuildSettings.to_dict()
+    max_context: int
+    bundle_manifest_sha256: str
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+    verified: bool = False  # whether --verify ran and passed
+    created_by: str = ""
+    schema_version: int = ENGINES_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def profile_record(profiles) -> list[dict]:
+    """build.profiles.Profile objects as engines.json records them."""
+    return [
+        {"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}} for p in profiles
+    ]
+
+
+def write_engine_set(folder: Path, meta: EngineSet) -> None:
+    tmp = folder / (ENGINES_META + ".tmp")
+    tmp.write_text(meta.to_json())
+    tmp.replace(folder / ENGINES_META)
+
+
+def load_engine_set(
+    folder: Path, bundle: Path, here: Target | None = None, verify_files: bool = True
+) -> EngineSet:
+    """Read and check an engine folder: complete, for this bundle, (given `here`) for this machine."""
+    path = folder / ENGINES_META
+    if not path.is_file():
+        raise MllmEdgeError(
+            f"{folder} holds no finished engines ({ENGINES_META} is missing): run `mllm-edge build {bundle}`"
+        )
+    try:
+        data = json.loads(path.read_text())
+        engines = {k: EngineEntry(**v) for k, v in data.pop("engines").items()}
+        meta = EngineSet(**data, engines=engines)
+    except (ValueError, TypeError, KeyError) as e:
+        raise MllmEdgeError(f"{path} is damaged ({e}): rebuild with `mllm-edge build {bundle}`") from None
+    if meta.schema_version != ENGINES_SCHEMA:
+        raise MllmEdgeError(
+            f"{path} has schema {meta.schema_version}; this mllm-edge reads {ENGINES_SCHEMA}: rebuild with `mllm-edge build {bundle}`"
+        )
+    if meta.bundle_manifest_sha256 != sha256_file(bundle / MANIFEST_NAME):
+        raise MllmEdgeError(
+            f"the engines in {folder} were built from another export of this bundle: rebuild with `mllm-edge build {bundle}`"
+        )
+    if here is not None and (why := same_machine(meta.target, here)):
+        raise MllmEdgeError(why)
+    if verify_files:
+        for entry in meta.engines.values():
+            file = folder / entry.file
+            if not file.is_file():
+                raise MllmEdgeError(
+                    f"engine {entry.file} is missing from {folder}: rebuild with `mllm-edge build {bundle}`"
+                )
+            if sha256_file(file) != entry.sha256:
+                raise MllmEdgeError(
+                    f"engine {entry.file} in {folder} is damaged (sha256 differs): rebuild with `mllm-edge build {bundle}`"
+                )
+    return meta
+
+
+INSTALL_HINT = (
+    "TensorRT is not installed: on a Jetson (JetPack 6) it comes with the system: make the venv with "
+    "`python3 -m venv --system-site-packages .venv`; on a desktop: pip install 'mllm-edge[tensorrt]'"
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise MllmEdgeError(INSTALL_HINT) from None
+    return tensorrt
+
+
+def make_logger(trt):
+    """A trt.ILogger that prints warnings and errors to stderr and keeps the errors for our messages."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(msg)
+            if severity <= trt.ILogger.WARNING:  # severities are ordered, most severe first
+                print(f"TensorRT: {msg}", file=sys.stderr)
+
+    return Logger()
+
+
+def load_engine(path: Path):
+    """-> (trt module, ICudaEngine, logger): keep the logger to explain later failures."""
+    trt = import_tensorrt()
+    logger = make_logger(trt)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise MllmEdgeError(
+            f"TensorRT cannot open {path.name} ({'; '.join(logger.errors)}): rebuild with `mllm-edge build`"
+        )
+    return trt, engine, logger
