@@ -1,9 +1,10 @@
 """Optimization profiles for each graph of a bundle, derived from its manifest.
 
-Engines are built for batch 1, the runtime's batch. The LLM graphs get two profiles, prefill (a
-prompt of 1 .. max_context tokens after the null past row) and decode (one token after a past of
-up to max_context rows); the embed graph the same two; prune only prefill; vision one static shape.
-A past input holds the null row and then the tokens (Decoder.run_layers), so its length is >= 1.
+Engines are built for batch 1, the runtime's batch. Each graph's definition (mllm_edge.graphs) names
+its profiles and the sizes of their dynamic dims; here they become numbers. The LLM graphs get two,
+prefill (a prompt of 1 .. max_context tokens after the null past row) and decode (one token after a
+past of up to max_context rows); the embed graph the same two; prune only prefill; vision one static
+shape. A past input holds the null row and then the tokens (Decoder.run_layers), so its length is >= 1.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MllmEdgeError
+from ..graphs import GRAPHS
 from ..manifest import Manifest
 
 Shape = tuple[int, ...]
@@ -39,43 +41,35 @@ def _shape(dims: list, sizes: dict[str, tuple[int, int, int]], which: int, graph
 
 
 def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = None) -> list[Profile]:
-    """The profiles one graph's engine is built with. max_context may lower the bundle's."""
+    """The profiles one graph's engine is built with (its definition's plan, sized for this bundle).
+    max_context may lower the bundle's."""
     ctx = manifest.max_context if max_context is None else max_context
-    image = manifest.pruning["image_tokens"]
-    llm_images = image["llm"]  # image tokens the vision graph outputs (after FasterVLM)
+    llm_images = manifest.pruning["image_tokens"][
+        "llm"
+    ]  # image tokens the vision graph outputs (after FasterVLM)
     if ctx <= llm_images or ctx > manifest.max_context:  # a prompt holds every image token and some text
         raise MllmEdgeError(
             f"--max-context must be above the {llm_images} image tokens and at most the bundle's {manifest.max_context}, got {ctx}"
         )
+    if graph not in GRAPHS:
+        raise MllmEdgeError(f"the bundle has a graph '{graph}' this version cannot build; re-export it")
     spec = manifest.graphs[graph]
     prompt_opt = min(llm_images + OPT_TEXT_TOKENS, ctx)
-    past_opt = min(prompt_opt + OPT_ANSWER_TOKENS, ctx)
-    one = (1, 1, 1)
-    if graph == "vision":
-        plans = {"static": {"batch": one}}
-    elif graph == "embed":
-        plans = {
-            "prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "image_tokens": (llm_images,) * 3},
-            "decode": {"batch": one, "seq": one, "image_tokens": one},
-        }
-    elif (
-        graph == "prune"
-    ):  # its output has seq - (image tokens dropped) rows: the prompt holds every image token
-        plans = {"prefill": {"batch": one, "seq": (llm_images, prompt_opt, ctx)}}
-    elif graph in ("llm_head", "llm_tail"):
-        plans = {
-            "prefill": {"batch": one, "seq": (1, prompt_opt, ctx), "past": one},
-            "decode": {"batch": one, "seq": one, "past": (1, past_opt, ctx)},
-        }
-    else:
-        raise MllmEdgeError(f"the bundle has a graph '{graph}' this version cannot build; re-export it")
+    sizes = {
+        "one": 1,
+        "images": llm_images,
+        "prompt": prompt_opt,
+        "answer": min(prompt_opt + OPT_ANSWER_TOKENS, ctx),
+        "context": ctx,
+    }
     profiles = []
-    for name, sizes in plans.items():
+    for name, plan in GRAPHS[graph].profiles.items():
+        dims = {dim: tuple(sizes[s] for s in named) for dim, named in plan.items()}
         shapes = {}
         for t in spec.inputs:
             if all(isinstance(d, int) for d in t.shape):
                 continue  # static: TensorRT needs no profile entry
-            shapes[t.name] = tuple(_shape(t.shape, sizes, i, graph, t.name) for i in range(3))
+            shapes[t.name] = tuple(_shape(t.shape, dims, i, graph, t.name) for i in range(3))
         profiles.append(Profile(name, shapes))
     return profiles
 

@@ -21,6 +21,7 @@ import torch
 from torch.export import Dim
 
 from .. import __version__
+from .. import graphs as mg
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, schema_version, write_manifest
 from ..models.checkpoint import resolve_checkpoint
@@ -28,10 +29,10 @@ from ..models.config import load_llava_spec
 from ..models.llava import Llava, load_llava
 from ..pruning import PruningConfig
 from ..pruning.flops import PrefillFlops, prefill_flops
-from . import graphs as g
+from .graphs import graph_modules
 from .lint import lint_model
 from .onnx_graph import export_graph, graph_spec, share_duplicate_weights
-from .quantize import QUANTIZED_GRAPHS, check_quantize, quantization_entry, quantize_graph
+from .quantize import check_quantize, quantization_entry, quantize_graph
 from .samples import CHAIN_TOKENS, make_samples, save_samples
 from .verify import ChainCheck, OutputCheck, failures, require_onnxruntime, verify_chain, verify_graphs
 
@@ -65,10 +66,11 @@ class ExportReport:
 
 def stages(config: ExportConfig) -> list[str]:
     """The steps export_bundle reports, in order, so a caller can size a progress bar."""
-    names = ["load", "reference", "vision", "embed"]
-    names += ["llm_head", "prune"] if config.pruning.fastv else []
-    names += ["llm_tail"]
-    names += [f"quantize {g}" for g in QUANTIZED_GRAPHS if g in names] if config.quantize else []
+    graphs = mg.bundle_graphs(bool(config.pruning.fastv), bool(config.pruning.fastervlm))
+    names = ["load", "reference", *graphs]
+    names += (
+        [f"quantize {name}" for name, graph in graphs.items() if graph.quantizable] if config.quantize else []
+    )
     names += ["lint", "tokenizer"]
     names += ["verify graphs", "verify chain"] if config.verify else []
     return names + ["manifest"]
@@ -145,12 +147,12 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     graph_specs = {}
     for name, module in modules.items():
         on_stage(name)
-        args, shapes = trace_inputs(name, module, llava, samples, max_context)
+        args, shapes = trace_inputs(module, llava, samples, max_context)
         graph_specs[name] = export_graph(module, args, shapes, tmp, name)
     release_weights(llava)  # before ONNX Runtime loads the graphs: see release_weights
     del modules, llava
     gc.collect()
-    quantized = [name for name in QUANTIZED_GRAPHS if name in graph_specs] if config.quantize else []
+    quantized = [name for name in graph_specs if mg.GRAPHS[name].quantizable] if config.quantize else []
     for name in quantized:  # before sharing: a quantized LM head no longer equals the embedding table
         on_stage(f"quantize {name}")
         quantize_graph(tmp, name, config.quantize)
@@ -222,19 +224,6 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     return ExportReport(out, manifest, checks, chain, flops, shared, files)
 
 
-def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, torch.nn.Module]:
-    vision_keep, llm_keep = pruning.keep_counts(llava.spec.num_image_tokens)
-    modules = {
-        "vision": g.VisionGraph(llava, vision_keep if pruning.fastervlm else None),
-        "embed": g.EmbedGraph(llava),
-    }
-    if pruning.fastv:
-        modules["llm_head"] = g.LlmHeadGraph(llava, pruning.split_layer)
-        modules["prune"] = g.PruneGraph(vision_keep, llm_keep)
-    modules["llm_tail"] = g.LlmTailGraph(llava, pruning.split_layer)
-    return {name: m.eval() for name, m in modules.items()}
-
-
 def return_freed_memory() -> None:
     """Give freed heap back to the OS (glibc keeps it otherwise), so the chain check that follows
     does not stack its peak on the per-graph check's. A no-op where there is no glibc."""
@@ -256,45 +245,41 @@ def release_weights(llava: Llava) -> None:
             tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
-def trace_inputs(name: str, module, llava: Llava, samples, max_context: int):
-    """Example inputs to trace with and which of their dims are dynamic.
+def trace_inputs(module, llava: Llava, samples, max_context: int):
+    """Example inputs to trace a graph module with, and which of their dims are dynamic (the graph's
+    definition names them). Traced with batch 2 and lengths >= 2: torch.export fixes any dim it sees
+    as 0 or 1."""
+    dims = {
+        "batch": Dim("batch", min=1, max=MAX_BATCH),
+        "seq": Dim("seq", min=1, max=max_context),
+        "past": Dim("past", min=1, max=max_context + 1),  # the null row and up to max_context tokens
+        "image_tokens": Dim("image_tokens", min=1, max=llava.spec.num_image_tokens),
+    }
 
-    Traced with batch 2 and lengths >= 2: torch.export fixes any dim it sees as 0 or 1.
-    """
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    seq = Dim("seq", min=1, max=max_context)
-    past = Dim("past", min=1, max=max_context + 1)  # the null row and up to max_context tokens
-    inputs, _ = samples.graphs[name]
-    if name in ("vision", "embed", "prune"):  # batch-first inputs: the sample, twice
+    def dynamic(t: mg.TensorDef):
+        return {axis: dims[name] for axis, name in enumerate(t.dims) if name} or None
+
+    graph = module.graph
+    shapes = tuple(dynamic(t) for t in graph.inputs)
+    if graph.cache is None:  # batch-first inputs: the sample, twice
+        inputs, _ = samples.graphs[graph.name]
         twice = {
             k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v)
             for k, v in inputs.items()
         }
-    if name == "vision":
-        return (twice["pixel_values"],), ({0: batch},)
-    if name == "embed":
-        images = Dim("image_tokens", min=1, max=llava.spec.num_image_tokens)
-        return (twice["input_ids"], twice["image_embeds"], twice["image_start"]), (
-            {0: batch, 1: seq},
-            {0: batch, 1: images},
-            None,
-        )
-    if name == "prune":
-        args = tuple(twice[k] for k in module.input_names)
-        return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, None)
-    # llm_head / llm_tail: a short chunk after a short past, so both prefill and decode shapes trace alike
+        return tuple(twice[t.name] for t in graph.inputs), shapes
+    # the LLM graphs: a short chunk after a short past, so both prefill and decode shapes trace alike
     t = llava.spec.text
     dtype = next(llava.parameters()).dtype
     s, p = 5, 3
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, s, t.hidden_size, generator=generator).to(dtype)
     positions = torch.arange(p, p + s).expand(2, s).contiguous()
-    num_past = len(module.input_names) - 2
+    num_past = len(module.input_names) - len(graph.inputs)
     pasts = [
         torch.randn(p, 2, t.num_kv_heads, t.head_dim, generator=generator).to(dtype) for _ in range(num_past)
     ]  # sequence-first
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: past, 1: batch} for _ in range(num_past)))
-    return (hidden, positions, *pasts), shapes
+    return (hidden, positions, *pasts), (*shapes, tuple(dynamic(mg.PAST) for _ in range(num_past)))
 
 
 def pruning_entry(pruning: PruningConfig, spec) -> dict:

@@ -1,14 +1,8 @@
 """The graphs of a bundle as torch modules with flat, named tensor inputs and outputs.
 
 Each wrapper holds a slice of one loaded `Llava` and nothing else, so every weight ends up in
-exactly one graph (ARCHITECTURE.md, "The graphs in a bundle"). Tensor names are the contract with
-the runtime and the TensorRT engines; they are spelled here once.
-
-  vision    pixel_values -> image_embeds (+ kept_patches: FasterVLM's top-k inside)
-  embed     input_ids, image_embeds, image_start -> inputs_embeds
-  llm_head  inputs_embeds, position_ids, past of layers [0, K) -> hidden_states, last_row, new K/V
-  prune     hidden_states, last_row, position_ids, image_start -> kept hidden, kept position ids, kept_image
-  llm_tail  hidden_states, position_ids, past of layers [K, L) -> logits (last token), new K/V
+exactly one graph (docs/design.md, "The graphs of a bundle"). Tensor names come from the graphs'
+definitions (`mllm_edge.graphs`), the contract with the runtime and the TensorRT engines.
 """
 
 from __future__ import annotations
@@ -16,17 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..manifest import NO_IMAGE  # noqa: F401  (part of the embed graph's contract)
+from .. import graphs as g
 from ..models.llava import Llava
-from ..pruning import fastervlm_select, fastv_select, gather_tokens
-
-
-def past_names(start: int, stop: int) -> list[str]:
-    return [name for i in range(start, stop) for name in (f"past_key.{i}", f"past_value.{i}")]
-
-
-def new_names(start: int, stop: int) -> list[str]:
-    return [name for i in range(start, stop) for name in (f"new_key.{i}", f"new_value.{i}")]
+from ..pruning import PruningConfig, fastervlm_select, fastv_select, gather_tokens
 
 
 def _pairs(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,18 +23,21 @@ def _interleave(keys: list[torch.Tensor], values: list[torch.Tensor]) -> list[to
     return [t for kv in zip(keys, values) for t in kv]
 
 
+def _names(module: nn.Module, graph: g.GraphDef, layers: range = range(0)) -> None:
+    module.graph, module.input_names, module.output_names = (
+        graph,
+        graph.input_names(layers),
+        graph.output_names(layers),
+    )
+
+
 class VisionGraph(nn.Module):
     """pixel_values [B, 3, H, W] -> image_embeds [B, n, C]; with FasterVLM also kept_patches [B, n] (raster order)."""
-
-    input_names = ["pixel_values"]
 
     def __init__(self, llava: Llava, keep: int | None):
         super().__init__()
         self.vision, self.projector, self.keep = llava.vision, llava.projector, keep
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["image_embeds"] + (["kept_patches"] if self.keep is not None else [])
+        _names(self, g.bundle_graphs(fastv=False, fastervlm=keep is not None)[g.VISION])
 
     def forward(self, pixel_values: torch.Tensor):
         if self.keep is None:
@@ -68,12 +57,10 @@ class EmbedGraph(nn.Module):
     of image_embeds when the ids hold no image (decode).
     """
 
-    input_names = ["input_ids", "image_embeds", "image_start"]
-    output_names = ["inputs_embeds"]
-
     def __init__(self, llava: Llava):
         super().__init__()
         self.embed_tokens = llava.decoder.embed_tokens
+        _names(self, g.EMBED_GRAPH)
 
     def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_start: torch.Tensor):
         text = self.embed_tokens(input_ids)
@@ -90,8 +77,7 @@ class LlmHeadGraph(nn.Module):
     def __init__(self, llava: Llava, k: int):
         super().__init__()
         self.decoder, self.k = llava.decoder, k
-        self.input_names = ["inputs_embeds", "position_ids"] + past_names(0, k)
-        self.output_names = ["hidden_states", "last_row"] + new_names(0, k)
+        _names(self, g.LLM_HEAD_GRAPH, range(0, k))
 
     def forward(self, inputs_embeds, position_ids, *past):
         out = self.decoder.run_layers(
@@ -103,12 +89,10 @@ class LlmHeadGraph(nn.Module):
 class PruneGraph(nn.Module):
     """FastV's selection at layer K: TopK over the image span, back into order, gather. No weights."""
 
-    input_names = ["hidden_states", "last_row", "position_ids", "image_start"]
-    output_names = ["kept_hidden_states", "kept_position_ids", "kept_image"]
-
     def __init__(self, num_image: int, keep: int):
         super().__init__()
         self.num_image, self.keep = num_image, keep
+        _names(self, g.PRUNE_GRAPH)
 
     def forward(self, hidden_states, last_row, position_ids, image_start):
         kept_image, kept_positions = fastv_select(last_row, image_start, self.num_image, self.keep)
@@ -125,12 +109,24 @@ class LlmTailGraph(nn.Module):
     def __init__(self, llava: Llava, start: int):
         super().__init__()
         self.decoder, self.start = llava.decoder, start
-        stop = llava.spec.text.num_layers
-        self.input_names = ["hidden_states", "position_ids"] + past_names(start, stop)
-        self.output_names = ["logits"] + new_names(start, stop)
+        _names(self, g.LLM_TAIL_GRAPH, range(start, llava.spec.text.num_layers))
 
     def forward(self, hidden_states, position_ids, *past):
         out = self.decoder.run_layers(
             hidden_states, position_ids, self.start, self.decoder.spec.num_layers, _pairs(past)
         )
         return (self.decoder.logits(out.hidden[:, -1]).float(), *_interleave(out.new_keys, out.new_values))
+
+
+def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, nn.Module]:
+    """The torch module of each graph the bundle holds (mllm_edge.graphs.bundle_graphs), in order."""
+    vision_keep, llm_keep = pruning.keep_counts(llava.spec.num_image_tokens)
+    build = {
+        g.VISION: lambda: VisionGraph(llava, vision_keep if pruning.fastervlm else None),
+        g.EMBED: lambda: EmbedGraph(llava),
+        g.LLM_HEAD: lambda: LlmHeadGraph(llava, pruning.split_layer),
+        g.PRUNE: lambda: PruneGraph(vision_keep, llm_keep),
+        g.LLM_TAIL: lambda: LlmTailGraph(llava, pruning.split_layer),
+    }
+    names = g.bundle_graphs(bool(pruning.fastv), bool(pruning.fastervlm))
+    return {name: build[name]().eval() for name in names}

@@ -31,7 +31,6 @@ from .onnx_graph import ALIGN
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # weights per scale, along the input dimension
 ACCURACY_LEVEL = 4  # int8 activations in the CPU kernel: see the module docstring
-QUANTIZED_GRAPHS = ("llm_head", "llm_tail")
 
 
 def quantization_entry(name: str | None, graphs: list[str]) -> dict | None:
