@@ -22,8 +22,9 @@ from ..pruning import PruningConfig, fastervlm_select, fastv_select, gather_toke
 from .llava import Llava
 
 
-class KVCache:
-    """Per layer one preallocated [1 + max_len, B, G, D] buffer for keys and one for values.
+class ReferenceCache:
+    """The reference's KV cache, in torch: per layer one preallocated [1 + max_len, B, G, D] buffer for
+    keys and one for values (the runtime's, in numpy or device memory, is runtime.cache).
 
     Row 0 is the null row (Decoder.run_layers). A layer group's past is the prefix view
     [:1 + length]; new rows are written in place into [1 + length:1 + length + S] (gpt-fast style),
@@ -100,7 +101,11 @@ def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch
 
 @torch.inference_mode()
 def prefill(
-    llava: Llava, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruningConfig, cache: KVCache
+    llava: Llava,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    pruning: PruningConfig,
+    cache: ReferenceCache,
 ) -> Prefill:
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     decoder = llava.decoder
@@ -127,7 +132,7 @@ def prefill(
 
 @torch.inference_mode()
 def decode_step(
-    llava: Llava, token_ids: torch.Tensor, position: int, cache: KVCache, split: int
+    llava: Llava, token_ids: torch.Tensor, position: int, cache: ReferenceCache, split: int
 ) -> torch.Tensor:
     """One new token per sequence: token_ids [B] at `position` -> logits [B, V].
 
@@ -158,7 +163,7 @@ def generate_steps(
         raise MllmEdgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     max_len = max_context or input_ids.shape[1] + max_new_tokens
     dtype = next(llava.parameters()).dtype
-    cache = KVCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)
+    cache = ReferenceCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)
     first = prefill(llava, input_ids, pixel_values, pruning, cache)
     split = pruning.split_layer
     logits = first.logits

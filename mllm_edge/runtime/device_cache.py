@@ -1,7 +1,7 @@
 """The KV cache in device memory, for TensorRT and ONNX Runtime on CUDA: addresses instead of arrays.
 
-The same layout and bookkeeping as `cache.KVCache` (sequence-first [1 + max_len, B, G, D] per layer,
-row 0 the null row, the two layer groups with their own lengths), but past() and slots() give
+The same layout and bookkeeping as the host cache (runtime.cache: sequence-first [1 + max_len, B, G, D]
+per layer, row 0 the null row, the two layer groups with their own lengths), but past() and slots() give
 DeviceTensors: a base address plus an offset, which the engine binds as it is (TensorRT's
 set_tensor_address, ONNX Runtime's IO binding). A step writes its S new rows straight into the slot.
 TensorRT wants 256-byte aligned addresses (`alignment`); when a row is not a multiple of that a
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MllmEdgeError
+from .cache import KINDS, CacheBookkeeping
 
 ALIGNMENT = 256  # bytes, TensorRT's rule for tensor addresses
 
@@ -57,7 +57,7 @@ class HostMemory:
         ctypes.memmove(dst, src, nbytes)
 
 
-class DeviceKVCache:
+class DeviceKVCache(CacheBookkeeping):
     def __init__(
         self,
         memory,
@@ -69,51 +69,39 @@ class DeviceKVCache:
         dtype,
         batch: int = 1,
         alignment: int = ALIGNMENT,
+        owner: str = "engines'",
     ):
+        super().__init__(num_layers, split, max_len, owner)
         self.memory, self.dtype, self.alignment = memory, np.dtype(dtype), alignment
         self.row_shape = (batch, kv_heads, head_dim)
         self.row_bytes = batch * kv_heads * head_dim * self.dtype.itemsize
-        self.max_len, self.split, self.num_layers = max_len, split, num_layers
         # One allocation for every layer's keys and values (an allocator's arena may round each
         # request up), zeroed, so the null rows are ready; each buffer starts on an ALIGNMENT boundary.
         stride = -(-(1 + max_len) * self.row_bytes // ALIGNMENT) * ALIGNMENT
         self.block = memory.malloc(2 * num_layers * stride)
-        self.keys = [self.block + i * stride for i in range(num_layers)]
-        self.values = [self.block + (num_layers + i) * stride for i in range(num_layers)]
+        self.bases = {
+            kind: [self.block + (k * num_layers + i) * stride for i in range(num_layers)]
+            for k, kind in enumerate(KINDS)
+        }
         self.scratch: dict[str, int] = {}  # output name -> aligned buffer, for misaligned slots
         self.scratch_rows = 0
         self.pending: list[tuple[int, int, int]] = []  # (dst, src, nbytes) to copy on advance()
-        self.lengths = {"head": 0, "tail": 0}
 
-    def group(self, name: str) -> range:
-        return range(0, self.split) if name == "head" else range(self.split, self.num_layers)
-
-    def _tensor(self, base: int, first_row: int, rows: int) -> DeviceTensor:
-        return DeviceTensor(base + first_row * self.row_bytes, (rows, *self.row_shape), self.dtype)
-
-    def past(self, name: str) -> dict[str, DeviceTensor]:
-        n = 1 + self.lengths[name]
-        out = {}
-        for i in self.group(name):
-            out[f"past_key.{i}"] = self._tensor(self.keys[i], 0, n)
-            out[f"past_value.{i}"] = self._tensor(self.values[i], 0, n)
-        return out
+    def _view(self, kind: str, layer: int, first: int, rows: int) -> DeviceTensor:
+        return DeviceTensor(
+            self.bases[kind][layer] + first * self.row_bytes, (rows, *self.row_shape), self.dtype
+        )
 
     def slots(self, name: str, count: int) -> dict[str, DeviceTensor]:
-        if self.lengths[name] + count > self.max_len:
-            raise MllmEdgeError(f"the context would exceed the engines' max context of {self.max_len} tokens")
-        first = 1 + self.lengths[name]
+        """As the host cache's, but a misaligned slot is swapped for an aligned scratch buffer,
+        copied into the slot when the step is committed."""
+        out = super().slots(name, count)
         self.pending = []
-        out = {}
-        for i in self.group(name):
-            for kind, bases in (("key", self.keys), ("value", self.values)):
-                slot = self._tensor(bases[i], first, count)
-                if slot.address % self.alignment == 0:
-                    out[f"new_{kind}.{i}"] = slot
-                else:
-                    scratch = self._scratch(f"new_{kind}.{i}", count)
-                    out[f"new_{kind}.{i}"] = DeviceTensor(scratch, slot.shape, self.dtype)
-                    self.pending.append((slot.address, scratch, slot.nbytes))
+        for output, slot in out.items():
+            if slot.address % self.alignment:
+                scratch = self._scratch(output, count)
+                out[output] = DeviceTensor(scratch, slot.shape, self.dtype)
+                self.pending.append((slot.address, scratch, slot.nbytes))
         return out
 
     def _scratch(self, name: str, rows: int) -> int:
@@ -125,18 +113,19 @@ class DeviceKVCache:
             self.scratch[name] = self.memory.malloc(self.scratch_rows * self.row_bytes)
         return self.scratch[name]
 
-    def advance(self, name: str, count: int) -> None:
+    def advance(self, name: str, count: int, outputs: dict | None = None) -> None:
         """Commit a step: the rows written to scratch go to their slot."""
         for dst, src, nbytes in self.pending:
             self.memory.copy(dst, src, nbytes)
         self.pending = []
-        self.lengths[name] += count
+        super().advance(name, count)
 
     def reset(self) -> None:
-        self.lengths = {"head": 0, "tail": 0}
+        super().reset()
         self.pending = []
 
     def close(self) -> None:
-        for address in (self.block, *self.scratch.values()):
-            self.memory.free(address)
-        self.keys, self.values, self.scratch = [], [], {}
+        if self.bases:
+            for address in (self.block, *self.scratch.values()):
+                self.memory.free(address)
+        self.bases, self.scratch = {}, {}
