@@ -107,7 +107,9 @@ class RuntimeRun:
         self.pipeline, self.log = Pipeline.load(bundle), []
         self.image, self.prompt, self.n, self.proxies = image, prompt, n, proxies
         if proxies:
-            self.pipeline.engines = {g: TimedEngine(g, e, self.log) for g, e in self.pipeline.engines.items()}
+            self.pipeline.engines.update(
+                {g: TimedEngine(g, e, self.log) for g, e in self.pipeline.engines.items()}
+            )
 
     def once(self) -> dict:
         self.log.clear()

@@ -18,7 +18,6 @@ SCHEMA_VERSION = 2  # 2 added `quantization`
 READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a version-2 one without quantized weights
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BUNDLE = "bundle"  # where `export` writes and `run` reads when given no folder
-NO_IMAGE = -1  # the embed graph's image_start when the ids hold no image (decode steps)
 
 
 @dataclass(frozen=True)

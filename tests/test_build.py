@@ -361,6 +361,6 @@ def test_engines_build_verify_and_answer_like_onnxruntime(method, export_cache, 
         image_file, "What is in the picture?", max_new_tokens=8
     )
     trt = Pipeline.load(folder, backend="auto")
-    assert trt.backend == "tensorrt"
+    assert trt.backend.name == "tensorrt"
     result = trt.generate(image_file, "What is in the picture?", max_new_tokens=8)
     assert result.token_ids == ort.token_ids and result.kept_image_tokens == ort.kept_image_tokens

@@ -107,7 +107,9 @@ def test_device_cache_answers_like_the_host_cache(method, memory, alignment, exp
     expected = Pipeline.load(folder).generate(image_file, PROMPT, max_new_tokens=10)
     pipeline = Pipeline.load(folder)
     bytes_ = OrtDeviceMemory("cpu") if memory == "onnxruntime" else CopyCountingMemory()
-    pipeline.cache = DeviceKVCache(bytes_, *pipeline.cache_shape, alignment=alignment)
+    pipeline.cache = DeviceKVCache(
+        bytes_, *pipeline.cache_shape, alignment=alignment
+    )  # replaces the host cache
     result = pipeline.generate(image_file, PROMPT, max_new_tokens=10)
     assert result.token_ids == expected.token_ids and len(result.token_ids) > 1
     assert result.kept_image_tokens == expected.kept_image_tokens
@@ -296,14 +298,18 @@ def test_decode_positions_follow_the_unpruned_prompt(export_cache, tiny_checkpoi
     folder, _ = export_cache("llama_gqa", "fastv", ratio=0.75)
     pipeline = Pipeline.load(folder)
     right = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
-    original = pipeline._run_llm
 
-    def shifted(graph, group, name, hidden, positions):
-        if hidden.shape[1] == 1:
-            positions = positions - 48  # as if positions were renumbered after pruning 48 of 64
-        return original(graph, group, name, hidden, positions)
+    class Shifted:  # the engine, fed decode positions as if renumbered after pruning 48 of 64
+        def __init__(self, engine):
+            self.engine = engine
 
-    pipeline._run_llm = shifted
+        def run(self, inputs, outputs=None):
+            if inputs["position_ids"].shape[1] == 1:
+                inputs = {**inputs, "position_ids": inputs["position_ids"] - 48}
+            return self.engine.run(inputs, outputs)
+
+    for graph in ("llm_head", "llm_tail"):
+        pipeline.engines[graph] = Shifted(pipeline.engines[graph])
     wrong = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
     assert wrong != right
     ref = generate(

@@ -1,8 +1,9 @@
 """A real sample (a picture and a prompt) run through our PyTorch graph modules: the reference every
 exported graph is checked against, at export and later on a device that has no torch.
 
-Per graph the sample holds its inputs and outputs, except the new K/V rows of the LLM graphs (for a
-7B model they are hundreds of MB); the chain sample (greedy tokens and their logits, from
+The graph modules run through the runtime's chain (runtime.chain) behind a torch engine. Per graph the
+sample holds the inputs and outputs of its first call, except the new K/V rows of the LLM graphs (for
+a 7B model they are hundreds of MB); the chain sample (greedy tokens and their logits, from
 `models.generate`) checks the cache path instead.
 """
 
@@ -18,7 +19,9 @@ from ..models.generate import generate
 from ..models.inputs import prepare_inputs
 from ..models.llava import Llava
 from ..pruning import PruningConfig
+from ..runtime.chain import Chain, place_image_tokens
 from .sample_image import sample_image
+from .verify import ConcatCache
 
 SAMPLE_PROMPT = "What is in this picture? Answer in one sentence."
 CHAIN_TOKENS = 8
@@ -39,75 +42,59 @@ def numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
-def llm_prompt_ids(
-    input_ids: torch.Tensor, start: int, num_full: int, num_kept: int, image_token_id: int
-) -> torch.Tensor:
-    """The processor's ids with the image run shortened to the tokens the vision graph outputs."""
-    run = torch.full((input_ids.shape[0], num_kept), image_token_id, dtype=input_ids.dtype)
-    return torch.cat((input_ids[:, :start], run, input_ids[:, start + num_full :]), dim=1)
+class TorchEngine:
+    """A graph's torch module behind the runtime's engine interface, so the reference samples come
+    from the same chain (runtime.chain) that runs the exported graphs."""
 
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.name = module, module.graph.name
+        self.input_names, self.output_names = module.input_names, module.output_names
 
-def empty_past(llava: Llava, count: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The past of a fresh prompt: the null row alone, [1, batch, G, D] (Decoder.run_layers)."""
-    t = llava.spec.text
-    return [torch.zeros(1, 1, t.num_kv_heads, t.head_dim, dtype=dtype) for _ in range(2 * count)]
+    def run(self, inputs: dict[str, np.ndarray], outputs: dict | None = None) -> dict[str, np.ndarray]:
+        arrays = (np.asarray(inputs[n]) for n in self.input_names)
+        out = self.module(*(torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays))
+        out = out if isinstance(out, tuple) else (out,)
+        return {name: numpy(t) for name, t in zip(self.output_names, out) if name not in (outputs or {})}
 
 
 @torch.no_grad()
 def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningConfig) -> Samples:
-    """Run each graph module on the sample, feeding each the previous one's outputs."""
+    """Run the graph modules through the chain on the sample prompt and keep each graph's first call
+    (its prefill) as its sample, less the new K/V rows."""
     dtype = next(llava.parameters()).dtype
     input_ids, pixel_values, rendered = prepare_inputs(model_dir, sample_image(480, 360), SAMPLE_PROMPT)
-    start, num_full = llava.image_span(input_ids)
+    t = llava.spec.text
+    null_row = np.zeros((1, 1, t.num_kv_heads, t.head_dim), numpy(torch.zeros((), dtype=dtype)).dtype)
+    chain = Chain(
+        {name: TorchEngine(m) for name, m in modules.items()},
+        ConcatCache(t.num_layers, pruning.split_layer, null_row),
+        pruning.split_layer,
+    )
     graphs = {}
 
-    vision_out = modules["vision"](pixel_values)
-    vision_out = vision_out if isinstance(vision_out, tuple) else (vision_out,)
-    graphs["vision"] = ({"pixel_values": pixel_values}, dict(zip(modules["vision"].output_names, vision_out)))
-    image_embeds = vision_out[0]
+    def keep_first(graph: str, inputs: dict, outputs: dict) -> None:
+        if graph not in graphs:
+            kept = {k: v for k, v in outputs.items() if not k.startswith("new_")}
+            graphs[graph] = ({k: np.array(v) for k, v in inputs.items()}, kept)  # copies: cache views change
 
-    ids = llm_prompt_ids(input_ids, start, num_full, image_embeds.shape[1], llava.spec.image_token_id)
-    image_start = torch.tensor(start, dtype=torch.int64)
-    embeds = modules["embed"](ids, image_embeds, image_start)
-    graphs["embed"] = (
-        {"input_ids": ids, "image_embeds": image_embeds, "image_start": image_start},
-        {"inputs_embeds": embeds},
+    chain.observers.append(keep_first)
+    vision = chain.encode_image(numpy(pixel_values))
+    ids, start = place_image_tokens(
+        numpy(input_ids), llava.spec.image_token_id, vision["image_embeds"].shape[1]
     )
-
-    positions = torch.arange(ids.shape[1])[None]
-    hidden = embeds
-    if "llm_head" in modules:
-        head = modules["llm_head"]
-        past = empty_past(llava, head.k, dtype)
-        hidden, last_row = head(embeds, positions, *past)[:2]
-        graphs["llm_head"] = (
-            dict(zip(head.input_names, (embeds, positions, *past))),
-            {"hidden_states": hidden, "last_row": last_row},
-        )
-        prune = modules["prune"]
-        prune_in = (hidden, last_row, positions, image_start)
-        prune_out = prune(*prune_in)
-        graphs["prune"] = (dict(zip(prune.input_names, prune_in)), dict(zip(prune.output_names, prune_out)))
-        hidden, positions = prune_out[0], prune_out[1]
-    tail = modules["llm_tail"]
-    past = empty_past(llava, llava.spec.text.num_layers - tail.start, dtype)
-    logits = tail(hidden, positions, *past)[0]
-    graphs["llm_tail"] = (dict(zip(tail.input_names, (hidden, positions, *past))), {"logits": logits})
+    chain.prefill(ids, vision["image_embeds"], start)
 
     result = generate(
         llava, input_ids, pixel_values, pruning, max_new_tokens=CHAIN_TOKENS
     )  # no EOS stop: 8 tokens
-    chain = {
+    samples = {
         "input_ids": numpy(input_ids),
         "pixel_values": numpy(pixel_values),
         "token_ids": np.asarray(result.token_ids, dtype=np.int64),
         "step_logits": np.stack([numpy(x) for x in result.steps_logits], axis=1),  # [B, steps, V]
     }
-    as_numpy = {
-        name: ({k: numpy(v) for k, v in i.items()}, {k: numpy(v) for k, v in o.items()})
-        for name, (i, o) in graphs.items()
-    }
-    return Samples(as_numpy, chain, rendered, input_ids.shape[1] - num_full, ids.shape[1])
+    num_full = input_ids.shape[1] - ids.shape[1] + vision["image_embeds"].shape[1]
+    return Samples(graphs, samples, rendered, input_ids.shape[1] - num_full, ids.shape[1])
 
 
 def save_samples(samples: Samples, folder: Path) -> dict[str, str]:

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..manifest import NO_IMAGE, Manifest
+from ..manifest import Manifest
 from ..parity import CHAIN_TOLERANCE, TOLERANCE, OutputCheck, compare, load_sample
 from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
+from ..runtime.cache import KINDS, CacheBookkeeping
+from ..runtime.chain import Chain, place_image_tokens
 
 
 @dataclass(frozen=True)
@@ -60,54 +62,58 @@ def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
     return checks
 
 
+class ConcatCache(CacheBookkeeping):
+    """A plain numpy cache that grows by concatenation: the graphs' cache contract checked by other
+    means than the runtime's zero-copy slots (it binds nothing and appends the rows the graphs return)."""
+
+    def __init__(self, num_layers: int, split: int, null_row: np.ndarray):
+        super().__init__(num_layers, split, max_len=1 << 62)
+        self.null_row = null_row  # [1, B, G, D] zeros
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.rows = {(kind, i): self.null_row for kind in KINDS for i in range(self.num_layers)}
+
+    def slots(self, name: str, count: int) -> dict:
+        return {}
+
+    def advance(self, name: str, count: int, outputs: dict | None = None) -> None:
+        for i in self.group(name):
+            for kind in KINDS:
+                self.rows[kind, i] = np.concatenate((self.rows[kind, i], outputs[f"new_{kind}.{i}"]), axis=0)
+        super().advance(name, count)
+
+    def _view(self, kind: str, layer: int, first: int, rows: int) -> np.ndarray:
+        return self.rows[kind, layer][first : first + rows]
+
+
+class _Sessions(dict):
+    """graph name -> its ONNX Runtime session, opened on first use; with low_memory, for one call only."""
+
+    def __init__(self, folder: Path, manifest: Manifest, low_memory: bool):
+        super().__init__()
+        self.folder, self.manifest, self.low_memory = folder, manifest, low_memory
+
+    def __missing__(self, graph: str) -> OnnxRuntimeEngine:
+        engine = session(self.folder / self.manifest.graphs[graph].file)
+        if not self.low_memory:
+            self[graph] = engine
+        return engine
+
+
 class OnnxChain:
-    """The graphs joined with a plain numpy cache (concatenation): an independent check of the
-    graphs' cache contract, simple on purpose. The runtime's zero-copy cache is a separate thing."""
+    """The graphs in ONNX Runtime on the CPU, through the runtime's chain with a concatenating cache."""
 
     def __init__(self, folder: Path, manifest: Manifest, low_memory: bool = False):
         """low_memory: open each graph's session for one call and close it again, so only one graph's
         weights are mapped at a time (opening an unoptimised session is cheap: weights load lazily)."""
         self.manifest = manifest
-        self.folder, self.low_memory = folder, low_memory
-        self.sessions = (
-            {}
-            if low_memory
-            else {name: session(folder / spec.file) for name, spec in manifest.graphs.items()}
-        )
-        self.split = manifest.pruning["split_layer"]
-        self.num_layers = manifest.architecture["text"]["num_layers"]
+        self.sessions = _Sessions(folder, manifest, low_memory)
+        if not low_memory:
+            for graph in manifest.graphs:
+                self.sessions[graph]  # noqa: B018  (open every session now, as the runtime does)
         self.kept_patches = self.kept_image = None  # of the last generate(), when the bundle prunes
-
-    def _empty_past(self, start: int, stop: int, batch: int) -> dict[str, np.ndarray]:
-        spec = self.manifest.graphs["llm_tail"].input(f"past_key.{self.num_layers - 1}")
-        shape = (1, batch, *spec.shape[2:])  # sequence-first: the null row alone
-        return {
-            f"past_{kind}.{i}": np.zeros(shape, spec.dtype)
-            for i in range(start, stop)
-            for kind in ("key", "value")
-        }
-
-    def _run_llm(self, name, hidden_name, hidden, positions, past, start, stop):
-        feeds = {
-            hidden_name: hidden,
-            "position_ids": positions,
-            **{k: past[k] for k in self._past_names(start, stop)},
-        }
-        values = self._run(name, feeds)
-        for i in range(start, stop):
-            for kind in ("key", "value"):
-                past[f"past_{kind}.{i}"] = np.concatenate(
-                    (past[f"past_{kind}.{i}"], values[f"new_{kind}.{i}"]), axis=0
-                )
-        return values
-
-    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        engine = self.sessions.get(name) or session(self.folder / self.manifest.graphs[name].file)
-        return engine.run(feeds)
-
-    @staticmethod
-    def _past_names(start, stop):
-        return [f"past_{kind}.{i}" for i in range(start, stop) for kind in ("key", "value")]
 
     def generate(
         self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int, forced: np.ndarray | None = None
@@ -117,65 +123,25 @@ class OnnxChain:
         With forced [B, steps], step t is fed forced[:, t - 1] instead of its own previous choice
         (teacher forcing), so a tie broken differently at one step does not derail the rest.
         """
-        image_token = self.manifest.tokenizer["image_token_id"]
-        vision = self._run("vision", {"pixel_values": pixel_values})
-        image_embeds = vision["image_embeds"]
+        text = self.manifest.architecture["text"]
+        spec = self.manifest.graphs["llm_tail"].input(f"past_key.{text['num_layers'] - 1}")
+        null_row = np.zeros((1, input_ids.shape[0], *spec.shape[2:]), spec.dtype)  # sequence-first
+        cache = ConcatCache(text["num_layers"], self.manifest.pruning["split_layer"], null_row)
+        chain = Chain(self.sessions, cache, self.manifest.pruning["split_layer"])
+        vision = chain.encode_image(pixel_values)
         self.kept_patches = vision.get("kept_patches")
-        is_image = input_ids[0] == image_token
-        start, num_full = int(np.argmax(is_image)), int(is_image.sum())
-        run = np.full((input_ids.shape[0], image_embeds.shape[1]), image_token, input_ids.dtype)
-        ids = np.concatenate((input_ids[:, :start], run, input_ids[:, start + num_full :]), axis=1)
-        b, t = ids.shape
-        hidden = self._run(
-            "embed",
-            {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(start, np.int64)},
-        )["inputs_embeds"]
-        positions = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
-        past = self._empty_past(0, self.num_layers, b)
-        if self.split:
-            head = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)
-            pruned = self._run(
-                "prune",
-                {
-                    "hidden_states": head["hidden_states"],
-                    "last_row": head["last_row"],
-                    "position_ids": positions,
-                    "image_start": np.array(start, np.int64),
-                },
-            )
-            hidden, positions, self.kept_image = (
-                pruned["kept_hidden_states"],
-                pruned["kept_position_ids"],
-                pruned["kept_image"],
-            )
-        logits = self._run_llm(
-            "llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers
-        )["logits"]
+        image_token = self.manifest.tokenizer["image_token_id"]
+        ids, start = place_image_tokens(input_ids, image_token, vision["image_embeds"].shape[1])
+        prefilled = chain.prefill(ids, vision["image_embeds"], start)
+        self.kept_image, logits = prefilled.kept_image, prefilled.logits
         tokens, all_logits = [], []
-        no_image = np.zeros((b, 1, image_embeds.shape[2]), image_embeds.dtype)
         for step in range(steps):
             token = logits.argmax(axis=-1)
             tokens.append(token)
             all_logits.append(logits)
             if step + 1 == steps:
                 break
-            fed = token if forced is None else forced[:, step]
-            hidden = self._run(
-                "embed",
-                {
-                    "input_ids": fed[:, None].astype(np.int64),
-                    "image_embeds": no_image,
-                    "image_start": np.array(NO_IMAGE, np.int64),
-                },
-            )["inputs_embeds"]
-            positions = np.full((b, 1), t + step, np.int64)
-            if self.split:
-                hidden = self._run_llm("llm_head", "inputs_embeds", hidden, positions, past, 0, self.split)[
-                    "hidden_states"
-                ]
-            logits = self._run_llm(
-                "llm_tail", "hidden_states", hidden, positions, past, self.split, self.num_layers
-            )["logits"]
+            logits = chain.decode_step(token if forced is None else forced[:, step], prefilled.length + step)
         return np.stack(tokens, axis=1), np.stack(all_logits, axis=1)
 
 

@@ -1,8 +1,10 @@
-"""Load a bundle once, then answer questions about images: the graphs joined with the KV cache.
+"""Load a bundle once, then answer questions about images: preprocessing, the chain, sampling, timings.
 
-prefill   preprocess -> vision -> embed -> [llm_head -> prune ->] llm_tail -> first token
-decode    embed(one id) -> [llm_head ->] llm_tail -> next token, each group appending to its own cache
-Written once for every backend (runtime.backends). Imports no torch, transformers or onnx.
+    with Pipeline.load("bundle") as pipeline:
+        print(pipeline.generate("photo.jpg", "What is in the picture?").text)
+
+The graphs run through runtime.chain (prefill, decode_step) on whichever backend opened the bundle
+(runtime.backends); this module knows no backend. Imports no torch, transformers or onnx.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..manifest import DEFAULT_BUNDLE, NO_IMAGE, Manifest, load_manifest
-from .backends import load_engine
-from .cache import KVCache
-from .device_cache import ALIGNMENT as DEVICE_ALIGNMENT
-from .device_cache import DeviceKVCache
+from ..manifest import DEFAULT_BUNDLE, Manifest, load_manifest
+from .backends import Backend, open_backend
+from .chain import Chain, Observer, place_image_tokens
 from .image import ImagePreprocessor, load_image
 from .prompt import PromptBuilder, TextStream
 from .sampling import Sampler
@@ -58,28 +58,9 @@ def _ms(seconds: float) -> float:
 
 
 class Pipeline:
-    def __init__(self, folder: Path, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu"):
-        self.folder, self.manifest, self.backend, self.device = folder, manifest, backend, device
-        max_len, memory, alignment = manifest.max_context, None, 1
-        if backend == "tensorrt":
-            if manifest.quantization:
-                raise MllmEdgeError(
-                    f"{folder} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime"
-                )
-            from .backends.tensorrt import open_engines
-
-            self.device = "cuda"
-            self.engines, memory, max_len = open_engines(folder, manifest)
-            alignment = DEVICE_ALIGNMENT
-        else:
-            self.engines = {
-                name: load_engine(backend, folder / spec.file, device)
-                for name, spec in manifest.graphs.items()
-            }
-            if device == "cuda":  # keep the cache on the GPU: a host cache would be uploaded whole every step
-                from .backends.onnxruntime import OrtDeviceMemory
-
-                memory = OrtDeviceMemory("cuda")
+    def __init__(self, folder: Path, manifest: Manifest, backend: Backend):
+        """A bundle opened with a backend (Pipeline.load does both)."""
+        self.folder, self.manifest, self.backend = folder, manifest, backend
         self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
         tok = manifest.tokenizer
         num_image = manifest.pruning["image_tokens"]["vision"]
@@ -87,23 +68,25 @@ class Pipeline:
             folder / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], num_image
         )
         text = manifest.architecture["text"]
-        self.split = manifest.pruning["split_layer"]
-        dtype = np.dtype(manifest.graphs["llm_tail"].input("hidden_states").dtype)
+        self.dtype = np.dtype(manifest.graphs["llm_tail"].input("hidden_states").dtype)
+        self.max_context = backend.max_context
+        # (layers, split, max context, kv heads, head dim, dtype): what a KV cache for this bundle holds
         self.cache_shape = (
             text["num_layers"],
-            self.split,
-            max_len,
+            manifest.pruning["split_layer"],
+            self.max_context,
             text["num_kv_heads"],
             text["head_dim"],
-            dtype,
+            self.dtype,
         )
-        self.cache = (
-            KVCache(*self.cache_shape)
-            if memory is None
-            else DeviceKVCache(memory, *self.cache_shape, alignment=alignment)
+        cache = backend.new_cache(
+            text["num_layers"],
+            manifest.pruning["split_layer"],
+            text["num_kv_heads"],
+            text["head_dim"],
+            self.dtype,
         )
-        self.max_context = max_len
-        self.dtype = dtype
+        self.chain = Chain(backend.engines, cache, manifest.pruning["split_layer"])
         self.eos = set(tok["eos_token_ids"])
 
     @classmethod
@@ -111,11 +94,39 @@ class Pipeline:
         """Open a bundle (checking every file against the manifest's sha256) and its graphs."""
         folder = Path(bundle if bundle is not None else DEFAULT_BUNDLE)
         manifest = load_manifest(folder)
-        if backend == "auto":
-            from .backends.tensorrt import engines_for_this_machine
+        return cls(folder, manifest, open_backend(backend, folder, manifest, device))
 
-            backend = "tensorrt" if engines_for_this_machine(folder) else "onnxruntime"
-        return cls(folder, manifest, backend, device)
+    @property
+    def engines(self) -> dict:
+        """Graph name -> the backend's engine (replace an entry to wrap one)."""
+        return self.chain.engines
+
+    @property
+    def cache(self):
+        return self.chain.cache
+
+    @cache.setter
+    def cache(self, cache) -> None:
+        """Run with another cache of runtime.cache's interface (the one this replaces is closed)."""
+        self.chain.cache.close()
+        self.chain.cache = cache
+
+    def observe(self, observer: Observer) -> Observer:
+        """Call observer(graph, inputs, outputs) after every graph call (outputs include those bound
+        into the cache); returns it, for `pipeline.chain.observers.remove`."""
+        self.chain.observers.append(observer)
+        return observer
+
+    def close(self) -> None:
+        """Give back the backend's sessions or engines and device memory; the pipeline is not used again."""
+        self.chain.cache.close()
+        self.backend.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, image, prompt: str, **options) -> RunResult:
         generation = self.stream(image, prompt, **options)
@@ -133,20 +144,13 @@ class Pipeline:
         seed: int | None = None,
     ) -> Generation:
         """image: a path or a PIL image. Checks the settings now, runs as the result is iterated."""
+        if not self.engines:
+            raise MllmEdgeError("this pipeline is closed: load the bundle again")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MllmEdgeError(f"max new tokens must be a whole number >= 1, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_p, seed)
         picture = image if hasattr(image, "convert") else load_image(image)
         return Generation(self._steps(picture, prompt, max_new_tokens, sampler))
-
-    def _run_llm(
-        self, graph: str, group: str, hidden_name: str, hidden: np.ndarray, positions: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        count = hidden.shape[1]
-        inputs = {hidden_name: hidden, "position_ids": positions, **self.cache.past(group)}
-        out = self.engines[graph].run(inputs, self.cache.slots(group, count))
-        self.cache.advance(group, count)
-        return out
 
     def _steps(self, picture, prompt: str, max_new_tokens: int, sampler: Sampler) -> Iterator[str]:
         start = time.perf_counter()
@@ -155,55 +159,26 @@ class Pipeline:
         prompt_ids = self.prompts.encode(rendered)
         t_pre = time.perf_counter()
 
-        vision = self.engines["vision"].run({"pixel_values": pixel_values})
+        vision = self.chain.encode_image(pixel_values)
         image_embeds = vision["image_embeds"]
         t_vision = time.perf_counter()
 
-        ids = np.asarray(prompt_ids, dtype=np.int64)
         image_token = self.manifest.tokenizer["image_token_id"]
-        image_start = int(np.argmax(ids == image_token))
-        num_full, n = int((ids == image_token).sum()), image_embeds.shape[1]
-        ids = np.concatenate(
-            (ids[:image_start], np.full(n, image_token, np.int64), ids[image_start + num_full :])
-        )[None]
+        ids, image_start = place_image_tokens(
+            np.asarray([prompt_ids], np.int64), image_token, image_embeds.shape[1]
+        )
         length = ids.shape[1]
         if length + 1 > self.max_context:
-            owner = "engines'" if self.backend == "tensorrt" else "bundle's"
             raise MllmEdgeError(
-                f"the prompt takes {length} tokens; the {owner} max context is {self.max_context}"
+                f"the prompt takes {length} tokens; the {self.cache.owner} max context is {self.max_context}"
             )
         max_new_tokens = min(max_new_tokens, self.max_context - length)
-
-        self.cache.reset()
-        embeds = self.engines["embed"].run(
-            {"input_ids": ids, "image_embeds": image_embeds, "image_start": np.array(image_start, np.int64)}
-        )["inputs_embeds"]
-        positions = np.arange(length, dtype=np.int64)[None]
-        hidden, kept_llm = embeds, None
-        if self.split:
-            head = self._run_llm("llm_head", "head", "inputs_embeds", embeds, positions)
-            pruned = self.engines["prune"].run(
-                {
-                    "hidden_states": head["hidden_states"],
-                    "last_row": head["last_row"],
-                    "position_ids": positions,
-                    "image_start": np.array(image_start, np.int64),
-                }
-            )
-            hidden, positions, kept_llm = (
-                pruned["kept_hidden_states"],
-                pruned["kept_position_ids"],
-                pruned["kept_image"],
-            )
-        logits = self._run_llm(
-            "llm_tail", "tail", "hidden_states", np.ascontiguousarray(hidden), np.ascontiguousarray(positions)
-        )["logits"]
+        prefilled = self.chain.prefill(ids, image_embeds, image_start)
+        logits = prefilled.logits
         t_prefill = time.perf_counter()
 
         stream = TextStream(self.prompts)
         tokens: list[int] = []
-        no_image = np.zeros((1, 1, image_embeds.shape[2]), image_embeds.dtype)
-        no_image_start = np.array(NO_IMAGE, np.int64)
         t_first = None
         for step in range(max_new_tokens):
             token = sampler(logits[0])
@@ -217,19 +192,7 @@ class Pipeline:
                 yield piece
             if step + 1 == max_new_tokens:
                 break
-            hidden = self.engines["embed"].run(
-                {
-                    "input_ids": np.array([[token]], np.int64),
-                    "image_embeds": no_image,
-                    "image_start": no_image_start,
-                }
-            )["inputs_embeds"]
-            position = np.array(
-                [[length + step]], np.int64
-            )  # the unpruned prompt length: FastV keeps original positions
-            if self.split:
-                hidden = self._run_llm("llm_head", "head", "inputs_embeds", hidden, position)["hidden_states"]
-            logits = self._run_llm("llm_tail", "tail", "hidden_states", hidden, position)["logits"]
+            logits = self.chain.decode_step(np.array([token], np.int64), prefilled.length + step)
         tail = stream.flush()
         if tail:
             yield tail
@@ -237,7 +200,7 @@ class Pipeline:
 
         decode_steps = max(len(tokens) - 1, 0)
         per_token = (end - t_first) / decode_steps if decode_steps else 0.0
-        kept_vision = vision.get("kept_patches")
+        kept_vision, kept_llm = vision.get("kept_patches"), prefilled.kept_image
         return RunResult(
             text=self.prompts.decode([t for t in tokens if t not in self.eos]),
             prompt=rendered,
@@ -255,7 +218,7 @@ class Pipeline:
                 "decode_per_token": _ms(per_token),
             },
             decode_tokens_per_s=round(1.0 / per_token, 3) if per_token else 0.0,
-            backend=self.backend,
-            device=self.device,
+            backend=self.backend.name,
+            device=self.backend.device,
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         )

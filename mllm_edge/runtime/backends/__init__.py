@@ -1,25 +1,35 @@
-"""Backends that run one graph each behind the same small interface (`base.Engine`)."""
+"""Backends open a bundle's graphs behind one small interface (`base.Backend`, `base.Engine`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ...errors import MllmEdgeError
-from .base import Engine
+from ...manifest import Manifest
+from .base import Backend, Engine
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
+__all__ = ["BACKENDS", "Backend", "Engine", "choose_backend", "open_backend"]
 
-def load_engine(backend: str, path: Path, device: str = "cpu") -> Engine:
-    """Open one graph file with the named backend; heavy imports happen only here."""
-    if backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path, device)
-    if (
-        backend == "tensorrt"
-    ):  # engines come as a set, with their device cache: see Pipeline and backends.tensorrt
-        raise MllmEdgeError(
-            "TensorRT engines are opened per bundle (Pipeline.load(bundle, backend='tensorrt')), not per graph"
-        )
-    raise MllmEdgeError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+def choose_backend(folder: Path) -> str:
+    """What `auto` means: TensorRT where it imports, a GPU answers and engines for it exist; else ONNX Runtime."""
+    from .tensorrt import engines_for_this_machine
+
+    return "tensorrt" if engines_for_this_machine(folder) else "onnxruntime"
+
+
+def open_backend(name: str, folder: Path, manifest: Manifest, device: str = "cpu") -> Backend:
+    """Open the bundle with the named backend; heavy imports happen only here."""
+    if name == "auto":
+        name = choose_backend(folder)
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(folder, manifest, device)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(folder, manifest)
+    raise MllmEdgeError(f"unknown backend '{name}' (choose from auto, {', '.join(BACKENDS)})")

@@ -1,8 +1,12 @@
-"""The one interface every backend implements, in the spirit of Polygraphy's runners.
+"""The interfaces every backend implements, in the spirit of Polygraphy's runners.
 
-A graph runs with named numpy inputs, used in place (C-contiguous), and optional preallocated output
-buffers that the backend writes into directly. That is how a graph's new K/V rows land in their
-cache slot without a copy; outputs not given are allocated by the backend and returned.
+An `Engine` runs one graph with named numpy inputs, used in place (C-contiguous), and optional
+preallocated output buffers that it writes into directly. That is how a graph's new K/V rows land in
+their cache slot without a copy; outputs not given are allocated by the engine and returned.
+
+A `Backend` is opened for a bundle and owns what running it takes: one engine per graph, the device
+memory, the KV cache's home and the largest context its engines take; `close()` gives it all back.
+The chain (runtime.chain) and the Pipeline are written once against these two interfaces.
 """
 
 from __future__ import annotations
@@ -21,4 +25,23 @@ class Engine(Protocol):
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None = None
     ) -> dict[str, np.ndarray]:
         """Run once; returns every output not passed in `outputs` (those are written in place)."""
+        ...
+
+    def close(self) -> None:
+        """Release the graph (session, engine, staging buffers); the engine is not run again."""
+        ...
+
+
+class Backend(Protocol):
+    name: str  # "onnxruntime" | "tensorrt"
+    device: str  # "cpu" | "cuda"
+    engines: dict[str, Engine]  # graph name -> its engine
+    max_context: int  # tokens the engines take: the bundle's, or what the TensorRT engines were built for
+
+    def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype):
+        """A KV cache of max_context tokens where this backend's engines read it (runtime.cache's interface)."""
+        ...
+
+    def close(self) -> None:
+        """Close every engine and free the device memory this backend allocated."""
         ...

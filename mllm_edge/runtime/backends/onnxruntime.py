@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import MllmEdgeError
-from ..device_cache import DeviceTensor
+from ...manifest import Manifest
+from ..cache import KVCache
+from ..device_cache import DeviceKVCache, DeviceTensor
 
 
 def _import_onnxruntime():
@@ -80,6 +82,9 @@ class OnnxRuntimeEngine:
         by_name = dict(zip(self.output_names, values))
         return {n: by_name[n].numpy() for n in returned}
 
+    def close(self) -> None:
+        self.session = None  # ONNX Runtime frees a session with its last reference
+
     def _where(self, name: str, value) -> tuple:
         """IO binding's (device, device id, dtype, shape, address) for a host array or a DeviceTensor."""
         if isinstance(value, DeviceTensor):
@@ -109,3 +114,42 @@ class OrtDeviceMemory:
 
     def free(self, address: int) -> None:
         self.buffers.pop(address, None)
+
+
+class OnnxRuntimeBackend:
+    """A bundle's graphs in ONNX Runtime, one session each. On CUDA the KV cache lives in memory that
+    ONNX Runtime allocates on the GPU (a host cache would be uploaded whole every step)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu"):
+        self.device, self.max_context = device, manifest.max_context
+        self.engines: dict[str, OnnxRuntimeEngine] = {}
+        self.memory, self.caches = None, []
+        try:
+            for graph, spec in manifest.graphs.items():
+                self.engines[graph] = OnnxRuntimeEngine(folder / spec.file, device)
+        except BaseException:
+            self.close()
+            raise
+        if device == "cuda":
+            self.memory = OrtDeviceMemory(device)
+
+    def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype):
+        shape = (num_layers, split, self.max_context, kv_heads, head_dim, dtype)
+        # ONNX Runtime states no alignment rule for bound buffers: never a scratch copy
+        cache = (
+            KVCache(*shape)
+            if self.memory is None
+            else DeviceKVCache(self.memory, *shape, alignment=1, owner="bundle's")
+        )
+        self.caches.append(cache)
+        return cache
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()
+        for engine in self.engines.values():
+            engine.close()
+        self.caches = []
+        self.engines.clear()  # in place: the chain holds this dict

@@ -25,7 +25,8 @@ from ...engines import (
     load_engine_set,
 )
 from ...errors import MllmEdgeError
-from ..device_cache import DeviceTensor
+from ...manifest import Manifest
+from ..device_cache import DeviceKVCache, DeviceTensor
 
 
 def _cuda():
@@ -177,31 +178,56 @@ class TensorRTEngine:
         for address, _ in self.staging.values():
             self.memory.free(address)
         self.staging = {}
+        self.context = self.engine = None  # TensorRT frees them with their last reference
 
 
-def open_engines(bundle: Path, manifest) -> tuple[dict[str, TensorRTEngine], CudaMemory, int]:
-    """The engines `mllm-edge build` made for this GPU and TensorRT: (engines, memory, max context)."""
+class TensorRTBackend:
+    """The engines `mllm-edge build` made for this GPU and TensorRT, on one CUDA stream; the KV cache
+    in device memory, 256-byte aligned as TensorRT wants addresses."""
 
-    target = gpu_info(import_tensorrt().__version__)
-    folder = engine_folder(bundle, target)
-    if not (folder / ENGINES_META).is_file():
-        others = sorted(p.parent.name for p in (bundle / ENGINES_DIR).glob(f"*/{ENGINES_META}"))
-        found = f" (it has engines for {', '.join(others)} only)" if others else ""
-        raise MllmEdgeError(
-            f"{bundle} has no engines for this machine, {target.folder_name}{found}: run `mllm-edge build {bundle}`"
-        )
-    meta = load_engine_set(folder, bundle, target)
-    memory = CudaMemory()
-    engines = {
-        graph: TensorRTEngine(folder / entry.file, entry.profiles, memory)
-        for graph, entry in meta.engines.items()
-    }
-    missing = set(manifest.graphs) - set(engines)
-    if missing:
-        raise MllmEdgeError(
-            f"the engines in {folder} lack {', '.join(sorted(missing))}: rebuild with `mllm-edge build {bundle}`"
-        )
-    return engines, memory, meta.max_context
+    name, device = "tensorrt", "cuda"
+
+    def __init__(self, bundle: Path, manifest: Manifest):
+        if manifest.quantization:
+            raise MllmEdgeError(
+                f"{bundle} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime"
+            )
+        target = gpu_info(import_tensorrt().__version__)
+        folder = engine_folder(bundle, target)
+        if not (folder / ENGINES_META).is_file():
+            others = sorted(p.parent.name for p in (bundle / ENGINES_DIR).glob(f"*/{ENGINES_META}"))
+            found = f" (it has engines for {', '.join(others)} only)" if others else ""
+            raise MllmEdgeError(
+                f"{bundle} has no engines for this machine, {target.folder_name}{found}: run `mllm-edge build {bundle}`"
+            )
+        meta = load_engine_set(folder, bundle, target)
+        missing = set(manifest.graphs) - set(meta.engines)
+        if missing:
+            raise MllmEdgeError(
+                f"the engines in {folder} lack {', '.join(sorted(missing))}: rebuild with `mllm-edge build {bundle}`"
+            )
+        self.max_context, self.memory = meta.max_context, CudaMemory()
+        self.engines: dict[str, TensorRTEngine] = {}
+        self.caches: list[DeviceKVCache] = []
+        try:
+            for graph, entry in meta.engines.items():
+                self.engines[graph] = TensorRTEngine(folder / entry.file, entry.profiles, self.memory)
+        except BaseException:
+            self.close()
+            raise
+
+    def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype) -> DeviceKVCache:
+        cache = DeviceKVCache(self.memory, num_layers, split, self.max_context, kv_heads, head_dim, dtype)
+        self.caches.append(cache)
+        return cache
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()
+        for engine in self.engines.values():
+            engine.close()
+        self.caches = []
+        self.engines.clear()  # in place: the chain holds this dict
 
 
 def engines_for_this_machine(bundle: Path) -> bool:
