@@ -9,7 +9,8 @@ from helpers import our_model
 
 from mllm_edge.errors import MllmEdgeError, UnsupportedModelError
 from mllm_edge.models import load_llava, load_llava_spec
-from mllm_edge.models.checkpoint import canonical_key, resolve_checkpoint
+from mllm_edge.models.checkpoint import resolve_checkpoint
+from mllm_edge.models.families.llava import canonical_key
 from mllm_edge.models.rope import RotaryEmbedding
 
 
@@ -164,7 +165,7 @@ def test_rope_tables_match_transformers(rope):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from mllm_edge.models.config import _text_spec
+    from mllm_edge.models.config import text_spec
 
     hf_config = LlamaConfig(
         hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_parameters=dict(rope)
@@ -172,6 +173,6 @@ def test_rope_tables_match_transformers(rope):
     positions = torch.tensor([[0, 1, 5, 63, 64, 200, 255]])
     x = torch.zeros(1, 7, 16)
     hf_cos, hf_sin = LlamaRotaryEmbedding(hf_config)(x, positions)
-    cos, sin = RotaryEmbedding(_text_spec(hf_config))(positions, torch.float32)
+    cos, sin = RotaryEmbedding(text_spec(hf_config))(positions, torch.float32)
     torch.testing.assert_close(cos[:, :, 0], hf_cos, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sin[:, :, 0], hf_sin, rtol=1e-6, atol=1e-6)

@@ -1,8 +1,8 @@
 """Finding a checkpoint (local folder or Hugging Face hub id) and reading its weights.
 
 Weights are read from safetensors; `.bin` files only through `torch.load(weights_only=True)`, which
-refuses arbitrary pickled code. Key names of both llava-hf layouts (transformers < 5 and >= 5) are
-mapped onto one canonical naming by `canonical_key`, next to the modules it serves.
+refuses arbitrary pickled code. Each family maps its checkpoint's key names onto our
+modules' (models/families, e.g. both llava-hf layouts, transformers < 5 and >= 5).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,32 +19,6 @@ from safetensors import SafetensorError, safe_open
 from ..errors import MllmEdgeError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-
-# (old prefix, canonical prefix), first match wins; canonical keys map onto themselves.
-# Seen: llava-hf on the Hub (language_model.model.*, vision_tower.vision_model.*), transformers 5's
-# save_pretrained (vision_tower.* without vision_model), and its in-memory names (model.*).
-_PREFIXES = [
-    ("model.language_model.", "decoder."),
-    ("model.vision_tower.vision_model.", "vision."),
-    ("model.vision_tower.", "vision."),
-    ("model.multi_modal_projector.", "projector."),
-    ("language_model.model.", "decoder."),
-    ("language_model.lm_head.", "decoder.lm_head."),
-    ("vision_tower.vision_model.", "vision."),
-    ("vision_tower.", "vision."),
-    ("multi_modal_projector.", "projector."),
-    ("lm_head.", "decoder.lm_head."),
-]
-# Weights that LLaVA never uses: the towers' pooling heads, the buffers some exports save.
-_UNUSED = re.compile(r"^vision\.(post_layernorm|head)\.|position_ids$|rotary_emb\.inv_freq$")
-
-
-def canonical_key(key: str) -> str:
-    """Map a checkpoint key to our module's parameter name (idempotent)."""
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
@@ -86,17 +60,18 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
     raise MllmEdgeError(f"no weights (*.safetensors or pytorch_model*.bin) in {folder}")
 
 
-def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (canonical key, tensor) for every weight LLaVA uses, one file at a time."""
+def iter_weights(
+    folder: Path, canonical_key: Callable[[str], str] = str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (canonical key, tensor) for every weight of the checkpoint, one file at a time; the
+    family's mapping (models/families) gives the canonical key."""
     files, kind = _weight_files(folder)
     for file in files:
         if not file.is_file():
             raise MllmEdgeError(f"weight file {file.name} listed in the index is missing from {folder}")
         try:
             for key, tensor in _read_file(file, kind):
-                name = canonical_key(key)
-                if not _UNUSED.search(name):
-                    yield name, tensor
+                yield canonical_key(key), tensor
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
             raise MllmEdgeError(f"weight file {file} cannot be read (truncated or corrupt?): {e}") from None
 

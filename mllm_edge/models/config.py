@@ -12,11 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MllmEdgeError, UnsupportedModelError
+from .families import model_family, text_family, vision_family
 
-SUPPORTED_TEXT_ARCHS = ("llama", "qwen2")
-# CLIP (LLaVA-1.5: features without the CLS token) and SigLIP (llava-interleave: no CLS token at all).
-SUPPORTED_VISION_ARCHS = ("clip_vision_model", "siglip_vision_model")
-_SELECT_STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}
 # RoPE kinds whose frequencies do not depend on the sequence length, so one table serves every shape.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -36,7 +33,7 @@ class VisionSpec:
     @property
     def has_cls(self) -> bool:
         """CLIP prepends a [CLS] token (which FasterVLM ranks by); SigLIP has none."""
-        return self.arch == "clip_vision_model"
+        return vision_family(self.arch).has_cls
 
     @property
     def grid(self) -> int:
@@ -64,6 +61,7 @@ class TextSpec:
     tie_word_embeddings: bool
     max_position_embeddings: int
     rope_parameters: dict = field(default_factory=dict)
+    o_proj_bias: bool = False  # the attention output projection (Llama: as attention_bias; Qwen2: never)
 
 
 @dataclass(frozen=True)
@@ -73,29 +71,28 @@ class LlavaSpec:
     image_token_id: int
     projector_hidden_act: str
     projector_bias: bool
+    model_type: str = "llava"  # the family (models/families) that reads and runs it
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens the unpruned model puts into the LLM (patches, CLS dropped)."""
-        return self.vision.num_patches
+        """Image tokens the unpruned model puts into the LLM for one image (LLaVA-1.5: the patches)."""
+        return model_family(self.model_type).image_tokens(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _vision_spec(cfg, feature_layer: int, select_strategy: str) -> VisionSpec:
-    if cfg.model_type not in SUPPORTED_VISION_ARCHS:
-        raise UnsupportedModelError(
-            f"vision tower '{cfg.model_type}' is not supported (supported: {', '.join(SUPPORTED_VISION_ARCHS)})"
-        )
+def vision_spec(cfg, feature_layer: int, select_strategy: str) -> VisionSpec:
+    """The numbers of a vision tower's HF config that every family reads alike."""
+    family = vision_family(cfg.model_type)
     if not isinstance(feature_layer, int):
         raise UnsupportedModelError(
             f"vision_feature_layer={feature_layer!r}: only a single feature layer is supported"
         )
-    if select_strategy != _SELECT_STRATEGY[cfg.model_type]:
+    if select_strategy != family.select_strategy:
         raise UnsupportedModelError(
             f"vision_feature_select_strategy='{select_strategy}' with {cfg.model_type}: only "
-            f"'{_SELECT_STRATEGY[cfg.model_type]}' is supported (image tokens = patches, no CLS)"
+            f"'{family.select_strategy}' is supported (image tokens = patches, no CLS)"
         )
     # hidden_states has num_hidden_layers + 1 entries (index 0 is the embedding output); the features of
     # index i are the output of encoder layer i-1, so layers [0, i) are all that need to run.
@@ -142,17 +139,12 @@ def _rope_parameters(cfg) -> dict:
     return params
 
 
-def _text_spec(cfg) -> TextSpec:
-    arch = cfg.model_type
-    if arch not in SUPPORTED_TEXT_ARCHS:
-        raise UnsupportedModelError(
-            f"language model '{arch}' is not supported (supported: {', '.join(SUPPORTED_TEXT_ARCHS)})"
-        )
-    if arch == "qwen2" and getattr(cfg, "use_sliding_window", False):
-        raise UnsupportedModelError("Qwen2 with sliding-window attention is not supported")
+def read_text_spec(cfg, **family: bool) -> TextSpec:
+    """The numbers of a language model's HF config that every family reads alike; the family gives
+    its own rules (attention_bias, mlp_bias, o_proj_bias)."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return TextSpec(
-        arch=arch,
+        arch=cfg.model_type,
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -162,35 +154,25 @@ def _text_spec(cfg) -> TextSpec:
         head_dim=head_dim,
         rms_norm_eps=cfg.rms_norm_eps,
         hidden_act=cfg.hidden_act,
-        attention_bias=True if arch == "qwen2" else bool(getattr(cfg, "attention_bias", False)),
-        mlp_bias=False if arch == "qwen2" else bool(getattr(cfg, "mlp_bias", False)),
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         max_position_embeddings=cfg.max_position_embeddings,
         rope_parameters=_rope_parameters(cfg),
+        **family,
     )
 
 
-def llava_spec_from_hf_config(cfg) -> LlavaSpec:
-    """Build our spec from a `transformers.LlavaConfig` (or any config with the same fields)."""
-    if getattr(cfg, "model_type", None) != "llava":
-        raise UnsupportedModelError(
-            f"model type '{getattr(cfg, 'model_type', None)}' is not a LLaVA checkpoint (expected 'llava')"
-        )
-    text = _text_spec(cfg.text_config)
-    tie = text.tie_word_embeddings or bool(getattr(cfg, "tie_word_embeddings", False))
-    if tie != text.tie_word_embeddings:
-        text = TextSpec(**{**asdict(text), "tie_word_embeddings": tie})
-    return LlavaSpec(
-        vision=_vision_spec(cfg.vision_config, cfg.vision_feature_layer, cfg.vision_feature_select_strategy),
-        text=text,
-        image_token_id=cfg.image_token_id,
-        projector_hidden_act=cfg.projector_hidden_act,
-        projector_bias=bool(getattr(cfg, "multimodal_projector_bias", True)),
-    )
+def text_spec(cfg) -> TextSpec:
+    """A language model's spec, by its family (models/families)."""
+    return text_family(cfg.model_type).spec(cfg)
+
+
+def spec_from_hf_config(cfg) -> LlavaSpec:
+    """Our spec from a transformers config (`LlavaConfig`, or any with the same fields), by its family."""
+    return model_family(getattr(cfg, "model_type", None)).spec(cfg)
 
 
 def load_llava_spec(model_dir: str | Path) -> LlavaSpec:
-    """Read `config.json` of a local checkpoint folder into a LlavaSpec."""
+    """Read `config.json` of a local checkpoint folder into its family's spec."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise MllmEdgeError(f"no config.json in {model_dir}: not a Hugging Face checkpoint folder")
@@ -198,15 +180,14 @@ def load_llava_spec(model_dir: str | Path) -> LlavaSpec:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise MllmEdgeError(f"{path} is not valid JSON: {e}") from None
-    if raw.get("model_type") != "llava":
-        raise UnsupportedModelError(
-            f"{path}: model type '{raw.get('model_type')}' is not supported (expected a 'llava' checkpoint, "
-            "e.g. llava-hf/llava-1.5-7b-hf)"
-        )
-    from transformers import LlavaConfig
+    try:
+        family = model_family(raw.get("model_type"))
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}, e.g. llava-hf/llava-1.5-7b-hf") from None
+    import transformers
 
     try:
-        cfg = LlavaConfig.from_pretrained(str(model_dir))
+        cfg = getattr(transformers, family.config_class).from_pretrained(str(model_dir))
     except (ValueError, KeyError, TypeError) as e:
         raise UnsupportedModelError(f"{path}: transformers cannot read this config: {e}") from None
-    return llava_spec_from_hf_config(cfg)
+    return family.spec(cfg)

@@ -37,7 +37,7 @@ class SelfAttention(nn.Module):
         self.q_proj = Linear(spec.hidden_size, h * d, bias=spec.attention_bias)
         self.k_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
         self.v_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
-        self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.arch == "llama" and spec.attention_bias)
+        self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.o_proj_bias)
 
     def forward(self, x, rope: Rope, past_k, past_v, mask, want_last_row: bool = False):
         """x: [B, S, C]; past_k, past_v: [1+P, B, G, D] -> out [B, S, C], new k, v [S, B, G, D], row [B, P+S] | None."""

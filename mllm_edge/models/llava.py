@@ -11,6 +11,7 @@ from ..errors import MllmEdgeError
 from .checkpoint import iter_weights, resolve_checkpoint
 from .config import LlavaSpec, load_llava_spec
 from .decoder import Decoder
+from .families import model_family
 from .vision import Projector, VisionTower
 
 
@@ -45,21 +46,22 @@ class Llava(nn.Module):
 
 
 def load_llava(model: str | Path, dtype: torch.dtype = torch.float32) -> Llava:
-    """Load a LLaVA checkpoint (folder or hub id) into our modules.
+    """Load a checkpoint (folder or hub id) of a LLaVA family into our modules.
 
     Modules are built on the meta device and weights assigned as they are read, so peak memory is
     about one copy of the weights. Missing or unexpected weights are an error naming them.
     """
     folder = resolve_checkpoint(model)
     spec = load_llava_spec(folder)
+    family = model_family(spec.model_type)
     with torch.device("meta"):
-        llava = Llava(spec)
+        llava = family.build(spec)
     expected = set(llava.state_dict())
     state, unexpected = {}, []
-    for key, tensor in iter_weights(folder):
+    for key, tensor in iter_weights(folder, family.canonical_key):
         if key in expected:
             state[key] = tensor.to(dtype)
-        elif not _is_unused_layer(key, spec):
+        elif not family.unused_weight(key, spec):
             unexpected.append(key)
     missing = sorted(expected - set(state))
     if missing or unexpected:
@@ -74,13 +76,3 @@ def load_llava(model: str | Path, dtype: torch.dtype = torch.float32) -> Llava:
     except RuntimeError as e:  # shapes that disagree with config.json
         raise MllmEdgeError(f"checkpoint {folder} does not match its config: {e}") from None
     return llava.eval()
-
-
-def _is_unused_layer(key: str, spec: LlavaSpec) -> bool:
-    """Weights a checkpoint may hold that never run: vision layers after the feature layer, a tied LM head."""
-    if key == "decoder.lm_head.weight" and spec.text.tie_word_embeddings:
-        return True
-    prefix = "vision.encoder.layers."
-    if not key.startswith(prefix):
-        return False
-    return int(key[len(prefix) :].split(".")[0]) >= spec.vision.num_layers
