@@ -39,7 +39,7 @@ def has_cls(path: Path) -> bool:
 
 
 def hf_fastv_keep(path: Path, input_ids, pixel_values, k: int, keep: int) -> list[int]:
-    """FastV's kept image tokens by METHODS.md, from transformers' own eager attention maps."""
+    """FastV's kept image tokens by docs/methods.md, from transformers' own eager attention maps."""
     hf = hf_model(path)
     with torch.no_grad():
         out = hf(input_ids=input_ids, pixel_values=pixel_values, output_attentions=True)
@@ -49,7 +49,7 @@ def hf_fastv_keep(path: Path, input_ids, pixel_values, k: int, keep: int) -> lis
 
 
 def hf_fastervlm_keep(path: Path, pixel_values, keep: int) -> list[int]:
-    """FasterVLM's kept patches by METHODS.md, from the CLIP tower's eager attention maps."""
+    """FasterVLM's kept patches by docs/methods.md, from the CLIP tower's eager attention maps."""
     hf = hf_model(path)
     with torch.no_grad():
         out = hf.model.vision_tower(pixel_values, output_attentions=True)

@@ -364,3 +364,25 @@ def test_engines_build_verify_and_answer_like_onnxruntime(method, export_cache, 
     assert trt.backend.name == "tensorrt"
     result = trt.generate(image_file, "What is in the picture?", max_new_tokens=8)
     assert result.token_ids == ort.token_ids and result.kept_image_tokens == ort.kept_image_tokens
+
+
+def test_build_bundle_lints_the_graphs_before_tensorrt_loads(export_cache, tmp_path):
+    """The Python API checks TensorRT 10's ONNX rules too (not only the CLI): a graph holding an op
+    the parser refuses stops build_bundle() with the rule, wherever TensorRT is or is not installed."""
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    from mllm_edge.build.build import build_bundle
+    from mllm_edge.manifest import load_manifest, write_manifest
+
+    source, _ = export_cache("llama_gqa", "none")
+    folder = tmp_path / "bundle"
+    shutil.copytree(source, folder)
+    model = onnx.load(str(folder / "embed.onnx"), load_external_data=False)
+    model.graph.node.append(helper.make_node("NonZero", [model.graph.input[0].name], ["nz"], name="nonzero"))
+    onnx.save(model, str(folder / "embed.onnx"))
+    write_manifest(folder, load_manifest(folder, verify_files=False))  # a consistent bundle, linted as built
+    with pytest.raises(MllmEdgeError, match=r"embed.onnx breaks TensorRT 10's ONNX rules: .*NonZero"):
+        build_bundle(BuildConfig(folder))

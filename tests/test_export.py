@@ -86,7 +86,7 @@ def test_bundle_matches_pytorch_on_a_new_image(name, method, dtype, export_cache
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_kept_sets_equal_transformers_attention(name, export_cache, tiny_checkpoints):
-    """The graphs' TopK picks what METHODS.md defines, read from transformers' eager attention maps."""
+    """The graphs' TopK picks what docs/methods.md defines, read from transformers' eager attention maps."""
     path = tiny_checkpoints[name]
     input_ids, pixel_values = inputs(path, seed=1)
     n = int((input_ids == reference_model(path, "fp32").spec.image_token_id).sum())

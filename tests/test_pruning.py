@@ -1,4 +1,4 @@
-"""The pruning rules of METHODS.md: keep counts, parameter checks, and token selection."""
+"""The pruning rules of docs/methods.md: keep counts, parameter checks, and token selection."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from mllm_edge.pruning import (
 )
 
 
-# METHODS.md's table for 576 image tokens.
+# docs/methods.md's table for 576 image tokens.
 @pytest.mark.parametrize(
     "ratio, kept", [(0.0, 576), (0.25, 432), (0.5, 288), (0.75, 144), (0.9, 58), (0.95, 29)]
 )
@@ -107,7 +107,7 @@ def test_gather_tokens():
 
 
 def test_flops_reproduce_the_fastv_papers_13b_row():
-    """METHODS.md: LLaVA-1.5-13B (40 layers, d 5120, m 13824), 36 text + 576 image tokens; the paper's
+    """docs/methods.md: LLaVA-1.5-13B (40 layers, d 5120, m 13824), 36 text + 576 image tokens; the paper's
     13B cells follow from its Eq. 5 exactly (per-layer averages, in billions)."""
     from mllm_edge.pruning.flops import prefill_flops
 

@@ -1,6 +1,6 @@
 """FastV and FasterVLM in our reference path, checked against transformers' own computations.
 
-The kept sets are re-derived from transformers' eager attention maps by METHODS.md's rule, and the
+The kept sets are re-derived from transformers' eager attention maps by docs/methods.md's rule, and the
 pruned generations are re-derived without any KV cache from transformers' layers, so nothing of our
 modules is trusted here.
 """

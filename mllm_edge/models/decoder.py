@@ -2,7 +2,7 @@
 
 Each layer takes the past keys/values of its own cache as a prefix view and returns only the new
 tokens' keys/values, so the caller writes S rows into a preallocated slot and copies nothing else
-(ARCHITECTURE.md, "The KV cache"). Parameter names follow transformers' so checkpoints load as-is.
+(docs/design.md, "The KV cache"). Parameter names follow transformers' so checkpoints load as-is.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reference generation in PyTorch on our modules: greedy decoding with a KV cache, FastV and FasterVLM.
 
 This is the yardstick the exported graphs and the runtime are checked against, so it is written
-for clarity, and follows METHODS.md step by step:
+for clarity, and follows docs/methods.md step by step:
   FasterVLM  rank patches by the [CLS] row of the feature layer, keep the top ones in raster order,
              project only those; the shortened prompt gets contiguous position ids.
   FastV      run layers [0, K) on the whole prompt, rank image tokens by the last token's head-mean

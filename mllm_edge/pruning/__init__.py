@@ -1,4 +1,4 @@
-"""FastV and FasterVLM, exactly as METHODS.md defines them: shared by the models, export and tests."""
+"""FastV and FasterVLM, exactly as docs/methods.md defines them: shared by the models, export and tests."""
 
 from .params import (
     METHODS,

@@ -1,4 +1,4 @@
-"""Pruning settings and the rules every caller shares: keep counts and parameter checks (METHODS.md)."""
+"""Pruning settings and the rules every caller shares: keep counts and parameter checks (docs/methods.md)."""
 
 from __future__ import annotations
 

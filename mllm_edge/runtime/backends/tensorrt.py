@@ -6,7 +6,7 @@ is read in place and written into its slots. The optimization profile is picked 
 input shapes (prefill or decode, see build.profiles). Device memory and copies go through
 Polygraphy's CUDA wrapper (plain ctypes over libcudart): no torch, no PyCUDA.
 
-Never run in this repository's CI: TensorRT and a GPU are needed (README, "TensorRT").
+Never run in this repository's CI: TensorRT and a GPU are needed (docs/tensorrt.md).
 """
 
 from __future__ import annotations
