@@ -62,22 +62,21 @@ def supported(kind: type) -> list[str]:
     return sorted(_families()[kind])
 
 
-def text_family(model_type: str) -> TextFamily:
-    family = _families()[TextFamily].get(model_type)
+def _find(kind: type, model_type: str, what: str):
+    family = _families()[kind].get(model_type)
     if family is None:
         raise UnsupportedModelError(
-            f"language model '{model_type}' is not supported (supported: {', '.join(supported(TextFamily))})"
+            f"{what} '{model_type}' is not supported (supported: {', '.join(supported(kind))})"
         )
     return family
+
+
+def text_family(model_type: str) -> TextFamily:
+    return _find(TextFamily, model_type, "language model")
 
 
 def vision_family(model_type: str) -> VisionFamily:
-    family = _families()[VisionFamily].get(model_type)
-    if family is None:
-        raise UnsupportedModelError(
-            f"vision tower '{model_type}' is not supported (supported: {', '.join(supported(VisionFamily))})"
-        )
-    return family
+    return _find(VisionFamily, model_type, "vision tower")
 
 
 def model_family(model_type: str | None) -> ModelFamily:

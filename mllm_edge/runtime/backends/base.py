@@ -45,3 +45,23 @@ class Backend(Protocol):
     def close(self) -> None:
         """Close every engine and free the device memory this backend allocated."""
         ...
+
+
+class BackendResources:
+    """What every backend holds and gives back alike: its engines and the caches it made."""
+
+    def __init__(self):
+        self.engines: dict[str, Engine] = {}
+        self.caches: list = []
+
+    def _keep(self, cache):
+        self.caches.append(cache)
+        return cache
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()
+        for engine in self.engines.values():
+            engine.close()
+        self.caches = []
+        self.engines.clear()  # in place: the chain holds this dict

@@ -17,6 +17,7 @@ from ...errors import MllmEdgeError
 from ...manifest import Manifest
 from ..cache import KVCache
 from ..device_cache import DeviceKVCache, DeviceTensor
+from .base import BackendResources
 
 
 def _import_onnxruntime():
@@ -116,40 +117,26 @@ class OrtDeviceMemory:
         self.buffers.pop(address, None)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BackendResources):
     """A bundle's graphs in ONNX Runtime, one session each. On CUDA the KV cache lives in memory that
     ONNX Runtime allocates on the GPU (a host cache would be uploaded whole every step)."""
 
     name = "onnxruntime"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu"):
+        super().__init__()
         self.device, self.max_context = device, manifest.max_context
-        self.engines: dict[str, OnnxRuntimeEngine] = {}
-        self.memory, self.caches = None, []
         try:
             for graph, spec in manifest.graphs.items():
                 self.engines[graph] = OnnxRuntimeEngine(folder / spec.file, device)
         except BaseException:
             self.close()
             raise
-        if device == "cuda":
-            self.memory = OrtDeviceMemory(device)
+        self.memory = OrtDeviceMemory(device) if device == "cuda" else None
 
     def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype):
         shape = (num_layers, split, self.max_context, kv_heads, head_dim, dtype)
+        if self.memory is None:
+            return self._keep(KVCache(*shape))
         # ONNX Runtime states no alignment rule for bound buffers: never a scratch copy
-        cache = (
-            KVCache(*shape)
-            if self.memory is None
-            else DeviceKVCache(self.memory, *shape, alignment=1, owner="bundle's")
-        )
-        self.caches.append(cache)
-        return cache
-
-    def close(self) -> None:
-        for cache in self.caches:
-            cache.close()
-        for engine in self.engines.values():
-            engine.close()
-        self.caches = []
-        self.engines.clear()  # in place: the chain holds this dict
+        return self._keep(DeviceKVCache(self.memory, *shape, alignment=1, owner="bundle's"))

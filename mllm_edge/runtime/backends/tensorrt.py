@@ -27,6 +27,7 @@ from ...engines import (
 from ...errors import MllmEdgeError
 from ...manifest import Manifest
 from ..device_cache import DeviceKVCache, DeviceTensor
+from .base import BackendResources
 
 
 def _cuda():
@@ -181,13 +182,14 @@ class TensorRTEngine:
         self.context = self.engine = None  # TensorRT frees them with their last reference
 
 
-class TensorRTBackend:
+class TensorRTBackend(BackendResources):
     """The engines `mllm-edge build` made for this GPU and TensorRT, on one CUDA stream; the KV cache
     in device memory, 256-byte aligned as TensorRT wants addresses."""
 
     name, device = "tensorrt", "cuda"
 
     def __init__(self, bundle: Path, manifest: Manifest):
+        super().__init__()
         if manifest.quantization:
             raise MllmEdgeError(
                 f"{bundle} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime"
@@ -207,8 +209,6 @@ class TensorRTBackend:
                 f"the engines in {folder} lack {', '.join(sorted(missing))}: rebuild with `mllm-edge build {bundle}`"
             )
         self.max_context, self.memory = meta.max_context, CudaMemory()
-        self.engines: dict[str, TensorRTEngine] = {}
-        self.caches: list[DeviceKVCache] = []
         try:
             for graph, entry in meta.engines.items():
                 self.engines[graph] = TensorRTEngine(folder / entry.file, entry.profiles, self.memory)
@@ -217,17 +217,9 @@ class TensorRTBackend:
             raise
 
     def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype) -> DeviceKVCache:
-        cache = DeviceKVCache(self.memory, num_layers, split, self.max_context, kv_heads, head_dim, dtype)
-        self.caches.append(cache)
-        return cache
-
-    def close(self) -> None:
-        for cache in self.caches:
-            cache.close()
-        for engine in self.engines.values():
-            engine.close()
-        self.caches = []
-        self.engines.clear()  # in place: the chain holds this dict
+        return self._keep(
+            DeviceKVCache(self.memory, num_layers, split, self.max_context, kv_heads, head_dim, dtype)
+        )
 
 
 def engines_for_this_machine(bundle: Path) -> bool:
