@@ -318,6 +318,11 @@ def build(
         "--verify/--no-verify",
         help="Run each engine on export's samples and compare with the reference outputs.",
     ),
+    adopt: Optional[Path] = typer.Option(
+        None,
+        "--adopt",
+        help="Take in engines built elsewhere (trtexec.sh's OUT folder) instead of building: checked against the bundle.",
+    ),
 ) -> None:
     """Build TensorRT engines for this GPU, one per graph, into BUNDLE/engines/<gpu>-sm<cc>-trt<version>/."""
     from rich.console import Console
@@ -326,7 +331,7 @@ def build(
 
     from .build.build import BuildConfig, build_bundle
 
-    config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify)
+    config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify, adopt)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -340,8 +345,15 @@ def build(
     console.print(
         f"[bold]{escape(str(plan.folder))}[/bold]: {plan.settings.precision}, max context {plan.max_context}, TensorRT {plan.target.tensorrt}"
     )
+    entries = plan.engine_set.engines
     for graph in plan.profiles:
-        console.print(f"  {graph}: " + ", ".join(p.name for p in plan.profiles[graph]))
+        line = f"  {graph}: " + ", ".join(p.name for p in plan.profiles[graph])
+        if entries[graph].activation_bytes:  # one execution context per profile, where memory allows
+            per = entries[graph].activation_bytes / 2**20
+            line += f"; activations {per:.0f} MB per context, {per * len(plan.profiles[graph]):.0f} MB with one per profile"
+        console.print(line)
+    if plan.engine_set.adopted_from:
+        console.print(f"adopted from {escape(plan.engine_set.adopted_from)}")
     if checks:
         worst = max(c.rel for c in checks)
         console.print(f"verified on export's samples: worst scale-relative error {worst:.2e}")

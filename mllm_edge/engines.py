@@ -166,11 +166,16 @@ def _cuda_device_ctypes() -> tuple[str, tuple[int, int], int, int]:
     ctx = ctypes.c_void_p()
     check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
     try:
-        check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")  # cuMemGetInfo needs a current context
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        check(cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "cuMemGetInfo")
+        # cuMemGetInfo needs a current context: pushed, then popped, so the thread's own current
+        # context (if any) is current again and no released context is left current afterwards
+        check(cuda.cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")
+        try:
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            check(cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "cuMemGetInfo")
+        finally:
+            cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
     finally:
-        cuda.cuDevicePrimaryCtxRelease(dev)
+        cuda.cuDevicePrimaryCtxRelease_v2(dev)
     return buf.value.decode(), (major.value, minor.value), total.value, free.value
 
 
@@ -184,6 +189,7 @@ class EngineEntry:
     onnx: str  # the bundle's graph file it was built from
     sha256: str
     profiles: list[dict]  # [{"name": ..., "shapes": {input: [min, opt, max]}}]
+    activation_bytes: int = 0  # device memory of one execution context (read when verified; 0: unknown)
 
 
 @dataclass
@@ -194,6 +200,7 @@ class EngineSet:
     bundle_manifest_sha256: str
     engines: dict[str, EngineEntry] = field(default_factory=dict)
     verified: bool = False  # whether --verify ran and passed
+    adopted_from: str | None = None  # the folder of engines built elsewhere (build --adopt), or None: ours
     created_by: str = ""
     schema_version: int = ENGINES_SCHEMA
 

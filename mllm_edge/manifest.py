@@ -63,6 +63,13 @@ class Manifest:
     def has_fastv(self) -> bool:
         return "prune" in self.graphs
 
+    def tokenizer_files(self) -> list[str]:
+        return [rel for rel in self.files if rel.startswith(self.tokenizer["folder"] + "/")]
+
+    def graph_files(self) -> list[str]:
+        """The ONNX files and their weight data, as the manifest lists them."""
+        return sorted({f for g in self.graphs.values() for f in (g.file, *g.data_files)})
+
     @property
     def weights(self) -> str:
         """What the LLM's weights are stored as: the dtype's name, or int8 / int4."""
@@ -146,8 +153,11 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     return manifest
 
 
-def verify_bundle_files(folder: Path, manifest: Manifest) -> None:
+def verify_bundle_files(folder: Path, manifest: Manifest, only: list[str] | None = None) -> None:
+    """Check the bundle's files (or `only` these, relative paths) against their sha256."""
     for rel, expected in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
         path = folder / rel
         if not path.is_file():
             raise MllmEdgeError(f"bundle {folder} is incomplete: {rel} is missing")

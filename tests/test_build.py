@@ -386,3 +386,195 @@ def test_build_bundle_lints_the_graphs_before_tensorrt_loads(export_cache, tmp_p
     write_manifest(folder, load_manifest(folder, verify_files=False))  # a consistent bundle, linted as built
     with pytest.raises(MllmEdgeError, match=r"embed.onnx breaks TensorRT 10's ONNX rules: .*NonZero"):
         build_bundle(BuildConfig(folder))
+
+
+def _bundle_copy(export_cache, tmp_path, method="fastv"):
+    import shutil
+
+    source, _ = export_cache("llama_gqa", method)
+    folder = tmp_path / "bundle"
+    shutil.copytree(source, folder)
+    return folder
+
+
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+# Stands for NVIDIA's trtexec: writes 'engine of <onnx>' where --saveEngine says.
+for a in "$@"; do case "$a" in --onnx=*) onnx="${a#--onnx=}";; --saveEngine=*) out="${a#--saveEngine=}";; esac; done
+test -f "$onnx" && printf 'engine of %s' "$onnx" > "$out"
+"""
+
+
+def test_trtexec_script_builds_beside_the_engine_folder_and_build_adopts_it(
+    export_cache, tmp_path, monkeypatch
+):
+    """trtexec.sh never writes into the engine folder (whose engines.json vouches for its engines); its
+    engines are registered with `build --adopt`, checked against the bundle: one per graph, the
+    graph's inputs and outputs, the plan's profiles. TensorRT itself is faked: no engine is built."""
+    from types import SimpleNamespace
+
+    from mllm_edge import engines
+    from mllm_edge.build.build import build_bundle, trtexec_folder
+
+    folder = _bundle_copy(export_cache, tmp_path)
+    plan = plan_build(BuildConfig(folder), ORIN)
+    plan.folder.mkdir(parents=True)
+    script = write_trtexec(plan, plan.folder)
+    fake = tmp_path / "trtexec"
+    fake.write_text(FAKE_TRTEXEC)
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(script)],
+        env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    out = trtexec_folder(plan)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{g}.engine" for g in plan.manifest.graphs)
+    assert [p.name for p in plan.folder.iterdir()] == ["trtexec.sh"]  # nothing written where ours live
+    custom = tmp_path / "elsewhere"
+    assert (
+        subprocess.run(
+            ["bash", str(script), str(custom)], env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"}
+        ).returncode
+        == 0
+    )
+    assert len(list(custom.glob("*.engine"))) == len(plan.manifest.graphs)
+    (plan.folder / "trtexec.sh").unlink()
+    plan.folder.rmdir()
+
+    class FakeEngine:
+        """What TensorRT would report of an engine trtexec built from the graph with the plan's shapes."""
+
+        def __init__(self, graph, rename=None):
+            spec = plan.manifest.graphs[graph]
+            self.io = [(t.name, "input") for t in spec.inputs] + [
+                (rename or {}).get(t.name, t.name) for t in spec.outputs
+            ]
+            self.io = [x if isinstance(x, tuple) else (x, "output") for x in self.io]
+            self.num_io_tensors, self.graph = len(self.io), graph
+
+        def get_tensor_name(self, i):
+            return self.io[i][0]
+
+        def get_tensor_mode(self, name):
+            return dict(self.io)[name]
+
+        def get_tensor_profile_shape(self, name, index):
+            return [list(s) for s in [p for p in plan.profiles[self.graph] if p.shapes][index].shapes[name]]
+
+    trt = SimpleNamespace(__version__="10.3.0", TensorIOMode=SimpleNamespace(INPUT="input"))
+    renamed = {}
+
+    def load_engine(path):
+        graph = path.read_text().split("../../")[1].removesuffix(".onnx")
+        return trt, FakeEngine(graph, renamed.get(graph)), None
+
+    monkeypatch.setattr(engines, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(engines, "gpu_info", lambda version: ORIN)
+    monkeypatch.setattr(engines, "load_engine", load_engine)
+    adopted, checks = build_bundle(BuildConfig(folder, adopt=out, verify=False))
+    meta = load_engine_set(adopted.folder, folder, ORIN)
+    assert set(meta.engines) == set(plan.manifest.graphs) and not checks and not meta.verified
+    assert meta.adopted_from == str(out.resolve())
+    assert meta.engines["llm_tail"].profiles == profile_record(plan.profiles["llm_tail"])
+
+    renamed["llm_tail"] = {"logits": "scores"}
+    with pytest.raises(MllmEdgeError, match="llm_tail.engine was not built from this bundle's llm_tail.onnx"):
+        build_bundle(BuildConfig(folder, adopt=out, verify=False))
+    renamed.clear()
+    with pytest.raises(
+        MllmEdgeError, match="embed.engine.s prefill profile takes input_ids .* this build plans"
+    ):
+        build_bundle(BuildConfig(folder, adopt=out, verify=False, max_context=plan.max_context - 8))
+    (out / "prune.engine").unlink()
+    with pytest.raises(MllmEdgeError, match="prune.engine missing"):
+        build_bundle(BuildConfig(folder, adopt=out, verify=False))
+    assert load_engine_set(
+        adopted.folder, folder, ORIN
+    ).engines  # a refused adoption left the last good folder
+
+
+def test_a_build_writes_the_plan_from_its_buffer_and_lets_the_weights_go(tmp_path, monkeypatch):
+    """build_engine with a fake TensorRT: the plan lands in the engine file as TensorRT gave it, and the
+    parser (holding the weights), the network and the plan are all released by the time it returns."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from mllm_edge.build import tensorrt_api
+    from mllm_edge.build.profiles import Profile
+    from mllm_edge.build.settings import BuildSettings
+
+    alive = {}
+
+    class Tracked:
+        def __init__(self, name):
+            alive[name] = weakref.ref(self)
+
+    class Plan(bytearray):  # IHostMemory supports the buffer protocol
+        pass
+
+    class Config(Tracked):
+        builder_optimization_level = 0
+
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def create_timing_cache(self, data):
+            return SimpleNamespace(serialize=lambda: b"cache")
+
+        def set_timing_cache(self, cache, ignore):
+            return True
+
+        def get_timing_cache(self):
+            return SimpleNamespace(serialize=lambda: b"cache")
+
+    class Builder(Tracked):
+        def __init__(self, logger):
+            super().__init__("builder")
+
+        def create_network(self, flags):
+            return Tracked("network")
+
+        def create_builder_config(self):
+            return Config("config")
+
+        def build_serialized_network(self, network, config):
+            plan = Plan(b"serialized engine")
+            alive["plan"] = weakref.ref(plan)
+            return plan
+
+    class Parser(Tracked):
+        def __init__(self, network, logger):
+            super().__init__("parser")
+            self.network = network
+
+        def parse_from_file(self, path):
+            return True
+
+    trt = SimpleNamespace(
+        Builder=Builder,
+        OnnxParser=Parser,
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+        MemoryPoolType=SimpleNamespace(WORKSPACE=0),
+        __version__="10.3.0",
+    )
+    monkeypatch.setattr(tensorrt_api, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_api, "make_logger", lambda trt: SimpleNamespace(errors=[]))
+    out = tmp_path / "g.engine"
+    cache = tensorrt_api.build_engine(
+        tmp_path / "g.onnx", [Profile("static", {})], BuildSettings("fp32", True), None, out
+    )
+    gc.collect()
+    assert out.read_bytes() == b"serialized engine" and cache == b"cache"
+    assert all(ref() is None for name, ref in alive.items() if name in ("parser", "network", "plan"))
+
+
+def test_the_memory_check_counts_a_third_copy_on_a_jetson():
+    from mllm_edge.build.build import check_memory
+
+    desktop = Target("RTX 4090", (8, 9), "10.3.0", jetson=False, total_memory_mb=24000, free_memory_mb=5000)
+    check_memory("llm_tail", 2000, 1000, desktop)  # 2 x 2000 + 1000 fits in 5000
+    with pytest.raises(MllmEdgeError, match="needs about 7000 MB and this Jetson"):
+        check_memory("llm_tail", 2000, 1000, ORIN)  # weights, plan and the builder's copy share its memory

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
+from .. import __version__, engines
 from ..engines import EngineEntry, EngineSet, Target, engine_folder, profile_record, write_engine_set
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from ..parity import ENGINE_TOLERANCE, OutputCheck, compare, load_sample
+from . import tensorrt_api
 from .profiles import Profile, graph_profiles
 from .settings import BuildSettings, choose_settings
 from .trtexec import trtexec_command, trtexec_script
@@ -37,6 +38,7 @@ class BuildConfig:
     timing_cache: Path | None = None  # None: engines/timing-<target>.cache in the bundle
     trtexec: bool = False
     verify: bool = True
+    adopt: Path | None = None  # take engines built elsewhere (trtexec.sh) instead of building
 
 
 @dataclass
@@ -49,6 +51,7 @@ class BuildPlan:
     folder: Path
     timing_cache: Path
     profiles: dict[str, list[Profile]] = field(default_factory=dict)
+    engine_set: EngineSet | None = None  # what build_bundle wrote
 
     def engine_file(self, graph: str) -> str:
         return f"{graph}.engine"
@@ -122,8 +125,11 @@ def graph_weight_mb(plan: BuildPlan, graph: str) -> int:
 
 
 def check_memory(graph: str, weights_mb: int, workspace_mb: int, target: Target) -> None:
-    """A build holds the weights about twice (network and engine) plus the workspace."""
-    need = 2 * weights_mb + workspace_mb
+    """While TensorRT builds, the parser holds the graph's weights and the serialized plan about as much
+    again (tensorrt_api.build_engine lets both go and writes the plan from its own buffer), plus the
+    workspace; on a Jetson the builder's device copy of the weights is in the same memory, a third.
+    Reasoned from the API, never measured (TensorRT has not run in this project)."""
+    need = (3 if target.jetson else 2) * weights_mb + workspace_mb
     free = target.free_memory_mb
     if free and need > free:
         where = "this Jetson (memory shared with the CPU)" if target.jetson else f"the GPU ({target.gpu})"
@@ -133,12 +139,98 @@ def check_memory(graph: str, weights_mb: int, workspace_mb: int, target: Target)
         )
 
 
+def trtexec_folder(plan: BuildPlan) -> Path:
+    """Where trtexec.sh puts the engines it builds by default: beside the engine folder, never in it
+    (engines.json vouches for what is in there), ready for `mllm-edge build --adopt`."""
+    return plan.folder.parent / f"{plan.folder.name}.trtexec"
+
+
 def write_trtexec(plan: BuildPlan, folder: Path) -> Path:
     header = f"mllm-edge {__version__}: the engines of {plan.bundle.name} for {plan.target.folder_name}"
+    adopt = f"mllm-edge build {plan.bundle} --adopt OUT" + (
+        f" --max-context {plan.max_context}" if plan.max_context != plan.manifest.max_context else ""
+    )
     path = folder / TRTEXEC_SCRIPT
-    path.write_text(trtexec_script(plan.trtexec_commands(), header))
+    path.write_text(trtexec_script(plan.trtexec_commands(), header, f"../{trtexec_folder(plan).name}", adopt))
     path.chmod(0o755)
     return path
+
+
+def adopt_engines(plan: BuildPlan, source: Path, into: Path, meta: EngineSet, progress) -> None:
+    """Take engines built elsewhere (trtexec.sh, NVIDIA's trtexec) into the engine folder, checked
+    against the bundle as ours are: one per graph, named <graph>.engine, opening in this TensorRT, with
+    the graph's inputs and outputs and the plan's profiles (so the runtime picks them right)."""
+    if not source.is_dir():
+        raise MllmEdgeError(f"--adopt {source}: no such folder")
+    missing = [plan.engine_file(g) for g in plan.profiles if not (source / plan.engine_file(g)).is_file()]
+    if missing:
+        raise MllmEdgeError(
+            f"--adopt {source}: {', '.join(missing)} missing (one engine per graph of the bundle)"
+        )
+    for graph, profiles in plan.profiles.items():
+        progress(f"adopting {graph}")
+        file = source / plan.engine_file(graph)
+        trt, engine, _ = engines.load_engine(file)
+        spec = plan.manifest.graphs[graph]
+        mode = trt.TensorIOMode.INPUT
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = sorted(n for n in names if engine.get_tensor_mode(n) == mode)
+        outputs = sorted(n for n in names if engine.get_tensor_mode(n) != mode)
+        if inputs != sorted(t.name for t in spec.inputs) or outputs != sorted(t.name for t in spec.outputs):
+            raise MllmEdgeError(
+                f"--adopt: {file.name} was not built from this bundle's {spec.file} (other inputs or outputs)"
+            )
+        for index, profile in enumerate(p for p in profiles if p.shapes):
+            for name, shapes in profile.shapes.items():
+                built = tuple(tuple(d) for d in engine.get_tensor_profile_shape(name, index))
+                if built != tuple(shapes):
+                    raise MllmEdgeError(
+                        f"--adopt: {file.name}'s {profile.name} profile takes {name} {built}, this build plans {tuple(shapes)}: "
+                        f"build it with this plan's trtexec.sh (mllm-edge build --trtexec, same --max-context)"
+                    )
+        del engine
+        shutil.copyfile(file, into / file.name)
+        meta.engines[graph] = EngineEntry(
+            file.name, spec.file, sha256_file(into / file.name), profile_record(profiles)
+        )
+
+
+def build_engines(plan: BuildPlan, into: Path, meta: EngineSet, progress) -> None:
+    """Our own build: one engine at a time (memory freed in between), the timing cache reused and saved."""
+    cache = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else None
+    for graph, profiles in plan.profiles.items():
+        check_memory(graph, graph_weight_mb(plan, graph), plan.settings.workspace_mb, plan.target)
+        progress(f"building {graph}")
+        file = into / plan.engine_file(graph)
+        cache = tensorrt_api.build_engine(
+            plan.bundle / plan.manifest.graphs[graph].file, profiles, plan.settings, cache, file
+        )
+        meta.engines[graph] = EngineEntry(
+            file.name, plan.manifest.graphs[graph].file, sha256_file(file), profile_record(profiles)
+        )
+        gc.collect()
+    plan.timing_cache.write_bytes(cache)
+
+
+def verify_engines(plan: BuildPlan, folder: Path, meta: EngineSet, progress) -> list[OutputCheck]:
+    from ..runtime.backends.tensorrt import CudaMemory, TensorRTEngine
+
+    memory, checks = CudaMemory(), []
+    for graph in plan.profiles:
+        progress(f"verifying {graph}")
+        engine = TensorRTEngine(folder / plan.engine_file(graph), meta.engines[graph].profiles, memory)
+        meta.engines[graph].activation_bytes = engine.activation_bytes // len(engine.contexts)
+        checks += verify_engine(plan, graph, engine)
+        engine.close()
+        del engine
+        gc.collect()
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        worst = ", ".join(f"{c.graph}.{c.output} {c.rel:.2e}" for c in bad)
+        raise MllmEdgeError(
+            f"the engines disagree with the bundle's reference outputs beyond {ENGINE_TOLERANCE[plan.settings.precision]:.0e}: {worst}"
+        )
+    return checks
 
 
 def verify_engine(plan: BuildPlan, graph: str, engine) -> list[OutputCheck]:
@@ -151,21 +243,18 @@ def verify_engine(plan: BuildPlan, graph: str, engine) -> list[OutputCheck]:
 def build_bundle(
     config: BuildConfig, progress: Callable[[str], None] = lambda _: None
 ) -> tuple[BuildPlan, list[OutputCheck]]:
-    from ..engines import gpu_info
-    from . import tensorrt_api
-
+    """Build (or with config.adopt, take in) the bundle's engines for this machine, check them, and
+    move the engine folder into place only when complete."""
     manifest = load_manifest(
         config.bundle
     )  # a clear error for a missing or damaged bundle before TensorRT loads
     check_graphs(config.bundle, manifest)
-    trt = tensorrt_api.import_tensorrt()
-    target = gpu_info(trt.__version__)
+    target = engines.gpu_info(engines.import_tensorrt().__version__)
     plan = plan_build(config, target, manifest)
     plan.folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{plan.folder.name}.", suffix=".partial", dir=plan.folder.parent))
     checks: list[OutputCheck] = []
     try:
-        cache = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else None
         meta = EngineSet(
             target.to_dict(),
             plan.settings.to_dict(),
@@ -173,39 +262,15 @@ def build_bundle(
             sha256_file(plan.bundle / MANIFEST_NAME),
             created_by=f"mllm-edge {__version__}",
         )
-        for graph, profiles in plan.profiles.items():  # one at a time, memory freed in between
-            check_memory(graph, graph_weight_mb(plan, graph), plan.settings.workspace_mb, target)
-            progress(f"building {graph}")
-            engine_bytes, cache = tensorrt_api.build_engine(
-                plan.bundle / plan.manifest.graphs[graph].file, profiles, plan.settings, cache
-            )
-            file = tmp / plan.engine_file(graph)
-            file.write_bytes(engine_bytes)
-            meta.engines[graph] = EngineEntry(
-                file.name, plan.manifest.graphs[graph].file, sha256_file(file), profile_record(profiles)
-            )
-            del engine_bytes
-            gc.collect()
-        plan.timing_cache.write_bytes(cache)
+        if config.adopt is not None:
+            adopt_engines(plan, Path(config.adopt), tmp, meta, progress)
+            meta.adopted_from = str(Path(config.adopt).resolve())
+        else:
+            build_engines(plan, tmp, meta, progress)
         if config.trtexec:
             write_trtexec(plan, tmp)
         if config.verify:
-            from ..runtime.backends.tensorrt import CudaMemory, TensorRTEngine
-
-            memory = CudaMemory()
-            for graph in plan.profiles:
-                progress(f"verifying {graph}")
-                engine = TensorRTEngine(tmp / plan.engine_file(graph), meta.engines[graph].profiles, memory)
-                checks += verify_engine(plan, graph, engine)
-                engine.close()
-                del engine
-                gc.collect()
-            bad = [c for c in checks if not c.ok]
-            if bad:
-                worst = ", ".join(f"{c.graph}.{c.output} {c.rel:.2e}" for c in bad)
-                raise MllmEdgeError(
-                    f"the engines disagree with the bundle's reference outputs beyond {ENGINE_TOLERANCE[plan.settings.precision]:.0e}: {worst}"
-                )
+            checks = verify_engines(plan, tmp, meta, progress)
             meta.verified = True
         write_engine_set(tmp, meta)
         if plan.folder.exists():
@@ -214,4 +279,5 @@ def build_bundle(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    plan.engine_set = meta
     return plan, checks

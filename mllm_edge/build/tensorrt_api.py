@@ -1,9 +1,9 @@
 """The thin layer over NVIDIA's TensorRT Python API (10.x and 11.x): build one engine.
 
 Everything TensorRT-specific that can only run with TensorRT and a GPU is here and kept short; the
-rest of `mllm_edge.build` decides what to pass; opening an engine is `mllm_edge.engines`' job. Failures in TensorRT mostly come back as None or
-False with the reason sent to the logger, so a logger that keeps the errors turns them into our
-MllmEdgeError. Never run in this repository's CI (TensorRT cannot be installed there).
+rest of `mllm_edge.build` decides what to pass; opening an engine is `mllm_edge.engines`' job.
+Failures in TensorRT mostly come back as None or False with the reason sent to the logger, so a
+logger that keeps the errors turns them into our MllmEdgeError. Never run in this repository's CI (TensorRT cannot be installed there).
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from .settings import BuildSettings
 
 
 def build_engine(
-    onnx_path: Path, profiles: list[Profile], settings: BuildSettings, timing_cache: bytes | None
-) -> tuple[bytes, bytes]:
-    """-> (serialized engine, updated timing cache)."""
+    onnx_path: Path, profiles: list[Profile], settings: BuildSettings, timing_cache: bytes | None, out: Path
+) -> bytes:
+    """Build one engine into the file `out` -> the updated timing cache.
+
+    Host memory: the parser holds the graph's weights and the builder's plan about as much again, so
+    both are let go as soon as the build returns, and the plan is written from its own buffer (no
+    bytes() copy: that would be a third copy of the weights)."""
     trt = import_tensorrt()
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -63,11 +67,13 @@ def build_engine(
         )
         config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
+    del parser, network  # the parsed weights: no longer needed once the plan exists
     if plan is None:
         raise MllmEdgeError(
             f"TensorRT could not build {onnx_path.name}: {'; '.join(logger.errors) or 'see the messages above'}"
         )
+    with open(out, "wb") as f:
+        f.write(memoryview(plan))
+    del plan
     updated = config.get_timing_cache()
-    return bytes(memoryview(plan)), bytes(memoryview(updated.serialize())) if updated is not None else (
-        timing_cache or b""
-    )
+    return bytes(memoryview(updated.serialize())) if updated is not None else (timing_cache or b"")

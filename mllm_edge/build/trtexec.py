@@ -50,18 +50,31 @@ def trtexec_command(
     return cmd
 
 
-def trtexec_script(commands: dict[str, list[str]], header: str) -> str:
-    """A bash script running each graph's command from the engine folder."""
+def trtexec_script(commands: dict[str, list[str]], header: str, out_default: str, adopt: str) -> str:
+    """A bash script running each graph's command; the engines go to OUT (its first argument, else
+    out_default, relative to the script's folder), which `adopt` then registers."""
     lines = [
         "#!/usr/bin/env bash",
         f"# {header}",
-        "# Run from this folder; on JetPack, TRTEXEC=/usr/src/tensorrt/bin/trtexec.",
+        f"# Builds every engine with NVIDIA's trtexec into OUT (the first argument; default {out_default}",
+        "# beside this folder), never into this folder, whose engines.json vouches for its engines. Then:",
+        f"#   {adopt}",
+        "# On JetPack: TRTEXEC=/usr/src/tensorrt/bin/trtexec.",
         "set -euo pipefail",
-        'cd "$(dirname "$0")"',
+        'HERE="$(cd "$(dirname "$0")" && pwd)"',
+        f'OUT="${{1:-$HERE/{out_default}}}"',
+        'mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"',
+        'cd "$HERE"',
         'TRTEXEC="${TRTEXEC:-trtexec}"',
         "",
     ]
     for graph, cmd in commands.items():
+        args = [
+            f'--saveEngine="$OUT"/{shlex.quote(a.split("=", 1)[1])}'
+            if a.startswith("--saveEngine=")
+            else shlex.quote(a)
+            for a in cmd[1:]
+        ]
         lines.append(f"# {graph}")
-        lines.append('"$TRTEXEC" ' + " ".join(shlex.quote(a) for a in cmd[1:]))
+        lines.append('"$TRTEXEC" ' + " ".join(args))
     return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import MllmEdgeError
-from ...manifest import Manifest
+from ...manifest import Manifest, verify_bundle_files
 from .base import Backend, Engine
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -21,15 +21,16 @@ def choose_backend(folder: Path) -> str:
 
 
 def open_backend(name: str, folder: Path, manifest: Manifest, device: str = "cpu") -> Backend:
-    """Open the bundle with the named backend; heavy imports happen only here."""
+    """Open the bundle with the named backend, after checking the files it reads against the
+    manifest's sha256 (a TensorRT run reads no ONNX file: its engines are checked against engines.json
+    instead). Heavy imports happen only here."""
     if name == "auto":
         name = choose_backend(folder)
     if name == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(folder, manifest, device)
-    if name == "tensorrt":
-        from .tensorrt import TensorRTBackend
-
-        return TensorRTBackend(folder, manifest)
-    raise MllmEdgeError(f"unknown backend '{name}' (choose from auto, {', '.join(BACKENDS)})")
+        from .onnxruntime import OnnxRuntimeBackend as chosen
+    elif name == "tensorrt":
+        from .tensorrt import TensorRTBackend as chosen
+    else:
+        raise MllmEdgeError(f"unknown backend '{name}' (choose from auto, {', '.join(BACKENDS)})")
+    verify_bundle_files(folder, manifest, chosen.files_read(manifest))
+    return chosen(folder, manifest, device)

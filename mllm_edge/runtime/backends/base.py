@@ -38,6 +38,11 @@ class Backend(Protocol):
     engines: dict[str, Engine]  # graph name -> its engine
     max_context: int  # tokens the engines take: the bundle's, or what the TensorRT engines were built for
 
+    @staticmethod
+    def files_read(manifest) -> list[str]:
+        """The bundle files (relative paths) this backend reads: the ones checked when it opens."""
+        ...
+
     def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype):
         """A KV cache of max_context tokens where this backend's engines read it (runtime.cache's interface)."""
         ...

@@ -134,6 +134,10 @@ class OnnxRuntimeBackend(BackendResources):
             raise
         self.memory = OrtDeviceMemory(device) if device == "cuda" else None
 
+    @staticmethod
+    def files_read(manifest: Manifest) -> list[str]:
+        return manifest.graph_files() + manifest.tokenizer_files()
+
     def new_cache(self, num_layers: int, split: int, kv_heads: int, head_dim: int, dtype):
         shape = (num_layers, split, self.max_context, kv_heads, head_dim, dtype)
         if self.memory is None:

@@ -40,17 +40,41 @@ def _cuda():
     return cuda
 
 
+CUDA_HINT = (
+    "install the CUDA runtime (JetPack has it; on a desktop `pip install nvidia-cuda-runtime-cu12`) "
+    "or put the folder holding libcudart.so on LD_LIBRARY_PATH"
+)
+
+
+def _cuda_failed(what: str, error: Exception) -> MllmEdgeError:
+    """Polygraphy reports CUDA errors as its own exception (after logging them), ctypes as OSError."""
+    detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return MllmEdgeError(f"CUDA failed {what}: {detail}")
+
+
 class CudaMemory:
     """device_cache's memory interface on the GPU, ordered on one stream."""
 
     def __init__(self, stream=None):
         self.cuda = _cuda()
-        self.wrapper = self.cuda.wrapper()
-        self.stream = stream or self.cuda.Stream()
+        try:
+            self.wrapper = self.cuda.wrapper()
+            self.stream = stream or self.cuda.Stream()
+        except Exception as e:  # PolygraphyException, OSError: no libcudart, no driver, no GPU
+            raise MllmEdgeError(
+                f"the CUDA runtime cannot be used ({_cuda_failed('to start', e)}): {CUDA_HINT}"
+            ) from None
 
     def malloc(self, nbytes: int) -> int:
         """nbytes of zeroed device memory (the device cache's null rows must read as zeros)."""
-        address = self.wrapper.malloc(max(nbytes, 1))
+        try:
+            address = self.wrapper.malloc(max(nbytes, 1))
+        except Exception as e:
+            raise MllmEdgeError(
+                f"the GPU has no {max(nbytes, 1) / 2**20:.0f} MB left to allocate ({_cuda_failed('at cudaMalloc', e)}): "
+                "close other programs on the GPU, or lower the context (mllm-edge build --max-context) "
+                "or the weights (export --dtype fp16)"
+            ) from None
         self.memset(address, 0, max(nbytes, 1))
         return address
 
@@ -69,8 +93,19 @@ class CudaMemory:
         if status != 0:
             raise MllmEdgeError(f"cudaMemsetAsync failed with CUDA error {status}")
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        self.wrapper.memcpy(dst, src, nbytes, self.cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
+    def copy(self, dst: int, src: int, nbytes: int, kind: str = "DeviceToDevice", stream=None) -> None:
+        try:
+            self.wrapper.memcpy(
+                dst, src, nbytes, getattr(self.cuda.MemcpyKind, kind), (stream or self.stream).ptr
+            )
+        except Exception as e:
+            raise _cuda_failed(f"copying {nbytes} bytes ({kind})", e) from None
+
+    def synchronize(self) -> None:
+        try:
+            self.stream.synchronize()
+        except Exception as e:
+            raise _cuda_failed("on the stream (an engine's run or a copy)", e) from None
 
 
 def pick_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> int:
@@ -93,27 +128,85 @@ def pick_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> in
     )
 
 
+def numpy_dtype(trt, engine, name: str) -> np.dtype:
+    """The numpy dtype of an engine tensor; bf16 has none (numpy lacks it), so it is refused plainly."""
+    dtype = engine.get_tensor_dtype(name)
+    if dtype == getattr(trt.DataType, "BF16", object()):
+        raise MllmEdgeError(
+            f"tensor {name} of the engine is bf16, which the runtime cannot pass (numpy has no bfloat16): "
+            "export the bundle with --dtype fp16 (or fp32) and build again"
+        )
+    return np.dtype(trt.nptype(dtype))
+
+
+def activation_bytes(engine) -> int:
+    """The device memory one execution context of the engine needs for its activations."""
+    size = getattr(engine, "device_memory_size_v2", None)  # TensorRT 10.1+
+    return int(size if size is not None else getattr(engine, "device_memory_size", 0))
+
+
 class TensorRTEngine:
-    def __init__(self, path: Path, profiles: list[dict], memory: CudaMemory):
+    def __init__(
+        self, path: Path, profiles: list[dict], memory: CudaMemory, context_per_profile: bool = True
+    ):
+        """context_per_profile: one execution context for each optimization profile, each set to its
+        profile once, so switching between prefill and decode costs nothing; each context holds its
+        own activation memory. Where that memory is not there, one context switches profiles."""
         self.trt, self.engine, self.logger = load_engine(path)
         self.name, self.profiles, self.memory = path.stem, profiles, memory
-        self.context = self.engine.create_execution_context()
+        self.contexts = [self._new_context(0)]
+        if context_per_profile:
+            for profile in range(1, max(len(profiles), 1)):
+                context = self.engine.create_execution_context()
+                if context is None:  # no memory for another: keep switching one context
+                    self.logger.errors.clear()
+                    self.contexts = self.contexts[:1]
+                    break
+                self._use_profile(context, profile)
+                self.contexts.append(context)
+        self.active_profile = 0  # of the shared context, when there is one
         mode = self.trt.TensorIOMode.INPUT
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        self.dtypes = {
-            n: np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(n))) for n in names
-        }  # fixed: not per call
+        self.dtypes = {n: numpy_dtype(self.trt, self.engine, n) for n in names}  # fixed: not per call
         self.staging: dict[str, tuple[int, int]] = {}  # name -> (address, capacity in bytes)
-        self.active_profile = 0
+
+    @property
+    def activation_bytes(self) -> int:
+        """Device memory the engine's execution contexts hold for activations."""
+        return activation_bytes(self.engine) * len(self.contexts)
+
+    def _new_context(self, profile: int):
+        context = self.engine.create_execution_context()
+        if context is None:  # TensorRT returns None when it cannot allocate the activation memory
+            need = activation_bytes(self.engine) / 2**20
+            raise MllmEdgeError(
+                f"TensorRT cannot create an execution context for the {self.name} engine: it needs {need:.0f} MB of "
+                f"device memory for activations ({self._why()}); close other programs on the GPU, or rebuild with a "
+                "smaller --max-context"
+            )
+        if profile:
+            self._use_profile(context, profile)
+        return context
+
+    def _use_profile(self, context, profile: int) -> None:
+        if not context.set_optimization_profile_async(profile, self.memory.stream.ptr):
+            raise MllmEdgeError(
+                f"{self.name}: TensorRT refused optimization profile {profile} ({self._why()})"
+            )
+
+    def _context(self, profile: int):
+        if len(self.contexts) > 1:
+            return self.contexts[profile]
+        context = self.contexts[0]
+        if profile != self.active_profile:  # one context for every profile: switch (TensorRT re-plans)
+            self._use_profile(context, profile)
+            self.active_profile = profile
+        return context
 
     def _why(self) -> str:
         return "; ".join(self.logger.errors[-3:]) or "no message from TensorRT"
-
-    def _bind(self, name: str, address: int) -> None:
-        if not self.context.set_tensor_address(name, address):  # unknown name or a misaligned address
-            raise MllmEdgeError(f"{self.name}: TensorRT refused the address of {name} ({self._why()})")
 
     def _stage(self, name: str, nbytes: int) -> int:
         address, capacity = self.staging.get(name, (0, 0))
@@ -125,16 +218,17 @@ class TensorRTEngine:
         return address
 
     def run(self, inputs: dict, outputs: dict | None = None) -> dict[str, np.ndarray]:
-        cuda, stream = self.memory.cuda, self.memory.stream
         outputs = outputs or {}
         shapes = {n: tuple(inputs[n].shape) for n in self.input_names}
-        profile = pick_profile(self.profiles, shapes) if self.profiles else 0
-        if profile != self.active_profile:
-            self.context.set_optimization_profile_async(profile, stream.ptr)
-            self.active_profile = profile
+        context = self._context(pick_profile(self.profiles, shapes) if self.profiles else 0)
+
+        def bind(name: str, address: int) -> None:
+            if not context.set_tensor_address(name, address):  # unknown name or a misaligned address
+                raise MllmEdgeError(f"{self.name}: TensorRT refused the address of {name} ({self._why()})")
+
         for name in self.input_names:
             value = inputs[name]
-            if not self.context.set_input_shape(name, shapes[name]):
+            if not context.set_input_shape(name, shapes[name]):
                 raise MllmEdgeError(
                     f"{self.name}: TensorRT refused shape {shapes[name]} for {name} ({self._why()})"
                 )
@@ -148,38 +242,33 @@ class TensorRTEngine:
             else:
                 host = np.ascontiguousarray(value)
                 address = self._stage(name, host.nbytes)
-                self.memory.wrapper.memcpy(
-                    address, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice, stream.ptr
-                )
-            self._bind(name, address)
+                self.memory.copy(address, host.ctypes.data, host.nbytes, "HostToDevice")
+            bind(name, address)
         returned = {}
         for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             if name in outputs:
                 target = outputs[name]
                 if tuple(target.shape) != shape:
                     raise MllmEdgeError(
                         f"{self.name}: output {name} is {shape}, its binding {tuple(target.shape)}"
                     )  # our bug
-                self._bind(name, target.address)
+                bind(name, target.address)
             else:
                 returned[name] = np.empty(shape, self.dtypes[name])
-                self._bind(name, self._stage(name, returned[name].nbytes))
-        if not self.context.execute_async_v3(stream.ptr):
+                bind(name, self._stage(name, returned[name].nbytes))
+        if not context.execute_async_v3(self.memory.stream.ptr):
             raise MllmEdgeError(f"TensorRT failed running the {self.name} engine ({self._why()})")
         for name, host in returned.items():
-            address = self.staging[name][0]
-            self.memory.wrapper.memcpy(
-                host.ctypes.data, address, host.nbytes, cuda.MemcpyKind.DeviceToHost, stream.ptr
-            )
-        stream.synchronize()
+            self.memory.copy(host.ctypes.data, self.staging[name][0], host.nbytes, "DeviceToHost")
+        self.memory.synchronize()
         return returned
 
     def close(self) -> None:
         for address, _ in self.staging.values():
             self.memory.free(address)
         self.staging = {}
-        self.context = self.engine = None  # TensorRT frees them with their last reference
+        self.contexts, self.engine = [], None  # TensorRT frees them with their last reference
 
 
 class TensorRTBackend(BackendResources):
@@ -188,7 +277,12 @@ class TensorRTBackend(BackendResources):
 
     name, device = "tensorrt", "cuda"
 
-    def __init__(self, bundle: Path, manifest: Manifest):
+    @staticmethod
+    def files_read(manifest: Manifest) -> list[str]:
+        """The tokenizer; the engines are checked against engines.json, and no ONNX file is read."""
+        return manifest.tokenizer_files()
+
+    def __init__(self, bundle: Path, manifest: Manifest, device: str = "cuda"):
         super().__init__()
         if manifest.quantization:
             raise MllmEdgeError(
