@@ -357,13 +357,27 @@ def test_engines_build_verify_and_answer_like_onnxruntime(method, export_cache, 
     folder, _ = export_cache("llama_gqa", method)
     plan, checks = build_bundle(BuildConfig(folder, trtexec=True))
     assert checks and all(c.ok for c in checks) and (plan.folder / "trtexec.sh").is_file()
-    ort = Pipeline.load(folder, backend="onnxruntime").generate(
-        image_file, "What is in the picture?", max_new_tokens=8
-    )
-    trt = Pipeline.load(folder, backend="auto")
-    assert trt.backend.name == "tensorrt"
-    result = trt.generate(image_file, "What is in the picture?", max_new_tokens=8)
-    assert result.token_ids == ort.token_ids and result.kept_image_tokens == ort.kept_image_tokens
+    from mllm_edge.parity import ENGINE_TOLERANCE, tie_gap
+
+    seen = {}
+    with Pipeline.load(folder, backend="onnxruntime") as pipeline:
+        pipeline.observe(lambda graph, inputs, outputs: seen.setdefault(graph, inputs))
+        ort = pipeline.generate(image_file, "What is in the picture?", max_new_tokens=8)
+    with Pipeline.load(folder, backend="auto") as trt:
+        assert trt.backend.name == "tensorrt"
+        result = trt.generate(image_file, "What is in the picture?", max_new_tokens=8)
+    if result.kept_image_tokens == ort.kept_image_tokens:
+        assert result.token_ids == ort.token_ids
+    else:  # only a tie at the cut may differ (TF32 scores), judged by ONNX Runtime's own scores
+        assert method == "fastv", (result.kept_image_tokens, ort.kept_image_tokens)
+        prune = seen["prune"]
+        start, n = int(prune["image_start"]), trt.manifest.pruning["image_tokens"]["llm"]
+        gap = tie_gap(
+            prune["last_row"][:, start : start + n],
+            np.array([ort.kept_image_tokens["llm"]]),
+            np.array([result.kept_image_tokens["llm"]]),
+        )
+        assert gap is not None and gap <= ENGINE_TOLERANCE[plan.settings.precision]
 
 
 def test_build_bundle_lints_the_graphs_before_tensorrt_loads(export_cache, tmp_path):

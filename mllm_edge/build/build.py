@@ -20,7 +20,7 @@ from .. import __version__, engines
 from ..engines import EngineEntry, EngineSet, Target, engine_folder, profile_record, write_engine_set
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from ..parity import ENGINE_TOLERANCE, OutputCheck, compare, load_sample
+from ..parity import ENGINE_TOLERANCE, OutputCheck, compare_graph, load_references, load_sample
 from . import tensorrt_api
 from .profiles import Profile, graph_profiles
 from .settings import BuildSettings, choose_settings
@@ -234,10 +234,12 @@ def verify_engines(plan: BuildPlan, folder: Path, meta: EngineSet, progress) -> 
 
 
 def verify_engine(plan: BuildPlan, graph: str, engine) -> list[OutputCheck]:
-    inputs, outputs = load_sample(plan.bundle / plan.manifest.samples[graph])
+    path = plan.bundle / plan.manifest.samples[graph]
+    inputs, outputs = load_sample(path)
     got = engine.run(inputs)
-    tolerance = ENGINE_TOLERANCE[plan.settings.precision]
-    return [compare(graph, name, got[name], ref, tolerance) for name, ref in outputs.items()]
+    return compare_graph(
+        graph, got, inputs, outputs, load_references(path), ENGINE_TOLERANCE[plan.settings.precision]
+    )
 
 
 def build_bundle(

@@ -9,7 +9,7 @@ a 7B model they are hundreds of MB); the chain sample (greedy tokens and their l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ class Samples:
     prompt: str  # the rendered chat prompt
     text_tokens: int  # prompt tokens that are not image tokens
     llm_prompt_tokens: int  # prompt tokens entering the LLM (image run after FasterVLM)
+    # graph -> what judges its selection at a tie (parity.compare_graph): FasterVLM's [CLS] row and
+    # every patch projected; FastV's scores are the prune graph's own input
+    references: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def numpy(x: torch.Tensor) -> np.ndarray:
@@ -93,8 +96,15 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
         "token_ids": np.asarray(result.token_ids, dtype=np.int64),
         "step_logits": np.stack([numpy(x) for x in result.steps_logits], axis=1),  # [B, steps, V]
     }
+    references = {}
+    if pruning.fastervlm:
+        features, cls_row = llava.image_features(pixel_values, want_cls_row=True)
+        references["vision"] = {
+            "cls_row": numpy(cls_row),
+            "all_image_embeds": numpy(llava.projector(features)),
+        }
     num_full = input_ids.shape[1] - ids.shape[1] + vision["image_embeds"].shape[1]
-    return Samples(graphs, samples, rendered, input_ids.shape[1] - num_full, ids.shape[1])
+    return Samples(graphs, samples, rendered, input_ids.shape[1] - num_full, ids.shape[1], references)
 
 
 def save_samples(samples: Samples, folder: Path) -> dict[str, str]:
@@ -103,6 +113,7 @@ def save_samples(samples: Samples, folder: Path) -> dict[str, str]:
     files = {}
     for name, (inputs, outputs) in samples.graphs.items():
         arrays = {f"in.{k}": v for k, v in inputs.items()} | {f"out.{k}": v for k, v in outputs.items()}
+        arrays |= {f"ref.{k}": v for k, v in samples.references.get(name, {}).items()}
         np.savez(folder / f"{name}.npz", **arrays)
         files[name] = f"{folder.name}/{name}.npz"
     np.savez(folder / "chain.npz", **samples.chain)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import MllmEdgeError
 from ..manifest import Manifest
-from ..parity import CHAIN_TOLERANCE, TOLERANCE, OutputCheck, compare, load_sample
+from ..parity import CHAIN_TOLERANCE, TOLERANCE, OutputCheck, compare_graph, load_references, load_sample
 from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
 from ..runtime.cache import KINDS, CacheBookkeeping
 from ..runtime.chain import Chain, place_image_tokens
@@ -53,12 +53,12 @@ def graph_tolerance(manifest: Manifest, graph: str) -> float:
 def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:
     checks = []
     for name, spec in manifest.graphs.items():
-        inputs, outputs = load_sample(folder / manifest.samples[name])
+        path = folder / manifest.samples[name]
+        inputs, outputs = load_sample(path)
         results = session(folder / spec.file).run(inputs)  # the session closes before the next opens
-        checks += [
-            compare(name, out, results[out], ref, graph_tolerance(manifest, name))
-            for out, ref in outputs.items()
-        ]
+        checks += compare_graph(
+            name, results, inputs, outputs, load_references(path), graph_tolerance(manifest, name)
+        )
     return checks
 
 
