@@ -12,6 +12,9 @@ import typer
 from . import __version__
 from .errors import MllmEdgeError
 from .manifest import DEFAULT_BUNDLE
+from .runtime.image import MAX_IMAGE_PIXELS
+
+MAX_PIXELS_HELP = "Refuse images with more pixels than this (a guard against decompression bombs)."
 
 app = typer.Typer(
     help="Prune the visual tokens of LLaVA-family models (FastV, FasterVLM), export to ONNX, build TensorRT engines, run.",
@@ -74,6 +77,7 @@ def reference(
         None, "--vision-ratio", help="FasterVLM's ratio when both methods run."
     ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Stop after this many tokens."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
 ) -> None:
     """Answer with the PyTorch reference (greedy, KV cache): the yardstick exported graphs are checked against."""
     import time
@@ -85,7 +89,7 @@ def reference(
     from .pruning import PruningConfig
 
     pruning = PruningConfig.from_method(method, ratio, k, vision_ratio)
-    picture = load_image(image)
+    picture = load_image(image, max_image_pixels)
     folder = resolve_checkpoint(model)
     llava = load_llava(folder)
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
@@ -230,6 +234,30 @@ def inspect(
         console.print("op counts and the TensorRT lint need onnx: pip install 'mllm-edge[export]'")
 
 
+@app.command()
+@user_errors
+def verify(
+    bundle: Path = typer.Argument(Path(DEFAULT_BUNDLE), help="Bundle folder made by `mllm-edge export`."),
+) -> None:
+    """Check every file of a bundle, and of each engine folder in it, against its sha256, re-reading all.
+
+    Other commands re-read only files changed since their last check (size, time, inode)."""
+    import time
+
+    from .engines import ENGINES_DIR, ENGINES_META, load_engine_set
+    from .manifest import load_manifest, verify_bundle_files
+
+    start = time.perf_counter()
+    manifest = load_manifest(bundle, verify_files=False)
+    verify_bundle_files(bundle, manifest, full=True)
+    folders = sorted(p.parent for p in (bundle / ENGINES_DIR).glob(f"*/{ENGINES_META}"))
+    engines = sum(len(load_engine_set(folder, bundle, full=True).engines) for folder in folders)
+    typer.echo(
+        f"{bundle}: {len(manifest.files)} files and {engines} engines in {len(folders)} engine folders match their sha256 "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+
+
 @app.command(name="eval")
 @user_errors
 def eval_(
@@ -255,6 +283,7 @@ def eval_(
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object (with every answer) instead of a summary."
     ),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
 ) -> None:
     """Exact-match accuracy of a bundle's answers, agreement with an unpruned baseline, prefill time, image tokens kept."""
     import json
@@ -275,7 +304,12 @@ def eval_(
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("eval", total=len(items))
         report = evaluate(
-            bundle, items, baseline, backend, lambda done: progress.update(task, completed=done)
+            bundle,
+            items,
+            baseline,
+            backend,
+            lambda done: progress.update(task, completed=done),
+            max_image_pixels,
         )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -381,6 +415,7 @@ def run(
     show_pruning: Optional[Path] = typer.Option(
         None, "--show-pruning", help="Write the image with pruned patches dimmed, kept ones outlined (PNG)."
     ),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
 ) -> None:
     """Answer a question about an image with an exported bundle (streams the answer; figures on stderr)."""
     import json
@@ -390,9 +425,12 @@ def run(
 
     if show_pruning is not None and not show_pruning.parent.is_dir():
         raise MllmEdgeError(f"cannot write {show_pruning}: the folder {show_pruning.parent} does not exist")
+    from .runtime.image import load_image
+
     pipeline = Pipeline.load(bundle, backend, device)
+    picture = load_image(image, max_image_pixels)
     generation = pipeline.stream(
-        image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        picture, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     for piece in generation:
         if not as_json:
@@ -400,12 +438,11 @@ def run(
             sys.stdout.flush()
     result = generation.result
     if show_pruning is not None:
-        from .runtime.image import load_image
         from .runtime.show_pruning import draw_pruning
 
         vision = pipeline.manifest.architecture["vision"]
         kept = result.kept_image_tokens
-        pixels = pipeline.preprocess(load_image(image))
+        pixels = pipeline.preprocess(picture)
         draw_pruning(
             pixels,
             pipeline.manifest.preprocessing,

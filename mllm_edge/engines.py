@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MllmEdgeError
-from .manifest import MANIFEST_NAME, sha256_file
+from .integrity import check_files, sha256_file
+from .manifest import MANIFEST_NAME
 
 ENGINES_DIR = "engines"
 
@@ -222,7 +223,7 @@ def write_engine_set(folder: Path, meta: EngineSet) -> None:
 
 
 def load_engine_set(
-    folder: Path, bundle: Path, here: Target | None = None, verify_files: bool = True
+    folder: Path, bundle: Path, here: Target | None = None, verify_files: bool = True, full: bool = False
 ) -> EngineSet:
     """Read and check an engine folder: complete, for this bundle, (given `here`) for this machine."""
     path = folder / ENGINES_META
@@ -246,17 +247,16 @@ def load_engine_set(
         )
     if here is not None and (why := same_machine(meta.target, here)):
         raise MllmEdgeError(why)
-    if verify_files:
-        for entry in meta.engines.values():
-            file = folder / entry.file
-            if not file.is_file():
-                raise MllmEdgeError(
-                    f"engine {entry.file} is missing from {folder}: rebuild with `mllm-edge build {bundle}`"
-                )
-            if sha256_file(file) != entry.sha256:
-                raise MllmEdgeError(
-                    f"engine {entry.file} in {folder} is damaged (sha256 differs): rebuild with `mllm-edge build {bundle}`"
-                )
+    if verify_files:  # re-read only engines changed since their last check (integrity.py) unless full
+        problem = check_files(folder, {e.file: e.sha256 for e in meta.engines.values()}, full)
+        if problem and problem[0] == "missing":
+            raise MllmEdgeError(
+                f"engine {problem[1]} is missing from {folder}: rebuild with `mllm-edge build {bundle}`"
+            )
+        if problem:
+            raise MllmEdgeError(
+                f"engine {problem[1]} in {folder} is damaged (sha256 differs): rebuild with `mllm-edge build {bundle}`"
+            )
     return meta
 
 

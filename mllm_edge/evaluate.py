@@ -87,14 +87,19 @@ def evaluate(
     baseline: Path | None = None,
     backend: str = "auto",
     progress: Callable[[int], None] = lambda _: None,
+    max_image_pixels: int | None = None,
 ) -> EvalReport:
+    from .runtime.image import MAX_IMAGE_PIXELS, load_image
     from .runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend)
     base = Pipeline.load(baseline, backend=backend) if baseline is not None else None
     answers, prefill = [], []
     for i, item in enumerate(items):
-        result = pipe.generate(item.image, item.question, max_new_tokens=MAX_NEW_TOKENS)
+        picture = item.image
+        if isinstance(picture, (str, Path)):  # loaded once, for the bundle and its baseline
+            picture = load_image(picture, max_image_pixels or MAX_IMAGE_PIXELS)
+        result = pipe.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS)
         row = {
             "question": item.question,
             "answer": item.answer,
@@ -105,7 +110,7 @@ def evaluate(
         if isinstance(item.image, (str, Path)):
             row["image"] = str(item.image)
         if base is not None:
-            row["baseline"] = base.generate(item.image, item.question, max_new_tokens=MAX_NEW_TOKENS).text
+            row["baseline"] = base.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS).text
         answers.append(row)
         prefill.append(result.timings_ms["prefill"])
         progress(i + 1)

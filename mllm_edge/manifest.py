@@ -7,12 +7,13 @@ sha256 per file. This module needs only the standard library, so the runtime on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MllmEdgeError
+from .graphs import bundle_graphs
+from .integrity import check_files, sha256_file
 
 SCHEMA_VERSION = 2  # 2 added `quantization`
 READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a version-2 one without quantized weights
@@ -98,14 +99,6 @@ def schema_version(quantized: bool) -> int:
     return SCHEMA_VERSION if quantized else 1
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def hash_files(folder: Path) -> dict[str, str]:
     """sha256 of every file under folder except the manifest, by path relative to folder (posix)."""
     return {
@@ -119,6 +112,122 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Hash every file of the bundle into the manifest, then write it (last, so it vouches for all)."""
     manifest.files = hash_files(folder)
     (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+
+
+class _Invalid(Exception):
+    """A manifest field that is missing, of the wrong type, out of range or inconsistent."""
+
+
+def _field(data: dict, path: str, kinds, ok=lambda v: True, want: str = ""):
+    value = data
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise _Invalid(f"{path} is missing")
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, kinds):  # no field of ours is a bool
+        raise _Invalid(f"{path} must be {want or kinds}, got {value!r}")
+    if not ok(value):
+        raise _Invalid(f"{path} must be {want}, got {value!r}")
+    return value
+
+
+def _safe_path(rel: str) -> bool:
+    """A path inside the bundle: relative, posix, no '..'."""
+    return bool(rel) and not rel.startswith("/") and "\\" not in rel and ".." not in rel.split("/")
+
+
+def check_manifest(data) -> None:
+    """Types, ranges and consistency of a manifest's fields, before anything uses them; raises _Invalid
+    naming the field. The file list is mandatory and covers every graph, data and tokenizer file."""
+    if not isinstance(data, dict):
+        raise _Invalid("the manifest must be a JSON object")
+    positive = lambda v: v > 0  # noqa: E731
+    num_layers = _field(data, "architecture.text.num_layers", int, positive, "a whole number > 0")
+    for key in ("hidden_size", "num_kv_heads", "head_dim", "vocab_size"):
+        _field(data, f"architecture.text.{key}", int, positive, "a whole number > 0")
+    for key in ("image_size", "patch_size"):
+        _field(data, f"architecture.vision.{key}", int, positive, "a whole number > 0")
+    num_image = _field(data, "architecture.num_image_tokens", int, positive, "a whole number > 0")
+    methods = ("none", "fastv", "fastervlm", "fastv+fastervlm")
+    method = _field(data, "pruning.method", str, lambda v: v in methods, "one of " + ", ".join(methods))
+    split = _field(
+        data, "pruning.split_layer", int, lambda v: 0 <= v < num_layers, f"a layer 0 <= K < {num_layers}"
+    )
+    tokens = {
+        k: _field(data, f"pruning.image_tokens.{k}", int, positive, "a whole number > 0")
+        for k in ("vision", "llm", "after_fastv")
+    }
+    if tokens["vision"] != num_image or not tokens["after_fastv"] <= tokens["llm"] <= tokens["vision"]:
+        raise _Invalid(f"pruning.image_tokens {tokens} must count down from the {num_image} image tokens")
+    for name in ("fastv", "fastervlm"):
+        on = name in method.split("+")
+        entry = data["pruning"].get(name)
+        if on != (entry is not None):
+            raise _Invalid(f"pruning.{name} must be {'set' if on else 'null'} for method {method!r}")
+        if on:
+            _field(data, f"pruning.{name}.ratio", (int, float), lambda v: 0 <= v < 1, "a ratio 0 <= R < 1")
+            keep = _field(data, f"pruning.{name}.keep", int, positive, "a whole number > 0")
+            expected = tokens["after_fastv"] if name == "fastv" else tokens["llm"]
+            if keep != expected:
+                raise _Invalid(f"pruning.{name}.keep {keep} disagrees with pruning.image_tokens ({expected})")
+    used = method.split("+")
+    if "fastv" in used:
+        _field(
+            data, "pruning.fastv.k", int, lambda v: v == split, f"FastV's layer, pruning.split_layer {split}"
+        )
+    if ("fastv" in used) != (split > 0):
+        raise _Invalid(f"pruning.split_layer {split} disagrees with method {method!r}")
+    if "fastervlm" not in used and tokens["llm"] != tokens["vision"]:
+        raise _Invalid("pruning.image_tokens.llm must equal vision without FasterVLM")
+    if "fastv" not in used and tokens["after_fastv"] != tokens["llm"]:
+        raise _Invalid("pruning.image_tokens.after_fastv must equal llm without FastV")
+    _field(data, "dtype", str, lambda v: v in ("float32", "float16"), "float32 or float16")
+    _field(
+        data,
+        "max_context",
+        int,
+        lambda v: v > tokens["llm"],
+        f"a whole number above the {tokens['llm']} image tokens",
+    )
+    files = _field(
+        data, "files", dict, lambda v: len(v) > 0, "the sha256 of every file (it may not be empty)"
+    )
+    for rel, sha in files.items():
+        if not _safe_path(rel) or not isinstance(sha, str) or len(sha) != 64:
+            raise _Invalid(f"files[{rel!r}] must be a path inside the bundle and a sha256")
+    graphs = _field(data, "graphs", dict)
+    expected = list(bundle_graphs("fastv" in used, "fastervlm" in used))
+    if list(graphs) != expected:
+        raise _Invalid(f"graphs must be {', '.join(expected)} for method {method!r}, got {', '.join(graphs)}")
+    for name, graph in graphs.items():
+        for rel in [_field(data, f"graphs.{name}.file", str, _safe_path, "a path inside the bundle")] + list(
+            graph.get("data_files", [])
+        ):
+            if rel not in files:
+                raise _Invalid(f"graphs.{name}: {rel} is not in the file list")
+        for side in ("inputs", "outputs"):
+            for t in _field(data, f"graphs.{name}.{side}", list):
+                if not (
+                    isinstance(t, dict)
+                    and isinstance(t.get("name"), str)
+                    and isinstance(t.get("dtype"), str)
+                    and isinstance(t.get("shape"), list)
+                ):
+                    raise _Invalid(f"graphs.{name}.{side} must list {{name, dtype, shape}} entries")
+    folder = _field(data, "tokenizer.folder", str, _safe_path, "a path inside the bundle")
+    if not any(rel.startswith(folder + "/") for rel in files):
+        raise _Invalid(f"the file list holds no file of tokenizer.folder {folder!r}")
+    _field(data, "tokenizer.image_token_id", int, lambda v: v >= 0, "a token id")
+    _field(
+        data,
+        "tokenizer.eos_token_ids",
+        list,
+        lambda v: all(isinstance(i, int) for i in v),
+        "a list of token ids",
+    )
+    q = data.get("quantization")
+    if q is not None:
+        _field(data, "quantization.weights", str, lambda v: v in ("int8", "int4"), "int8 or int4")
 
 
 def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
@@ -145,7 +254,10 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
             f"{', '.join(map(str, READABLE_VERSIONS))} (export the bundle again, or update mllm-edge)"
         )
     try:
+        check_manifest(data)
         manifest = Manifest.from_dict(data)
+    except _Invalid as e:
+        raise MllmEdgeError(f"{path} is damaged: {e}") from None
     except (KeyError, TypeError) as e:
         raise MllmEdgeError(f"{path} is damaged: {e}") from None
     if verify_files:
@@ -153,15 +265,20 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     return manifest
 
 
-def verify_bundle_files(folder: Path, manifest: Manifest, only: list[str] | None = None) -> None:
-    """Check the bundle's files (or `only` these, relative paths) against their sha256."""
-    for rel, expected in manifest.files.items():
-        if only is not None and rel not in only:
-            continue
-        path = folder / rel
-        if not path.is_file():
-            raise MllmEdgeError(f"bundle {folder} is incomplete: {rel} is missing")
-        if sha256_file(path) != expected:
-            raise MllmEdgeError(
-                f"bundle {folder} is damaged: {rel} does not match its sha256 in {MANIFEST_NAME}"
-            )
+def verify_bundle_files(
+    folder: Path, manifest: Manifest, only: list[str] | None = None, full: bool = False
+) -> None:
+    """Check the bundle's files (or `only` these, relative paths) against their sha256; a file whose
+    verified state is unchanged since its last check is not re-read unless `full` (integrity.py)."""
+    expected = (
+        manifest.files
+        if only is None
+        else {rel: manifest.files[rel] for rel in only if rel in manifest.files}
+    )
+    problem = check_files(folder, expected, full)
+    if problem is None:
+        return
+    kind, rel = problem
+    if kind == "missing":
+        raise MllmEdgeError(f"bundle {folder} is incomplete: {rel} is missing")
+    raise MllmEdgeError(f"bundle {folder} is damaged: {rel} does not match its sha256 in {MANIFEST_NAME}")

@@ -9,6 +9,8 @@ import os
 # which read these once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Verified-state records (mllm_edge.integrity) go to a folder of this test session, not the user's cache.
+os.environ["MLLM_EDGE_CACHE"] = __import__("tempfile").mkdtemp(prefix="mllm-edge-cache-")
 
 from pathlib import Path  # noqa: E402
 

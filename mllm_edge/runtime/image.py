@@ -15,13 +15,26 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MllmEdgeError
 
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own limit (about 9459 x 9459): beyond it, --max-image-pixels
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with a clear error for a missing, empty or unreadable file."""
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as 8-bit RGB, as a user would expect to see it, with a clear error for a
+    missing, empty, unreadable or oversized file (`max_pixels`: width x height, checked from the
+    header before anything is decoded).
+
+    - EXIF orientation is applied, as transformers' own `load_image` does (phone pictures upright).
+    - 16-bit grayscale (I;16*, and Pillow's 32-bit I of a 16-bit PNG) is scaled to 8 bits (v / 257);
+      float (F) is read as 0..1 when it stays within it, else as 0..255. transformers' processors
+      convert such images to RGB by clipping at 255, which turns a 16-bit picture white; we read
+      the values as the picture's own.
+    - Transparency (an alpha band, or a palette's transparent colour) is composited onto white, as
+      transformers' `convert_to_rgb` does.
+    """
     path = Path(path)
     if path.is_dir():
         raise MllmEdgeError(f"image {path} is a folder, not an image file")
@@ -29,11 +42,42 @@ def load_image(path: str | Path) -> Image.Image:
         raise MllmEdgeError(f"image {path} does not exist")
     if path.stat().st_size == 0:
         raise MllmEdgeError(f"image {path} is empty")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, and no Pillow warning
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise MllmEdgeError(
+                    f"image {path} is {width} x {height} = {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,} (a guard against decompression bombs): raise it with --max-image-pixels"
+                )
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as e:  # Pillow's decoders raise all these
         raise MllmEdgeError(f"image {path} cannot be read: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: high bit depths scaled (not clipped), transparency composited onto white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 # Class defaults of the transformers image processors, used where the config leaves a key out or
@@ -190,12 +234,7 @@ class ImagePreprocessor:
                     f"the image is {image.mode}, and this checkpoint's processor does not convert to RGB"
                 )
             return image
-        # As transformers' convert_to_rgb: transparency is composited onto white, not dropped.
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
+        return to_rgb(image)  # as transformers' convert_to_rgb, with high bit depths scaled (load_image)
 
 
 def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
