@@ -36,10 +36,28 @@ def make_bundle(folder: Path, gb: float) -> None:
                 f.write(block)
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "tokenizer.json").write_text("{}")
-    graphs = {n.split(".")[0]: GraphSpec(n.removesuffix(".data"), [], [], [n]) for n, _ in FILES}
+    graphs = {
+        n.split(".")[0]: GraphSpec(n.removesuffix(".data"), [], [], [n]) for n, _ in FILES
+    }  # in run order
     for spec in graphs.values():
         (folder / spec.file).write_bytes(b"\0" * 4096)
-    manifest = Manifest({}, {}, {}, "float16", 2048, graphs, {"folder": "tokenizer"}, {}, {})
+    architecture = {  # a 1B-class LLaVA's numbers; only their form is checked here
+        "text": {
+            "num_layers": 22,
+            "hidden_size": 2048,
+            "num_kv_heads": 4,
+            "head_dim": 64,
+            "vocab_size": 32064,
+        },
+        "vision": {"image_size": 336, "patch_size": 14},
+        "num_image_tokens": 576,
+    }
+    pruning = {"method": "none", "fastv": None, "fastervlm": None, "split_layer": 0}
+    pruning["image_tokens"] = {"vision": 576, "llm": 576, "after_fastv": 576}
+    tokenizer = {"folder": "tokenizer", "image_token_id": 32000, "eos_token_ids": [2]}
+    manifest = Manifest(
+        {"model": "synthetic"}, architecture, pruning, "float16", 2048, graphs, tokenizer, {}, {}
+    )
     write_manifest(folder, manifest)
     old = time.time() - 3600  # written long ago, as a copied bundle is: its state can be trusted
     for path in folder.rglob("*"):

@@ -44,11 +44,16 @@ def user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from .atomic import Terminated
+
         try:
             return command(*args, **kwargs)
         except MllmEdgeError as e:
             typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
+        except Terminated as e:  # SIGTERM or SIGHUP during a write: cleaned up, say so
+            typer.secho(f"error: {e}; nothing half-written was left behind", err=True, fg=typer.colors.RED)
+            raise typer.Exit(128 + e.signum) from None
 
     return wrapper
 

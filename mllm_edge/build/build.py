@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__, engines
+from ..atomic import locked, partial_folder, remove_stale, signals_as_interrupts
 from ..engines import EngineEntry, EngineSet, Target, engine_folder, profile_record, write_engine_set
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
@@ -254,11 +254,18 @@ def build_bundle(
     target = engines.gpu_info(engines.import_tensorrt().__version__)
     plan = plan_build(config, target, manifest)
     plan.folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.folder.name}.", suffix=".partial", dir=plan.folder.parent))
+    with locked(plan.folder), signals_as_interrupts():
+        remove_stale(plan.folder)
+        return _build_into(config, plan, partial_folder(plan.folder), progress)
+
+
+def _build_into(
+    config: BuildConfig, plan: BuildPlan, tmp: Path, progress
+) -> tuple[BuildPlan, list[OutputCheck]]:
     checks: list[OutputCheck] = []
     try:
         meta = EngineSet(
-            target.to_dict(),
+            plan.target.to_dict(),
             plan.settings.to_dict(),
             plan.max_context,
             sha256_file(plan.bundle / MANIFEST_NAME),

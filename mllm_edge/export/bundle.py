@@ -12,7 +12,6 @@ import ctypes
 import gc
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from torch.export import Dim
 
 from .. import __version__
 from .. import graphs as mg
+from ..atomic import locked, partial_folder, remove_stale, signals_as_interrupts
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, schema_version, write_manifest
 from ..models.checkpoint import resolve_checkpoint
@@ -112,18 +112,17 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
     check_destination(out, config.force)
     if config.verify or config.quantize:
         require_onnxruntime()  # its quantizer, too
-    try:  # created first, so an unwritable destination fails before minutes of loading
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as e:
-        raise MllmEdgeError(f"cannot write into {out.parent}: {e.strerror}") from None
-    try:
-        report = _export_into(config, out, tmp, on_stage)
-    except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a vanished folder
-            raise MllmEdgeError(f"writing the bundle failed: {e}") from e
-        raise
-    return report
+    with locked(out), signals_as_interrupts():  # one writer of `out` at a time; SIGTERM cleans up too
+        check_destination(out, config.force)  # again: another export may have finished meanwhile
+        remove_stale(out)
+        tmp = partial_folder(out)  # first, so an unwritable destination fails before minutes of loading
+        try:
+            return _export_into(config, out, tmp, on_stage)
+        except BaseException as e:  # KeyboardInterrupt and Terminated too: nothing half-written stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):  # a full disk, a vanished folder
+                raise MllmEdgeError(f"writing the bundle failed: {e}") from e
+            raise
 
 
 def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> ExportReport:
@@ -328,7 +327,7 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         os.replace(tmp, out)
         return
     check_destination(out, force)  # again: the folder may have appeared during the export
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = partial_folder(out, "old")
     os.replace(out, old)  # onto the empty placeholder
     try:
         os.replace(tmp, out)
