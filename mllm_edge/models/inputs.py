@@ -8,6 +8,7 @@ import torch
 
 from ..errors import MllmEdgeError
 from ..runtime.image import load_image  # noqa: F401  (the runtime's loader, re-exported for the reference path)
+from ..runtime.prompt import check_prompt_text
 
 
 def prepare_inputs(model_dir: str | Path, image, prompt: str) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -22,6 +23,7 @@ def prepare_inputs(model_dir: str | Path, image, prompt: str) -> tuple[torch.Ten
         processor = AutoProcessor.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
         raise MllmEdgeError(f"cannot load the processor of {model_dir}: {e}") from None
+    check_prompt_text(prompt, getattr(processor, "image_token", ""))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     if getattr(processor, "chat_template", None) is None:
         raise MllmEdgeError(f"{model_dir} has no chat template")

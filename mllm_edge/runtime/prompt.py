@@ -124,6 +124,17 @@ def _find_chat_template(folder: Path) -> str:
     raise MllmEdgeError(f"{folder} has no chat template")
 
 
+def check_prompt_text(prompt: str, image_token: str) -> None:
+    """What every command that takes a prompt refuses: the image placeholder typed into the text (the
+    picture goes in once, by the template)."""
+    if not isinstance(prompt, str):
+        raise MllmEdgeError(f"the prompt must be text, got {type(prompt).__name__}")
+    if image_token and image_token in prompt:
+        raise MllmEdgeError(
+            f"the prompt contains the image token {image_token!r}: the picture goes in once, by itself; leave it out"
+        )
+
+
 class PromptBuilder:
     """One user turn (an image and a question) -> the rendered chat prompt -> the processor's input ids."""
 
@@ -176,6 +187,7 @@ class PromptBuilder:
 
     def render(self, prompt: str) -> str:
         """The chat template for one user turn holding the image then `prompt`, with the generation prompt."""
+        check_prompt_text(prompt, self.image_token)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         try:
             return self.template.render(
