@@ -58,6 +58,16 @@ def user_errors(command):
     return wrapper
 
 
+def progress_bar(*columns):
+    """A transient progress bar on stderr, shown only on a terminal: in logs and pipes it would leave
+    blank lines before the result or an error."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+
+
 def require_export_extra(modules: tuple[str, ...] = ("torch", "transformers")) -> None:
     """The PyTorch side needs torch and transformers (exporting also onnx), which a runtime-only install lacks."""
     import importlib.util
@@ -154,7 +164,7 @@ def export(
     require_export_extra(("torch", "transformers", "onnx", "onnxscript"))
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from .export.bundle import ExportConfig, export_bundle, stages
     from .export.report import checks_table, files_table, human_bytes, pruning_line, weights_line
@@ -176,7 +186,7 @@ def export(
     )
     names = stages(config)
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with progress_bar(*columns) as progress:
         task = progress.add_task("export", total=len(names))
         report = export_bundle(
             config, lambda name: progress.update(task, description=name, completed=names.index(name))
@@ -295,12 +305,16 @@ def eval_(
         False, "--json", help="Print one JSON object (with every answer) instead of a summary."
     ),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Leave out items whose image or question cannot be used, and count them."
+    ),
 ) -> None:
     """Exact-match accuracy of a bundle's answers, agreement with an unpruned baseline, prefill time, image tokens kept."""
     import json
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from .evaluate import evaluate, load_jsonl, synthetic_items
 
@@ -312,7 +326,7 @@ def eval_(
         else synthetic_items(200 if synthetic is None else synthetic)
     )
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with progress_bar(*columns) as progress:
         task = progress.add_task("eval", total=len(items))
         report = evaluate(
             bundle,
@@ -321,6 +335,7 @@ def eval_(
             backend,
             lambda done: progress.update(task, completed=done),
             max_image_pixels,
+            skip_bad,
         )
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -333,6 +348,10 @@ def eval_(
     )
     if report.by_kind:
         console.print("by question kind: " + ", ".join(f"{k} {v:.0%}" for k, v in report.by_kind.items()))
+    if report.skipped:
+        console.print(f"skipped {len(report.skipped)} items (--skip-bad):", highlight=False)
+        for problem in report.skipped:
+            console.print(f"  {escape(problem)}", highlight=False)
 
 
 @app.command()
@@ -372,18 +391,12 @@ def build(
     """Build TensorRT engines for this GPU, one per graph, into BUNDLE/engines/<gpu>-sm<cc>-trt<version>/."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .build.build import BuildConfig, build_bundle
 
     config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify, adopt)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
+    with progress_bar(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as progress:
         task = progress.add_task("build")
         plan, checks = build_bundle(config, lambda text: progress.update(task, description=text))
     console = Console(soft_wrap=True)
@@ -436,6 +449,11 @@ def run(
 
     if show_pruning is not None and not show_pruning.parent.is_dir():
         raise MllmEdgeError(f"cannot write {show_pruning}: the folder {show_pruning.parent} does not exist")
+    if show_pruning is not None:
+        from PIL import Image
+
+        if show_pruning.suffix.lower() not in Image.registered_extensions():
+            raise MllmEdgeError(f"cannot write {show_pruning}: give it an image file extension, such as .png")
     from .runtime.image import load_image
 
     pipeline = Pipeline.load(bundle, backend, device)
@@ -471,9 +489,19 @@ def run(
     flow = f"image tokens {tokens['vision']} -> {tokens['llm']}" + (
         f" -> {tokens['after_fastv']}" if kept["llm"] is not None else ""
     )
+    decode = (
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s"
+        if result.decode_tokens_per_s
+        else "no decode step"
+    )
+    if not result.text.strip():
+        typer.echo(
+            f"the answer is empty: the model ended it at once (tokens {result.token_ids}); try another prompt",
+            err=True,
+        )
     typer.echo(
         f"vision {t['vision']:.1f} ms, prefill {t['prefill']:.1f} ms, ttft {t['ttft']:.1f} ms, "
-        f"decode {result.decode_tokens_per_s:.1f} tokens/s; {flow}; {result.backend} on {result.device}"
+        f"{decode}; {flow}; {result.backend} on {result.device}"
         + (f", {pipeline.manifest.weights} weights" if pipeline.manifest.quantization else ""),
         err=True,
     )

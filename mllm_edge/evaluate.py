@@ -27,6 +27,7 @@ class EvalItem:
     question: str
     answer: str
     kind: str = ""
+    where: str = ""  # "dataset.jsonl:LINE" for an item of a file, for messages
 
 
 @dataclass
@@ -43,6 +44,7 @@ class EvalReport:
     answers: list[dict] = field(
         default_factory=list
     )  # per item: question, answer, predicted, correct[, baseline]
+    skipped: list[str] = field(default_factory=list)  # with skip_bad: "file:line: why" of each item left out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +66,9 @@ def load_jsonl(path: Path) -> list[EvalItem]:
             ) from None
         if not all(isinstance(v, str) and v for v in (image, question, answer)):
             raise MllmEdgeError(f"{path}:{number}: image, question and answer must be non-empty strings")
-        items.append(EvalItem(path.parent / image, question, answer, str(row.get("kind", ""))))
+        items.append(
+            EvalItem(path.parent / image, question, answer, str(row.get("kind", "")), f"{path}:{number}")
+        )
     if not items:
         raise MllmEdgeError(f"dataset {path} holds no questions")
     return items
@@ -88,18 +92,31 @@ def evaluate(
     backend: str = "auto",
     progress: Callable[[int], None] = lambda _: None,
     max_image_pixels: int | None = None,
+    skip_bad: bool = False,
 ) -> EvalReport:
+    """skip_bad: an item whose image or question cannot be used is counted in `skipped` and left out,
+    instead of stopping the evaluation (the message names its line either way)."""
     from .runtime.image import MAX_IMAGE_PIXELS, load_image
     from .runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend)
     base = Pipeline.load(baseline, backend=backend) if baseline is not None else None
-    answers, prefill = [], []
+    if base is not None:
+        check_same_model(pipe.manifest, base.manifest, bundle, baseline)
+    answers, prefill, skipped = [], [], []
     for i, item in enumerate(items):
-        picture = item.image
-        if isinstance(picture, (str, Path)):  # loaded once, for the bundle and its baseline
-            picture = load_image(picture, max_image_pixels or MAX_IMAGE_PIXELS)
-        result = pipe.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS)
+        try:
+            picture = item.image
+            if isinstance(picture, (str, Path)):  # loaded once, for the bundle and its baseline
+                picture = load_image(picture, max_image_pixels or MAX_IMAGE_PIXELS)
+            result = pipe.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS)
+        except MllmEdgeError as e:
+            problem = f"{item.where or f'item {i + 1}'}: {e}"
+            if not skip_bad:
+                raise MllmEdgeError(problem + " (--skip-bad leaves such items out and counts them)") from None
+            skipped.append(problem)
+            progress(i + 1)
+            continue
         row = {
             "question": item.question,
             "answer": item.answer,
@@ -114,6 +131,8 @@ def evaluate(
         answers.append(row)
         prefill.append(result.timings_ms["prefill"])
         progress(i + 1)
+    if not answers:
+        raise MllmEdgeError(f"no item could be evaluated: {len(skipped)} skipped, the first {skipped[0]}")
     tokens = pipe.manifest.pruning["image_tokens"]
     kinds = sorted({a["kind"] for a in answers if a["kind"]})
     return EvalReport(
@@ -132,4 +151,18 @@ def evaluate(
             for k in kinds
         },
         answers=answers,
+        skipped=skipped,
     )
+
+
+def check_same_model(ours, theirs, bundle: Path, baseline: Path) -> None:
+    """A baseline must be the same model (its architecture and tokenizer), pruned or not, or agreement
+    means nothing. Another fine-tune of the same architecture and tokenizer is not told apart."""
+    same_tokenizer = {
+        k: v for k, v in ours.files.items() if k.startswith(ours.tokenizer["folder"] + "/")
+    } == {k: v for k, v in theirs.files.items() if k.startswith(theirs.tokenizer["folder"] + "/")}
+    if ours.architecture != theirs.architecture or not same_tokenizer:
+        raise MllmEdgeError(
+            f"--baseline {baseline} is another model than {bundle} (architecture or tokenizer differ): "
+            "export the same checkpoint without pruning as the baseline"
+        )

@@ -28,7 +28,8 @@ def resolve_checkpoint(model: str | Path) -> Path:
         return path
     if path.exists():
         raise MllmEdgeError(f"{model} is a file; expected a checkpoint folder or a Hugging Face hub id")
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) is not None
+    looks_like_path = str(model).startswith((".", "/", "~")) or str(model).count("/") != 1
+    looks_like_hub_id = not looks_like_path and re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) is not None
     if not looks_like_hub_id:
         raise MllmEdgeError(
             f"model folder {model} does not exist (nor is it a hub id like 'llava-hf/llava-1.5-7b-hf')"

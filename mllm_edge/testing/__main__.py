@@ -17,7 +17,11 @@ def main(argv: list[str]) -> int:
     if name not in FIXTURE_SPECS:
         print(f"error: unknown checkpoint '{name}' (choose from {', '.join(FIXTURE_SPECS)})", file=sys.stderr)
         return 2
-    out = make_tiny_llava(Path(argv[0]), FIXTURE_SPECS[name])
+    folder = Path(argv[0])
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        print(f"error: {folder} exists and is not an empty folder: give a new one", file=sys.stderr)
+        return 1
+    out = make_tiny_llava(folder, FIXTURE_SPECS[name])
     sample_image().save(out / "sample.png")
     print(f"wrote {name} to {out} (sample image: {out / 'sample.png'})")
     return 0
