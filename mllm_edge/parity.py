@@ -95,23 +95,28 @@ def _on_own_selection(graph: str, got: dict, inputs: dict, outputs: dict, refs: 
         embeds = np.take_along_axis(refs["all_image_embeds"], kept[..., None], axis=1)
         return "kept_patches", refs["cls_row"], {"image_embeds": embeds}
     if graph == "prune":
-        hidden, start = inputs["hidden_states"], int(inputs["image_start"])
-        keep = outputs["kept_image"].shape[1]
-        n = hidden.shape[1] - outputs["kept_hidden_states"].shape[1] + keep  # image tokens in the prompt
+        start, keep = int(inputs["image_start"]), outputs["kept_image"].shape[1]
+        n = inputs["hidden_states"].shape[1] - outputs["kept_hidden_states"].shape[1] + keep  # image tokens
         kept = got["kept_image"]
         if kept.shape != outputs["kept_image"].shape or kept.min() < 0 or kept.max() >= n:
             return None
-        text = np.arange(hidden.shape[1])
-        positions = np.stack([np.concatenate((text[:start], start + row, text[start + n :])) for row in kept])
-        return (
-            "kept_image",
-            inputs["last_row"][:, start : start + n],
-            {
-                "kept_hidden_states": np.take_along_axis(hidden, positions[..., None], axis=1),
-                "kept_position_ids": np.take_along_axis(inputs["position_ids"], positions, axis=1),
-            },
-        )
+        return "kept_image", inputs["last_row"][:, start : start + n], fastv_gather(inputs, kept, n)
     return None
+
+
+def fastv_gather(inputs: dict, kept_image: np.ndarray, num_image: int) -> dict:
+    """The prune graph's outputs for a given selection, from its inputs: every text token and the kept
+    image tokens, in order, with their original positions (pruning.fastv_select's rule)."""
+    hidden, start = inputs["hidden_states"], int(inputs["image_start"])
+    text = np.arange(hidden.shape[1])
+    positions = np.stack(
+        [np.concatenate((text[:start], start + row, text[start + num_image :])) for row in kept_image]
+    )
+    return {
+        "kept_hidden_states": np.take_along_axis(hidden, positions[..., None], axis=1),
+        "kept_position_ids": np.take_along_axis(inputs["position_ids"], positions, axis=1),
+        "kept_image": kept_image,
+    }
 
 
 def compare_graph(

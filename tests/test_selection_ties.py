@@ -132,3 +132,87 @@ def test_engine_verification_accepts_a_tie_in_a_real_fastervlm_sample(export_cac
 
     assert all(c.ok for c in verify_engine(plan, "vision", Engine(mine)))
     assert not all(c.ok for c in verify_engine(plan, "vision", Engine(kept)))
+
+
+def test_export_verification_passes_a_graph_that_broke_a_tie_the_other_way(
+    export_cache, tmp_path, monkeypatch
+):
+    """As when fp16 rounding in ONNX Runtime orders two near-tied [CLS] scores the other way: the
+    vision graph (wrapped here to keep the other patch at the cut) passes per graph by the score gap,
+    and the chain is then checked on the reference's selection. Without a tie in the reference's
+    scores, the same graph fails."""
+    import shutil
+
+    from mllm_edge.export import verify
+    from mllm_edge.manifest import load_manifest
+
+    source, _ = export_cache("llama_gqa", "fastervlm")
+    folder = tmp_path / "bundle"
+    shutil.copytree(source, folder)
+    manifest = load_manifest(folder)
+    path = folder / manifest.samples["vision"]
+    with np.load(path) as data:
+        arrays = dict(data)
+    kept, every = arrays["out.kept_patches"], arrays["ref.all_image_embeds"]
+    order = np.argsort(-arrays["ref.cls_row"][0], kind="stable")
+    last_in, first_out = order[kept.shape[1] - 1], order[kept.shape[1]]
+    other = np.sort(np.concatenate((np.setdiff1d(kept[0], [last_in]), [first_out])))[None]
+    real_session = verify.session
+
+    class Swapping:  # the vision graph as a rounding that flips the tie would run it
+        def __init__(self, engine):
+            self.engine = engine
+
+        def run(self, inputs, outputs=None):
+            return {"kept_patches": other, "image_embeds": every[:, other[0]]}
+
+    monkeypatch.setattr(
+        verify, "session", lambda p: Swapping(real_session(p)) if p.name == "vision.onnx" else real_session(p)
+    )
+
+    untied = verify.verify_graphs(folder, manifest)
+    assert not all(c.ok for c in untied)  # the reference's scores are not tied: a real difference
+    tied = arrays["ref.cls_row"].copy()
+    tied[0, first_out] = tied[0, last_in]
+    np.savez(path, **{**arrays, "ref.cls_row": tied})
+    assert all(c.ok for c in verify.verify_graphs(folder, manifest))
+    chain = verify.verify_chain(folder, manifest)
+    assert chain.ok and chain.on_reference_selection == ["vision"]
+
+
+def test_the_same_for_fastvs_prune_graph(export_cache, tmp_path, monkeypatch):
+    import shutil
+
+    from mllm_edge.export import verify
+    from mllm_edge.manifest import load_manifest
+    from mllm_edge.parity import fastv_gather
+
+    source, _ = export_cache("llama_gqa", "fastv")
+    folder = tmp_path / "bundle"
+    shutil.copytree(source, folder)
+    manifest = load_manifest(folder)
+    n = manifest.pruning["image_tokens"]["llm"]
+    prune_path = folder / manifest.samples["prune"]
+    with np.load(prune_path) as data:
+        prune = dict(data)
+    start, kept = int(prune["in.image_start"]), prune["out.kept_image"]
+    scores = prune["in.last_row"][0, start : start + n]
+    order = np.argsort(-scores, kind="stable")
+    last_in, first_out = order[kept.shape[1] - 1], order[kept.shape[1]]
+    other = np.sort(np.concatenate((np.setdiff1d(kept[0], [last_in]), [first_out])))[None]
+    real_session = verify.session
+
+    class Swapping:
+        def run(self, inputs, outputs=None):
+            return fastv_gather(inputs, other, n)
+
+    monkeypatch.setattr(
+        verify, "session", lambda p: Swapping() if p.name == "prune.onnx" else real_session(p)
+    )
+    assert not all(c.ok for c in verify.verify_graphs(folder, manifest))
+    tied = prune["in.last_row"].copy()  # the reference's scores, as the prune graph's sample input
+    tied[0, start + first_out] = tied[0, start + last_in]
+    np.savez(prune_path, **{**prune, "in.last_row": tied})
+    assert all(c.ok for c in verify.verify_graphs(folder, manifest))
+    chain = verify.verify_chain(folder, manifest)
+    assert chain.ok and chain.on_reference_selection == ["prune"]

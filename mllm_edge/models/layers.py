@@ -107,7 +107,8 @@ def attention_row(
     b, h, d = q_row.shape
     g = k.shape[2]
     qg = q_row.reshape(b, g, h // g, d)  # head h -> kv head h // R
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, G, R, T]
+    # in fp32 from the start (fp16 graphs too): the ranking must not rest on fp16 rounding of q.k
+    scores = torch.matmul(qg.float(), k.permute(0, 2, 3, 1).float()) * scale  # [B, G, R, T]
     if mask_row is not None:
         scores = scores + mask_row
     return torch.softmax(scores, dim=-1).reshape(b, h, -1).mean(dim=1)
@@ -157,11 +158,11 @@ def cached_attention_row(
     """
     b, h, d = q_row.shape
     g = new_k.shape[2]
-    qg = (q_row * scale).reshape(b, g, h // g, d)
-    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(
+    qg = (q_row.float() * scale).reshape(b, g, h // g, d)  # fp32 from the start, as attention_row
+    scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0).float()) + null_row_mask(
         past_k.shape[0], q_row.device
     )
-    scores = torch.cat((scores_past, torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()), dim=-1)
+    scores = torch.cat((scores_past, torch.matmul(qg, new_k.permute(1, 2, 3, 0).float())), dim=-1)
     return torch.softmax(scores, dim=-1).reshape(b, h, -1).mean(dim=1)[:, 1:]
 
 
