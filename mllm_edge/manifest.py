@@ -142,6 +142,10 @@ def check_manifest(data) -> None:
     if not isinstance(data, dict):
         raise _Invalid("the manifest must be a JSON object")
     positive = lambda v: v > 0  # noqa: E731
+    _field(data, "source.model", str)
+    _field(data, "created_by", str)
+    for key in ("architecture", "preprocessing", "samples", "tokenizer"):
+        _field(data, key, dict)
     num_layers = _field(data, "architecture.text.num_layers", int, positive, "a whole number > 0")
     for key in ("hidden_size", "num_kv_heads", "head_dim", "vocab_size"):
         _field(data, f"architecture.text.{key}", int, positive, "a whole number > 0")
@@ -218,6 +222,13 @@ def check_manifest(data) -> None:
     if not any(rel.startswith(folder + "/") for rel in files):
         raise _Invalid(f"the file list holds no file of tokenizer.folder {folder!r}")
     _field(data, "tokenizer.image_token_id", int, lambda v: v >= 0, "a token id")
+    _field(data, "tokenizer.image_token", str, lambda v: len(v) > 0, "the image placeholder's text")
+    template = data["tokenizer"].get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise _Invalid(f"tokenizer.chat_template must be text or null, got {type(template).__name__}")
+    for name, rel in data["samples"].items():
+        if not isinstance(rel, str) or not _safe_path(rel):
+            raise _Invalid(f"samples.{name} must be a path inside the bundle")
     _field(
         data,
         "tokenizer.eos_token_ids",

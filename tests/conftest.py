@@ -18,6 +18,15 @@ import pytest  # noqa: E402
 
 from mllm_edge.testing.checkpoints import FIXTURE_SPECS, make_tiny_llava  # noqa: E402
 
+try:  # tests/test_fuzz.py: CI runs the same examples every time, so a red CI is a real regression
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, print_blob=True)
+    settings.register_profile("explore", max_examples=400, deadline=None, print_blob=True)  # new ones
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:

@@ -12,6 +12,7 @@ does not implement is refused by name instead of being silently approximated.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,17 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         raise MllmEdgeError(f"image {path} is empty")
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, and no Pillow warning
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise MllmEdgeError(
-                    f"image {path} is {width} x {height} = {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,} (a guard against decompression bombs): raise it with --max-image-pixels"
-                )
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: it loads, or we say why not
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise MllmEdgeError(
+                        f"image {path} is {width} x {height} = {width * height:,} pixels, over the limit of "
+                        f"{max_pixels:,} (a guard against decompression bombs): raise it with --max-image-pixels"
+                    )
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
     except (
         UnidentifiedImageError,
         OSError,
