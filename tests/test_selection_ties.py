@@ -134,11 +134,12 @@ def test_engine_verification_accepts_a_tie_in_a_real_fastervlm_sample(export_cac
     assert not all(c.ok for c in verify_engine(plan, "vision", Engine(kept)))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_export_verification_passes_a_graph_that_broke_a_tie_the_other_way(
-    export_cache, tmp_path, monkeypatch
+    dtype, export_cache, tmp_path, monkeypatch
 ):
     """As when fp16 rounding in ONNX Runtime orders two near-tied [CLS] scores the other way: the
-    vision graph (wrapped here to keep the other patch at the cut) passes per graph by the score gap,
+    vision graph (wrapped here to keep another patch in place of the last one kept) passes per graph by the score gap,
     and the chain is then checked on the reference's selection. Without a tie in the reference's
     scores, the same graph fails."""
     import shutil
@@ -146,7 +147,7 @@ def test_export_verification_passes_a_graph_that_broke_a_tie_the_other_way(
     from mllm_edge.export import verify
     from mllm_edge.manifest import load_manifest
 
-    source, _ = export_cache("llama_gqa", "fastervlm")
+    source, _ = export_cache("llama_gqa", "fastervlm", dtype)
     folder = tmp_path / "bundle"
     shutil.copytree(source, folder)
     manifest = load_manifest(folder)
@@ -155,7 +156,7 @@ def test_export_verification_passes_a_graph_that_broke_a_tie_the_other_way(
         arrays = dict(data)
     kept, every = arrays["out.kept_patches"], arrays["ref.all_image_embeds"]
     order = np.argsort(-arrays["ref.cls_row"][0], kind="stable")
-    last_in, first_out = order[kept.shape[1] - 1], order[kept.shape[1]]
+    last_in, first_out = order[kept.shape[1] - 1], order[-1]  # the lowest-scored patch: far from the cut
     other = np.sort(np.concatenate((np.setdiff1d(kept[0], [last_in]), [first_out])))[None]
     real_session = verify.session
 
@@ -180,14 +181,15 @@ def test_export_verification_passes_a_graph_that_broke_a_tie_the_other_way(
     assert chain.ok and chain.on_reference_selection == ["vision"]
 
 
-def test_the_same_for_fastvs_prune_graph(export_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_the_same_for_fastvs_prune_graph(dtype, export_cache, tmp_path, monkeypatch):
     import shutil
 
     from mllm_edge.export import verify
     from mllm_edge.manifest import load_manifest
     from mllm_edge.parity import fastv_gather
 
-    source, _ = export_cache("llama_gqa", "fastv")
+    source, _ = export_cache("llama_gqa", "fastv", dtype)
     folder = tmp_path / "bundle"
     shutil.copytree(source, folder)
     manifest = load_manifest(folder)
@@ -198,7 +200,7 @@ def test_the_same_for_fastvs_prune_graph(export_cache, tmp_path, monkeypatch):
     start, kept = int(prune["in.image_start"]), prune["out.kept_image"]
     scores = prune["in.last_row"][0, start : start + n]
     order = np.argsort(-scores, kind="stable")
-    last_in, first_out = order[kept.shape[1] - 1], order[kept.shape[1]]
+    last_in, first_out = order[kept.shape[1] - 1], order[-1]  # the lowest-scored token: far from the cut
     other = np.sort(np.concatenate((np.setdiff1d(kept[0], [last_in]), [first_out])))[None]
     real_session = verify.session
 
