@@ -5,13 +5,15 @@ place only when complete. Used by export (bundles) and build (engine folders).
   two signals into an exception, so the same cleanup runs).
 - A process killed outright (SIGKILL, power loss) cannot clean up: its partial folder names its pid,
   and the next write into the same parent removes partial folders whose process is gone.
-- Two writers of one folder are serialised by a lock file beside it (`locked`): the second waits.
+- Two writers of one folder are serialised by a lock (`locked`, a file in the temp folder named by
+  the destination's path): the second waits.
 Standard library only (POSIX locks; elsewhere writers are not serialised).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -80,18 +82,27 @@ def partial_folder(out: Path, kind: str = "partial") -> Path:
         raise MllmEdgeError(f"cannot write into {out.parent}: {e.strerror}") from None
 
 
+def lock_file(out: Path) -> Path:
+    """The lock of `out`: in this machine's temp folder, named by out's absolute path, so that nothing
+    is left beside the folder (and a lock file is never removed while another writer waits on it)."""
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / "mllm-edge-locks" / f"{key}.lock"
+
+
 @contextlib.contextmanager
 def locked(out: Path):
-    """Hold `.NAME.lock` beside `out` for the block; another writer of `out` waits for it."""
+    """Hold out's lock for the block; another writer of `out` on this machine waits for it."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
+    path = lock_file(out)
     try:
-        handle = open(out.parent / f".{out.name}.lock", "a")
+        path.parent.mkdir(exist_ok=True)
+        handle = open(path, "a")
     except OSError as e:
-        raise MllmEdgeError(f"cannot write into {out.parent}: {e.strerror}") from None
+        raise MllmEdgeError(f"cannot create the lock {path}: {e.strerror}") from None
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -223,7 +223,9 @@ def test_encode_needs_one_image_token(tiny_checkpoints):
     with pytest.raises(MllmEdgeError, match="holds 0 image tokens"):
         ours.encode("<|im_start|>user\nno picture<|im_end|>\n")
     with pytest.raises(MllmEdgeError, match="holds 2 image tokens"):
-        ours.encode(ours.render("<image> twice"))
+        ours.encode(ours.render("twice").replace("twice", "<image> twice"))
+    with pytest.raises(MllmEdgeError, match="contains the image token"):  # render refuses it first
+        ours.render("<image> twice")
 
 
 def test_template_sees_special_tokens_like_hf(tiny_checkpoints, tmp_path):
