@@ -64,13 +64,19 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove partial (and left-over old) folders of `out` whose writing process is gone."""
+    """Remove partial (and left-over old) folders of `out` whose writing process is gone. An old
+    folder is the previous `out` set aside while the new one was moved in: where `out` is missing
+    (the writer died in between) it is put back, not removed."""
     removed = []
-    for path in out.parent.glob(f".{out.name}.*"):
+    for path in sorted(out.parent.glob(f".{out.name}.*")):
         match = _PARTIAL.match(path.name)
-        if match and match["name"] == out.name and path.is_dir() and not _alive(int(match["pid"])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not (match and match["name"] == out.name and path.is_dir() and not _alive(int(match["pid"]))):
+            continue
+        if path.name.endswith(".old") and not out.exists():
+            os.replace(path, out)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 

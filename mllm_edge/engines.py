@@ -231,16 +231,28 @@ def load_engine_set(
         raise MllmEdgeError(
             f"{folder} holds no finished engines ({ENGINES_META} is missing): run `mllm-edge build {bundle}`"
         )
+    damaged = f"{path} is damaged: rebuild with `mllm-edge build {bundle}`"
     try:
         data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MllmEdgeError(f"{damaged} ({e})") from None
+    if not isinstance(data, dict):
+        raise MllmEdgeError(damaged)
+    if data.get("schema_version") != ENGINES_SCHEMA:
+        raise MllmEdgeError(
+            f"{path} has schema {data.get('schema_version')!r}; this mllm-edge reads {ENGINES_SCHEMA}: rebuild with `mllm-edge build {bundle}`"
+        )
+    try:
         engines = {k: EngineEntry(**v) for k, v in data.pop("engines").items()}
         meta = EngineSet(**data, engines=engines)
-    except (ValueError, TypeError, KeyError) as e:
-        raise MllmEdgeError(f"{path} is damaged ({e}): rebuild with `mllm-edge build {bundle}`") from None
-    if meta.schema_version != ENGINES_SCHEMA:
-        raise MllmEdgeError(
-            f"{path} has schema {meta.schema_version}; this mllm-edge reads {ENGINES_SCHEMA}: rebuild with `mllm-edge build {bundle}`"
+        files_ok = all(
+            isinstance(e.file, str) and isinstance(e.sha256, str) and "/" not in e.file
+            for e in engines.values()
         )
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise MllmEdgeError(f"{damaged} ({e})") from None
+    if not isinstance(meta.target, dict) or not isinstance(meta.max_context, int) or not files_ok:
+        raise MllmEdgeError(damaged)
     if meta.bundle_manifest_sha256 != sha256_file(bundle / MANIFEST_NAME):
         raise MllmEdgeError(
             f"the engines in {folder} were built from another export of this bundle: rebuild with `mllm-edge build {bundle}`"

@@ -8,6 +8,7 @@ a baseline bundle's answers (the unpruned model, when given), mean prefill time 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import statistics
@@ -99,49 +100,55 @@ def evaluate(
     from .runtime.image import MAX_IMAGE_PIXELS, load_image
     from .runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, backend=backend)
-    base = Pipeline.load(baseline, backend=backend) if baseline is not None else None
-    if base is not None:
-        check_same_model(pipe.manifest, base.manifest, bundle, baseline)
-    answers, prefill, skipped = [], [], []
-    for i, item in enumerate(items):
-        try:
-            picture = item.image
-            if isinstance(picture, (str, Path)):  # loaded once, for the bundle and its baseline
-                picture = load_image(picture, max_image_pixels or MAX_IMAGE_PIXELS)
-            result = pipe.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS)
-        except MllmEdgeError as e:
-            problem = f"{item.where or f'item {i + 1}'}: {e}"
-            if not skip_bad:
-                raise MllmEdgeError(problem + " (--skip-bad leaves such items out and counts them)") from None
-            skipped.append(problem)
-            progress(i + 1)
-            continue
-        row = {
-            "question": item.question,
-            "answer": item.answer,
-            "kind": item.kind,
-            "predicted": result.text,
-            "correct": normalise(result.text) == normalise(item.answer),
-        }
-        if isinstance(item.image, (str, Path)):
-            row["image"] = str(item.image)
+    with contextlib.ExitStack() as stack:  # both pipelines closed, whatever happens
+        pipe = stack.enter_context(Pipeline.load(bundle, backend=backend))
+        base = stack.enter_context(Pipeline.load(baseline, backend=backend)) if baseline is not None else None
         if base is not None:
-            row["baseline"] = base.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS).text
-        answers.append(row)
-        prefill.append(result.timings_ms["prefill"])
-        progress(i + 1)
+            check_same_model(pipe.manifest, base.manifest, bundle, baseline)
+        answers, prefill, skipped = [], [], []
+        for i, item in enumerate(items):
+            try:
+                picture = item.image
+                if isinstance(picture, (str, Path)):  # loaded once, for the bundle and its baseline
+                    picture = load_image(picture, max_image_pixels or MAX_IMAGE_PIXELS)
+                result = pipe.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS)
+                row = {
+                    "question": item.question,
+                    "answer": item.answer,
+                    "kind": item.kind,
+                    "predicted": result.text,
+                    "correct": normalise(result.text) == normalise(item.answer),
+                }
+                if isinstance(item.image, (str, Path)):
+                    row["image"] = str(item.image)
+                if base is not None:
+                    row["baseline"] = base.generate(
+                        picture, item.question, max_new_tokens=MAX_NEW_TOKENS
+                    ).text
+            except MllmEdgeError as e:
+                problem = f"{item.where or f'item {i + 1}'}: {e}"
+                if not skip_bad:
+                    raise MllmEdgeError(
+                        problem + " (--skip-bad leaves such items out and counts them)"
+                    ) from None
+                skipped.append(problem)
+                progress(i + 1)
+                continue
+            answers.append(row)
+            prefill.append(result.timings_ms["prefill"])
+            progress(i + 1)
+        manifest = pipe.manifest
     if not answers:
         raise MllmEdgeError(f"no item could be evaluated: {len(skipped)} skipped, the first {skipped[0]}")
-    tokens = pipe.manifest.pruning["image_tokens"]
+    tokens = manifest.pruning["image_tokens"]
     kinds = sorted({a["kind"] for a in answers if a["kind"]})
     return EvalReport(
         bundle=str(bundle),
-        method=pipe.manifest.pruning["method"],
+        method=manifest.pruning["method"],
         items=len(answers),
         accuracy=sum(a["correct"] for a in answers) / len(answers),
         agreement=(sum(normalise(a["predicted"]) == normalise(a["baseline"]) for a in answers) / len(answers))
-        if base
+        if baseline is not None
         else None,
         mean_prefill_ms=round(statistics.mean(prefill), 3),
         image_tokens_kept=tokens.get("after_fastv") or tokens["llm"],
@@ -156,12 +163,19 @@ def evaluate(
 
 
 def check_same_model(ours, theirs, bundle: Path, baseline: Path) -> None:
-    """A baseline must be the same model (its architecture and tokenizer), pruned or not, or agreement
-    means nothing. Another fine-tune of the same architecture and tokenizer is not told apart."""
-    same_tokenizer = {
-        k: v for k, v in ours.files.items() if k.startswith(ours.tokenizer["folder"] + "/")
-    } == {k: v for k, v in theirs.files.items() if k.startswith(theirs.tokenizer["folder"] + "/")}
-    if ours.architecture != theirs.architecture or not same_tokenizer:
+    """A baseline must be the same model (its architecture numbers and tokenizer), pruned or not, or
+    agreement means nothing. Keys only one of the two manifests has (a newer release's) are not
+    compared. Another fine-tune of the same architecture and tokenizer is not told apart."""
+
+    def same(a, b) -> bool:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return all(same(a[k], b[k]) for k in a.keys() & b.keys())
+        return a == b
+
+    def tokenizer(m) -> dict:
+        return {rel: m.files[rel] for rel in m.tokenizer_files()}
+
+    if not same(ours.architecture, theirs.architecture) or tokenizer(ours) != tokenizer(theirs):
         raise MllmEdgeError(
             f"--baseline {baseline} is another model than {bundle} (architecture or tokenizer differ): "
             "export the same checkpoint without pruning as the baseline"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MllmEdgeError
-from .graphs import bundle_graphs
+from .graphs import bundle_graphs, layer_group
 from .integrity import check_files, sha256_file
 
 SCHEMA_VERSION = 2  # 2 added `quantization`
@@ -36,10 +36,16 @@ class GraphSpec:
     data_files: list[str] = field(default_factory=list)  # external weight data this graph reads
 
     def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
+        return self._find(self.inputs, name, "input")
 
     def output(self, name: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == name)
+        return self._find(self.outputs, name, "output")
+
+    def _find(self, tensors: list[TensorSpec], name: str, side: str) -> TensorSpec:
+        found = next((t for t in tensors if t.name == name), None)
+        if found is None:
+            raise MllmEdgeError(f"{self.file} has no {side} {name}: re-export the bundle")
+        return found
 
 
 @dataclass
@@ -200,24 +206,40 @@ def check_manifest(data) -> None:
         if not _safe_path(rel) or not isinstance(sha, str) or len(sha) != 64:
             raise _Invalid(f"files[{rel!r}] must be a path inside the bundle and a sha256")
     graphs = _field(data, "graphs", dict)
-    expected = list(bundle_graphs("fastv" in used, "fastervlm" in used))
-    if list(graphs) != expected:
-        raise _Invalid(f"graphs must be {', '.join(expected)} for method {method!r}, got {', '.join(graphs)}")
+    definitions = bundle_graphs("fastv" in used, "fastervlm" in used)
+    if list(graphs) != list(definitions):
+        raise _Invalid(
+            f"graphs must be {', '.join(definitions)} for method {method!r}, got {', '.join(graphs)}"
+        )
+    samples = _field(data, "samples", dict)
+    if set(samples) != {*definitions, "chain"}:
+        raise _Invalid(
+            f"samples must name one file per graph and the chain, got {', '.join(map(str, samples))}"
+        )
     for name, graph in graphs.items():
         for rel in [_field(data, f"graphs.{name}.file", str, _safe_path, "a path inside the bundle")] + list(
             graph.get("data_files", [])
         ):
             if rel not in files:
                 raise _Invalid(f"graphs.{name}: {rel} is not in the file list")
-        for side in ("inputs", "outputs"):
-            for t in _field(data, f"graphs.{name}.{side}", list):
+        definition = definitions[name]
+        layers = layer_group(definition.cache, split, num_layers) if definition.cache else range(0)
+        for side, names in (
+            ("inputs", definition.input_names(layers)),
+            ("outputs", definition.output_names(layers)),
+        ):
+            tensors = _field(data, f"graphs.{name}.{side}", list)
+            for t in tensors:
                 if not (
                     isinstance(t, dict)
                     and isinstance(t.get("name"), str)
-                    and isinstance(t.get("dtype"), str)
                     and isinstance(t.get("shape"), list)
                 ):
                     raise _Invalid(f"graphs.{name}.{side} must list {{name, dtype, shape}} entries")
+                if t.get("dtype") not in ("float32", "float16", "int64"):
+                    raise _Invalid(f"graphs.{name}.{side}: {t['name']} has dtype {t.get('dtype')!r}")
+            if sorted(t["name"] for t in tensors) != sorted(names):
+                raise _Invalid(f"graphs.{name}.{side} must be the graph's {', '.join(names)}")
     folder = _field(data, "tokenizer.folder", str, _safe_path, "a path inside the bundle")
     if not any(rel.startswith(folder + "/") for rel in files):
         raise _Invalid(f"the file list holds no file of tokenizer.folder {folder!r}")
@@ -259,7 +281,7 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MllmEdgeError(f"{path} is damaged: not valid JSON ({e})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise MllmEdgeError(
             f"{path} has schema version {version!r}; this mllm-edge reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (export the bundle again, or update mllm-edge)"

@@ -92,6 +92,12 @@ def _on_own_selection(graph: str, got: dict, inputs: dict, outputs: dict, refs: 
     """(selection output, reference scores, downstream outputs recomputed on got's selection) or None."""
     if graph == "vision" and "cls_row" in refs and "kept_patches" in got:
         kept = got["kept_patches"]
+        if (
+            kept.shape != outputs["kept_patches"].shape
+            or kept.min() < 0
+            or kept.max() >= refs["cls_row"].shape[1]
+        ):
+            return None  # no valid selection: judged exactly
         embeds = np.take_along_axis(refs["all_image_embeds"], kept[..., None], axis=1)
         return "kept_patches", refs["cls_row"], {"image_embeds": embeds}
     if graph == "prune":
@@ -135,6 +141,6 @@ def compare_graph(
     gap = tie_gap(scores, outputs[selection], got[selection])
     if gap is None or gap > tolerance:
         return checks
-    fixed = {selection: OutputCheck(graph, selection, 0.0, gap, True, tolerance)}  # a tie: rel is its gap
-    fixed |= {name: compare(graph, name, got[name], ref, tolerance) for name, ref in downstream.items()}
+    fixed = {name: compare(graph, name, got[name], ref, tolerance) for name, ref in downstream.items()}
+    fixed[selection] = OutputCheck(graph, selection, 0.0, gap, True, tolerance)  # a tie: rel is its gap
     return [fixed.get(c.output, c) for c in checks]

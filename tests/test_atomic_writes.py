@@ -52,6 +52,10 @@ def test_partial_folders_of_dead_processes_are_removed(tmp_path):
     other.mkdir()
     assert remove_stale(tmp_path / "bundle") == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+    # a writer that died after setting the previous bundle aside: it is put back, not removed
+    previous = tmp_path / f".bundle.{pid}.c3d4.old"
+    (previous / "tokenizer").mkdir(parents=True)
+    assert remove_stale(tmp_path / "bundle") == [] and (tmp_path / "bundle" / "tokenizer").is_dir()
 
 
 def test_an_export_into_a_folder_being_written_waits_for_the_writer(tmp_path):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .. import __version__, engines
 from ..atomic import locked, partial_folder, remove_stale, signals_as_interrupts
 from ..engines import EngineEntry, EngineSet, Target, engine_folder, profile_record, write_engine_set
@@ -180,6 +182,17 @@ def adopt_engines(plan: BuildPlan, source: Path, into: Path, meta: EngineSet, pr
             raise MllmEdgeError(
                 f"--adopt: {file.name} was not built from this bundle's {spec.file} (other inputs or outputs)"
             )
+        for t in (*spec.inputs, *spec.outputs):
+            built = str(np.dtype(trt.nptype(engine.get_tensor_dtype(t.name))))
+            if built != t.dtype:
+                raise MllmEdgeError(
+                    f"--adopt: {file.name} takes {t.name} as {built}, the bundle's graph as {t.dtype}"
+                )
+        planned = len([p for p in profiles if p.shapes]) or 1
+        if engine.num_optimization_profiles != planned:
+            raise MllmEdgeError(
+                f"--adopt: {file.name} has {engine.num_optimization_profiles} optimization profiles, this build plans {planned}"
+            )
         for index, profile in enumerate(p for p in profiles if p.shapes):
             for name, shapes in profile.shapes.items():
                 built = tuple(tuple(d) for d in engine.get_tensor_profile_shape(name, index))
@@ -218,10 +231,13 @@ def verify_engines(plan: BuildPlan, folder: Path, meta: EngineSet, progress) -> 
     memory, checks = CudaMemory(), []
     for graph in plan.profiles:
         progress(f"verifying {graph}")
-        engine = TensorRTEngine(folder / plan.engine_file(graph), meta.engines[graph].profiles, memory)
-        meta.engines[graph].activation_bytes = engine.activation_bytes // len(engine.contexts)
-        checks += verify_engine(plan, graph, engine)
-        engine.close()
+        # one context is enough for one sample (and spares a Jetson the second's memory)
+        engine = TensorRTEngine(folder / plan.engine_file(graph), meta.engines[graph].profiles, memory, False)
+        try:
+            meta.engines[graph].activation_bytes = engine.activation_bytes
+            checks += verify_engine(plan, graph, engine)
+        finally:
+            engine.close()
         del engine
         gc.collect()
     bad = [c for c in checks if not c.ok]

@@ -12,6 +12,7 @@ does not implement is refused by name instead of being silently approximated.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         raise MllmEdgeError(f"image {path} does not exist")
     if path.stat().st_size == 0:
         raise MllmEdgeError(f"image {path} is empty")
+    with _PILLOW_LIMIT:  # Pillow's guard is one global: off only while we hold it, our check instead
+        return _open(path, max_pixels)
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, and no Pillow warning
     try:
         with warnings.catch_warnings():
@@ -196,8 +205,16 @@ class ImagePreprocessor:
 
     @classmethod
     def from_config(cls, cfg: dict) -> ImagePreprocessor:
-        """From the image processor's settings: preprocessor_config.json, or its `to_dict()`."""
-        return cls(cfg)
+        """From the image processor's settings: preprocessor_config.json, or its `to_dict()`; tried once
+        on a tiny picture, so that settings of the wrong type are an error now, naming them."""
+        try:
+            preprocessor = cls(cfg)
+            preprocessor(Image.new("RGB", (2, 2)))
+        except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+            raise MllmEdgeError(
+                f"the image preprocessing settings are damaged ({type(e).__name__}: {e})"
+            ) from None
+        return preprocessor
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after resizing, as transformers' get_resize_output_image_size(default_to_square=False)."""

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..manifest import DEFAULT_BUNDLE, Manifest, load_manifest
+from ..manifest import DEFAULT_BUNDLE, MANIFEST_NAME, Manifest, load_manifest
 from .backends import Backend, open_backend
 from .chain import Chain, Observer, place_image_tokens
 from .image import ImagePreprocessor, load_image
@@ -61,12 +61,19 @@ class Pipeline:
     def __init__(self, folder: Path, manifest: Manifest, backend: Backend):
         """A bundle opened with a backend (Pipeline.load does both)."""
         self.folder, self.manifest, self.backend = folder, manifest, backend
-        self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
         tok = manifest.tokenizer
         num_image = manifest.pruning["image_tokens"]["vision"]
-        self.prompts = PromptBuilder.from_folder(
-            folder / tok["folder"], tok["chat_template"], tok["image_token"], tok["image_token_id"], num_image
-        )
+        try:  # settings the manifest carries: an error says where they come from
+            self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
+            self.prompts = PromptBuilder.from_folder(
+                folder / tok["folder"],
+                tok["chat_template"],
+                tok["image_token"],
+                tok["image_token_id"],
+                num_image,
+            )
+        except MllmEdgeError as e:
+            raise MllmEdgeError(f"{folder / MANIFEST_NAME}'s preprocessing or tokenizer: {e}") from None
         text = manifest.architecture["text"]
         self.dtype = np.dtype(manifest.graphs["llm_tail"].input("hidden_states").dtype)
         self.max_context = backend.max_context
@@ -94,7 +101,12 @@ class Pipeline:
         """Open a bundle and its graphs, checking the files the backend reads against the manifest's sha256."""
         folder = Path(bundle if bundle is not None else DEFAULT_BUNDLE)
         manifest = load_manifest(folder, verify_files=False)
-        return cls(folder, manifest, open_backend(backend, folder, manifest, device))
+        opened = open_backend(backend, folder, manifest, device)
+        try:
+            return cls(folder, manifest, opened)
+        except BaseException:  # e.g. no device memory left for the cache: give the engines back
+            opened.close()
+            raise
 
     @property
     def engines(self) -> dict:
@@ -149,6 +161,7 @@ class Pipeline:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MllmEdgeError(f"max new tokens must be a whole number >= 1, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_p, seed)
+        self.prompts.render(prompt)  # a prompt it would refuse is refused now, not at the first token
         picture = image if hasattr(image, "convert") else load_image(image)
         return Generation(self._steps(picture, prompt, max_new_tokens, sampler))
 
