@@ -382,6 +382,11 @@ def build(
         "--verify/--no-verify",
         help="Run each engine on export's samples and compare with the reference outputs.",
     ),
+    trtexec_only: bool = typer.Option(
+        False,
+        "--trtexec-only",
+        help="Write trtexec.sh into the folder its engines go to, and build nothing (then: --adopt that folder).",
+    ),
     adopt: Optional[Path] = typer.Option(
         None,
         "--adopt",
@@ -395,10 +400,17 @@ def build(
 
     from .build.build import BuildConfig, build_bundle
 
-    config = BuildConfig(bundle, precision, max_context, workspace, timing_cache, trtexec, verify, adopt)
+    config = BuildConfig(
+        bundle, precision, max_context, workspace, timing_cache, trtexec, verify, adopt, trtexec_only
+    )
     with progress_bar(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as progress:
         task = progress.add_task("build")
         plan, checks = build_bundle(config, lambda text: progress.update(task, description=text))
+    if plan.script is not None:
+        typer.echo(
+            f"wrote {plan.script}: run it, then `mllm-edge build {bundle} --adopt {plan.script.parent}`"
+        )
+        return
     console = Console(soft_wrap=True)
     console.print(
         f"[bold]{escape(str(plan.folder))}[/bold]: {plan.settings.precision}, max context {plan.max_context}, TensorRT {plan.target.tensorrt}"

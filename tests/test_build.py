@@ -418,44 +418,12 @@ test -f "$onnx" && printf 'engine of %s' "$onnx" > "$out"
 """
 
 
-def test_trtexec_script_builds_beside_the_engine_folder_and_build_adopts_it(
-    export_cache, tmp_path, monkeypatch
-):
-    """trtexec.sh never writes into the engine folder (whose engines.json vouches for its engines); its
-    engines are registered with `build --adopt`, checked against the bundle: one per graph, the
-    graph's inputs and outputs, the plan's profiles. TensorRT itself is faked: no engine is built."""
+def fake_tensorrt(monkeypatch, plan):
+    """TensorRT faked for adopting: an engine file written by FAKE_TRTEXEC opens as an engine reporting
+    its graph's inputs, outputs, dtypes and the plan's profiles (renamed/retyped: what to report wrong)."""
     from types import SimpleNamespace
 
     from mllm_edge import engines
-    from mllm_edge.build.build import build_bundle, trtexec_folder
-
-    folder = _bundle_copy(export_cache, tmp_path)
-    plan = plan_build(BuildConfig(folder), ORIN)
-    plan.folder.mkdir(parents=True)
-    script = write_trtexec(plan, plan.folder)
-    fake = tmp_path / "trtexec"
-    fake.write_text(FAKE_TRTEXEC)
-    fake.chmod(0o755)
-    done = subprocess.run(
-        ["bash", str(script)],
-        env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    out = trtexec_folder(plan)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{g}.engine" for g in plan.manifest.graphs)
-    assert [p.name for p in plan.folder.iterdir()] == ["trtexec.sh"]  # nothing written where ours live
-    custom = tmp_path / "elsewhere"
-    assert (
-        subprocess.run(
-            ["bash", str(script), str(custom)], env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"}
-        ).returncode
-        == 0
-    )
-    assert len(list(custom.glob("*.engine"))) == len(plan.manifest.graphs)
-    (plan.folder / "trtexec.sh").unlink()
-    plan.folder.rmdir()
 
     class FakeEngine:
         """What TensorRT would report of an engine trtexec built from the graph with the plan's shapes."""
@@ -496,6 +464,47 @@ def test_trtexec_script_builds_beside_the_engine_folder_and_build_adopts_it(
     monkeypatch.setattr(engines, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(engines, "gpu_info", lambda version: ORIN)
     monkeypatch.setattr(engines, "load_engine", load_engine)
+    return renamed, retyped
+
+
+def test_trtexec_script_builds_beside_the_engine_folder_and_build_adopts_it(
+    export_cache, tmp_path, monkeypatch
+):
+    """trtexec.sh never writes into the engine folder (whose engines.json vouches for its engines); its
+    engines are registered with `build --adopt`, checked against the bundle: one per graph, the
+    graph's inputs and outputs, the plan's profiles. TensorRT itself is faked: no engine is built."""
+
+    from mllm_edge.build.build import build_bundle, trtexec_folder
+
+    folder = _bundle_copy(export_cache, tmp_path)
+    plan = plan_build(BuildConfig(folder), ORIN)
+    plan.folder.mkdir(parents=True)
+    script = write_trtexec(plan, plan.folder)
+    fake = tmp_path / "trtexec"
+    fake.write_text(FAKE_TRTEXEC)
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(script)],
+        env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    out = trtexec_folder(plan)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{g}.engine" for g in plan.manifest.graphs)
+    assert [p.name for p in plan.folder.iterdir()] == ["trtexec.sh"]  # nothing written where ours live
+    custom = tmp_path / "elsewhere"
+    assert (
+        subprocess.run(
+            ["bash", str(script), str(custom)], env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"}
+        ).returncode
+        == 0
+    )
+    assert len(list(custom.glob("*.engine"))) == len(plan.manifest.graphs)
+    (plan.folder / "trtexec.sh").unlink()
+    plan.folder.rmdir()
+
+    renamed, retyped = fake_tensorrt(monkeypatch, plan)
     adopted, checks = build_bundle(BuildConfig(folder, adopt=out, verify=False))
     meta = load_engine_set(adopted.folder, folder, ORIN)
     assert set(meta.engines) == set(plan.manifest.graphs) and not checks and not meta.verified
@@ -609,3 +618,25 @@ def test_the_memory_check_counts_a_third_copy_on_a_jetson():
     check_memory("llm_tail", 2000, 1000, desktop)  # 2 x 2000 + 1000 fits in 5000
     with pytest.raises(MllmEdgeError, match="needs about 7000 MB and this Jetson"):
         check_memory("llm_tail", 2000, 1000, ORIN)  # weights, plan and the builder's copy share its memory
+
+
+def test_trtexec_only_writes_the_script_where_its_engines_go_and_builds_nothing(
+    export_cache, tmp_path, monkeypatch
+):
+    """For a machine where NVIDIA's trtexec builds and ours should not: the script alone, then --adopt."""
+    from mllm_edge.build.build import build_bundle, trtexec_folder
+
+    folder = _bundle_copy(export_cache, tmp_path)
+    plan = plan_build(BuildConfig(folder), ORIN)
+    fake_tensorrt(monkeypatch, plan)
+    written, checks = build_bundle(BuildConfig(folder, trtexec_only=True))
+    assert written.script == trtexec_folder(plan) / "trtexec.sh" and not checks
+    assert not plan.folder.exists()  # nothing built, no engine folder
+    fake = tmp_path / "trtexec"
+    fake.write_text(FAKE_TRTEXEC)
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(written.script)], env={"TRTEXEC": str(fake), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0
+    assert len(list(trtexec_folder(plan).glob("*.engine"))) == len(plan.manifest.graphs)  # beside the script
+    adopted, _ = build_bundle(BuildConfig(folder, adopt=trtexec_folder(plan), verify=False))
+    assert set(load_engine_set(adopted.folder, folder, ORIN).engines) == set(plan.manifest.graphs)

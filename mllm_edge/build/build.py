@@ -41,6 +41,7 @@ class BuildConfig:
     trtexec: bool = False
     verify: bool = True
     adopt: Path | None = None  # take engines built elsewhere (trtexec.sh) instead of building
+    trtexec_only: bool = False  # write trtexec.sh (into trtexec_folder) and build nothing
 
 
 @dataclass
@@ -54,6 +55,7 @@ class BuildPlan:
     timing_cache: Path
     profiles: dict[str, list[Profile]] = field(default_factory=dict)
     engine_set: EngineSet | None = None  # what build_bundle wrote
+    script: Path | None = None  # with trtexec_only: the trtexec.sh written
 
     def engine_file(self, graph: str) -> str:
         return f"{graph}.engine"
@@ -270,6 +272,11 @@ def build_bundle(
     target = engines.gpu_info(engines.import_tensorrt().__version__)
     plan = plan_build(config, target, manifest)
     plan.folder.parent.mkdir(parents=True, exist_ok=True)
+    if config.trtexec_only:  # the script alone, in the folder its engines go to: build nothing here
+        out = trtexec_folder(plan)
+        out.mkdir(exist_ok=True)
+        plan.script = write_trtexec(plan, out)
+        return plan, []
     with locked(plan.folder), signals_as_interrupts():
         remove_stale(plan.folder)
         return _build_into(config, plan, partial_folder(plan.folder), progress)
