@@ -86,14 +86,10 @@ class Pipeline:
             text["head_dim"],
             self.dtype,
         )
-        cache = backend.new_cache(
-            text["num_layers"],
-            manifest.pruning["split_layer"],
-            text["num_kv_heads"],
-            text["head_dim"],
-            self.dtype,
+        layers, split, _, kv_heads, head_dim, dtype = self.cache_shape
+        self.chain = Chain(
+            backend.engines, backend.new_cache(layers, split, kv_heads, head_dim, dtype), split
         )
-        self.chain = Chain(backend.engines, cache, manifest.pruning["split_layer"])
         self.eos = set(tok["eos_token_ids"])
 
     @classmethod
