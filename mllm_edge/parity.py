@@ -101,13 +101,25 @@ def _on_own_selection(graph: str, got: dict, inputs: dict, outputs: dict, refs: 
         embeds = np.take_along_axis(refs["all_image_embeds"], kept[..., None], axis=1)
         return "kept_patches", refs["cls_row"], {"image_embeds": embeds}
     if graph == "prune":
-        start, keep = int(inputs["image_start"]), outputs["kept_image"].shape[1]
+        keep = outputs["kept_image"].shape[1]
         n = inputs["hidden_states"].shape[1] - outputs["kept_hidden_states"].shape[1] + keep  # image tokens
         kept = got["kept_image"]
         if kept.shape != outputs["kept_image"].shape or kept.min() < 0 or kept.max() >= n:
             return None
-        return "kept_image", inputs["last_row"][:, start : start + n], fastv_gather(inputs, kept, n)
+        return "kept_image", fastv_scores(inputs, n), fastv_gather(inputs, kept, n)
     return None
+
+
+def fastv_scores(inputs: dict, num_image: int) -> np.ndarray:
+    """The prune graph's inputs -> the scores FastV ranks: the last token's row over the image span."""
+    start = int(inputs["image_start"])
+    return inputs["last_row"][:, start : start + num_image]
+
+
+def is_tie(scores: np.ndarray, reference: np.ndarray, got: np.ndarray, tolerance: float) -> bool:
+    """A selection other than the reference's that only a tie at the cut (within tolerance) separates."""
+    gap = tie_gap(scores, reference, got)
+    return gap is not None and gap <= tolerance and not np.array_equal(reference, got)
 
 
 def fastv_gather(inputs: dict, kept_image: np.ndarray, num_image: int) -> dict:

@@ -38,31 +38,15 @@ def test_the_image_token_in_a_prompt_is_refused_by_run_and_reference(picture, ex
         ["run", str(picture), "--bundle", folder, "--prompt", "what is <image> here"],
         "contains the image token '<image>'",
     )
-    fails(
-        [
-            "reference",
-            str(picture),
-            "--model",
-            str(tiny_checkpoints["llama_gqa"]),
-            "--prompt",
-            "<image> twice",
-        ],
-        "contains the image token '<image>'",
-    )
+    fails(reference_args(picture, tiny_checkpoints, "<image> twice"), "contains the image token '<image>'")
 
 
 def test_reference_refuses_a_prompt_longer_than_the_model(picture, tiny_checkpoints):
-    fails(
-        [
-            "reference",
-            str(picture),
-            "--model",
-            str(tiny_checkpoints["llama_gqa"]),
-            "--prompt",
-            "word " * 3000,
-        ],
-        "the model holds 2048 positions",
-    )
+    fails(reference_args(picture, tiny_checkpoints, "word " * 3000), "the model holds 2048 positions")
+
+
+def reference_args(picture, checkpoints, prompt):
+    return ["reference", str(picture), "--model", str(checkpoints["llama_gqa"]), "--prompt", prompt]
 
 
 def write_dataset(folder, rows):

@@ -21,9 +21,10 @@ from ..parity import (
     OutputCheck,
     compare_graph,
     fastv_gather,
+    fastv_scores,
+    is_tie,
     load_references,
     load_sample,
-    tie_gap,
 )
 from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
 from ..runtime.cache import KINDS, CacheBookkeeping
@@ -187,23 +188,12 @@ def _tied_selections(
     refs = load_references(folder / manifest.samples["vision"])
     same_image = np.array_equal(vision_in["pixel_values"], chain["pixel_values"])
     if onnx.kept_patches is not None and "cls_row" in refs and same_image:
-        gap = tie_gap(refs["cls_row"], vision_out["kept_patches"], onnx.kept_patches)
-        if (
-            gap is not None
-            and gap <= tolerance
-            and not np.array_equal(onnx.kept_patches, vision_out["kept_patches"])
-        ):
+        if is_tie(refs["cls_row"], vision_out["kept_patches"], onnx.kept_patches, tolerance):
             fixed["vision"] = _Fixed("vision", vision_out)
     if onnx.kept_image is not None and same_image:
         prune_in, prune_out = load_sample(folder / manifest.samples["prune"])
-        start, n = int(prune_in["image_start"]), manifest.pruning["image_tokens"]["llm"]
-        scores = prune_in["last_row"][:, start : start + n]  # the reference's scores at layer K-1
-        gap = tie_gap(scores, prune_out["kept_image"], onnx.kept_image)
-        if (
-            gap is not None
-            and gap <= tolerance
-            and not np.array_equal(onnx.kept_image, prune_out["kept_image"])
-        ):
+        n = manifest.pruning["image_tokens"]["llm"]
+        if is_tie(fastv_scores(prune_in, n), prune_out["kept_image"], onnx.kept_image, tolerance):
             fixed["prune"] = _Fixed("prune", {"kept_image": prune_out["kept_image"]}, n)
     return fixed
 

@@ -20,6 +20,8 @@ import numpy as np
 from ..errors import MllmEdgeError
 from ..graphs import EMBED, GRAPHS, LLM_HEAD, LLM_TAIL, NO_IMAGE, PRUNE, VISION
 
+_NO_IMAGE_START = np.array(NO_IMAGE, np.int64)  # decode's image_start: made once, not per token
+
 # observer(graph, inputs, outputs): outputs holds the returned ones and those bound into the cache
 Observer = Callable[[str, dict, dict], None]
 
@@ -89,7 +91,7 @@ class Chain:
         hidden = self.run(EMBED, {"input_ids": ids, "image_embeds": image_embeds, "image_start": start})[
             "inputs_embeds"
         ]
-        positions = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
+        positions = np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)))
         kept_image = None
         if self.split:
             head = self._llm(LLM_HEAD, hidden, positions)
@@ -98,7 +100,7 @@ class Chain:
                 {
                     "hidden_states": head["hidden_states"],
                     "last_row": head["last_row"],
-                    "position_ids": np.ascontiguousarray(positions),
+                    "position_ids": positions,
                     "image_start": start,
                 },
             )
@@ -115,7 +117,7 @@ class Chain:
         positions) -> logits [B, V]."""
         b = tokens.shape[0]
         inputs = {"input_ids": tokens.reshape(b, 1).astype(np.int64), "image_embeds": self._no_image}
-        hidden = self.run(EMBED, {**inputs, "image_start": np.array(NO_IMAGE, np.int64)})["inputs_embeds"]
+        hidden = self.run(EMBED, {**inputs, "image_start": _NO_IMAGE_START})["inputs_embeds"]
         positions = np.full((b, 1), position, np.int64)
         if self.split:
             hidden = self._llm(LLM_HEAD, hidden, positions)["hidden_states"]

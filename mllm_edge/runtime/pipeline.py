@@ -157,14 +157,13 @@ class Pipeline:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MllmEdgeError(f"max new tokens must be a whole number >= 1, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_p, seed)
-        self.prompts.render(prompt)  # a prompt it would refuse is refused now, not at the first token
+        rendered = self.prompts.render(prompt)  # a prompt it would refuse is refused now, not later
         picture = image if hasattr(image, "convert") else load_image(image)
-        return Generation(self._steps(picture, prompt, max_new_tokens, sampler))
+        return Generation(self._steps(picture, rendered, max_new_tokens, sampler))
 
-    def _steps(self, picture, prompt: str, max_new_tokens: int, sampler: Sampler) -> Iterator[str]:
+    def _steps(self, picture, rendered: str, max_new_tokens: int, sampler: Sampler) -> Iterator[str]:
         start = time.perf_counter()
         pixel_values = self.preprocess(picture)
-        rendered = self.prompts.render(prompt)
         prompt_ids = self.prompts.encode(rendered)
         t_pre = time.perf_counter()
 
