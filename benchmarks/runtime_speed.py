@@ -351,15 +351,11 @@ def main() -> None:
             )
         for weights in ("int8", "int4"):
             bundles[weights] = work / f"bundle-none-{weights}"
-            export_bundle(
-                ExportConfig(
-                    str(folder),
-                    bundles[weights],
-                    PruningConfig(),
-                    dtype="fp32",
-                    verify=False,
-                    force=True,
-                    quantize=weights,
+            from mllm_edge.calibration.calibrate import CalibrateConfig, calibrate_bundle
+
+            calibrate_bundle(  # what `export --quantize` does: the float bundle, then MatMulNBits
+                CalibrateConfig(
+                    bundles["none"], weights, "onnxruntime", bundles[weights], verify=False, force=True
                 )
             )
         ctx_bundle = work / "bundle-ctx"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -152,7 +153,8 @@ def export(
     quantize: Optional[str] = typer.Option(
         None,
         "--quantize",
-        help="int8 | int4: weight-only LLM graphs for ONNX Runtime (faster decoding; not for TensorRT).",
+        help="int8 | int4: weight-only LLM graphs for ONNX Runtime (faster decoding on CPUs; not for TensorRT). "
+        "A shortcut for `calibrate --target onnxruntime`.",
     ),
     max_context: Optional[int] = typer.Option(
         None, "--max-context", help="Tokens the KV cache holds [default: min(2048, the model's limit)]."
@@ -174,6 +176,14 @@ def export(
         from .default_model import checkpoint
 
         model = str(checkpoint())
+    if quantize is not None:  # the shortcut: a float bundle, then `calibrate --target onnxruntime`
+        from .calibration.precisions import precision as find_precision
+
+        find_precision(quantize, "onnxruntime")  # an unknown name is refused before the export
+        if dtype != "fp32":
+            raise MllmEdgeError(
+                f"--quantize {quantize} needs --dtype fp32: ONNX Runtime's kernel takes fp32 activations"
+            )
     config = ExportConfig(
         model,
         out,
@@ -182,16 +192,42 @@ def export(
         max_context,
         not no_verify,
         force,
-        quantize,
     )
     names = stages(config)
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with progress_bar(*columns) as progress:
-        task = progress.add_task("export", total=len(names))
-        report = export_bundle(
-            config, lambda name: progress.update(task, description=name, completed=names.index(name))
-        )
-        progress.update(task, description="done", completed=len(names))
+    with contextlib.ExitStack() as stack:
+        if quantize is not None:  # the float bundle goes into a hidden folder beside out, removed after
+            import tempfile
+
+            from .export.bundle import check_destination
+
+            check_destination(out, force)
+            float_dir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent))
+            )
+            config.out = float_dir / "float"
+        with progress_bar(*columns) as progress:
+            task = progress.add_task("export", total=len(names))
+            report = export_bundle(
+                config, lambda name: progress.update(task, description=name, completed=names.index(name))
+            )
+            progress.update(task, description="done", completed=len(names))
+        if quantize is not None:
+            from .calibration.calibrate import CalibrateConfig
+
+            calibrated = _calibrate_with_progress(
+                CalibrateConfig(
+                    config.out,
+                    quantize,
+                    "onnxruntime",
+                    out,
+                    verify=not no_verify,
+                    force=force,
+                    synthetic=None,
+                )
+            )
+            report.out, report.manifest = calibrated.out, calibrated.manifest
+            report.files = {rel: (out / rel).stat().st_size for rel in calibrated.manifest.files}
 
     console = Console(soft_wrap=True)  # long lines stay whole, so they can be grepped
     m = report.manifest
@@ -213,6 +249,146 @@ def export(
         console.print(checks_table(report.checks, report.chain))
     else:
         console.print("not verified (--no-verify)")
+    if quantize is not None:
+        _print_calibration(calibrated)
+
+
+@app.command()
+@user_errors
+def calibrate(
+    bundle: Path = typer.Argument(
+        Path(DEFAULT_BUNDLE), help="An fp32 or fp16 bundle made by `mllm-edge export`."
+    ),
+    precision: str = typer.Option(
+        ...,
+        "--precision",
+        help="int4-awq | int8 | fp8 (--target tensorrt); int8 | int4 (--target onnxruntime).",
+    ),
+    dataset: Optional[Path] = typer.Option(
+        None,
+        "--dataset",
+        help='JSONL lines {"image": path, "question": ...} like the ones the model will see.',
+    ),
+    synthetic: Optional[int] = typer.Option(
+        None, "--synthetic", help="N scenes of the built-in model's training world (its default: 48)."
+    ),
+    samples: Optional[int] = typer.Option(
+        None,
+        "--samples",
+        help="Items to calibrate on [default: up to 32; a quarter, at most 16, is held out to verify].",
+    ),
+    graphs: str = typer.Option("llm", "--graphs", help="llm | vision | all: which graphs to quantize."),
+    exclude: Optional[str] = typer.Option(
+        None,
+        "--exclude",
+        help="A regular expression: weights whose names match stay in float (the LM head always does for tensorrt).",
+    ),
+    block_size: Optional[int] = typer.Option(
+        None,
+        "--block-size",
+        help="int4 weights per scale [default: 128, or the largest of 64, 32, 16 that divides every weight].",
+    ),
+    target: str = typer.Option(
+        "tensorrt", "--target", help="tensorrt (standard Q/DQ) | onnxruntime (MatMulNBits, CPU)."
+    ),
+    target_sm: Optional[str] = typer.Option(
+        None, "--target-sm", help="Compute capability of the GPU it is for, e.g. 8.7 (Orin): fp8 needs 8.9+."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Bundle folder to write [default: BUNDLE-<precision>]."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    no_verify: bool = typer.Option(
+        False,
+        "--no-verify",
+        help="Skip the held-out checks against the source bundle (and write whatever comes out).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Which items calibrate and which are held out; synthetic scenes too."
+    ),
+) -> None:
+    """Quantize a bundle's graphs, calibrated on real runs of it, into a new bundle (the source is left as it is)."""
+    require_export_extra(("onnx", "onnxruntime"))
+    from .calibration.calibrate import CalibrateConfig
+
+    report = _calibrate_with_progress(
+        CalibrateConfig(
+            bundle,
+            precision,
+            target,
+            out,
+            dataset,
+            synthetic,
+            samples,
+            graphs,
+            exclude,
+            block_size,
+            target_sm,
+            not no_verify,
+            force,
+            seed,
+        )
+    )
+    _print_calibration(report)
+
+
+def _calibrate_with_progress(config):
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from .calibration.calibrate import calibrate_bundle
+
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with progress_bar(*columns) as progress:
+        tasks = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=max(total, 1))
+            progress.update(tasks[stage], completed=done, total=max(total, 1))
+
+        return calibrate_bundle(config, update)
+
+
+def _print_calibration(report) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .export.report import human_bytes, weights_line
+
+    console = Console(soft_wrap=True)
+    m, q = report.manifest, report.manifest.quantization
+    console.print(f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}")
+    cal = q["calibration"]
+    if cal:
+        calls = ", ".join(f"{g} {n}" for g, n in cal["recorded_calls"].items())
+        console.print(
+            f"calibrated on {cal['samples']} items of {escape(cal['dataset'])} ({calls} recorded calls) with {cal['library']}"
+        )
+    table = Table(title=f"{report.precision.name} for {report.precision.target}", title_justify="left")
+    for column in ("graph", "weights", "method", "bytes before", "after", "", "cosine", "SNR dB"):
+        table.add_column(column, justify="left" if column in ("graph", "method") else "right")
+    for r in report.graphs:
+        entry = q["per_graph"][r.graph]
+        method = entry["method"] + (f", block {entry['block_size']}" if entry.get("block_size") else "")
+        c = r.check
+        table.add_row(
+            r.graph,
+            str(r.weights),
+            method,
+            human_bytes(r.bytes_before),
+            human_bytes(r.bytes_after),
+            f"{100 * r.bytes_after / r.bytes_before:.0f}%",
+            f"{c.cosine:.4f}" if c else "-",
+            f"{c.snr_db:.1f}" if c else "-",
+        )
+    console.print(table)
+    a = report.answers
+    if a:
+        console.print(f"held-out answers equal to the source bundle's: {100 * a.agreement:.0f}% of {a.items}")
+    elif not report.graphs or report.graphs[0].check is None:
+        console.print("not verified (--no-verify)")
+    console.print("runs on: " + ", ".join(m.backends))
 
 
 @app.command()
@@ -245,7 +421,7 @@ def inspect(
             counts = op_counts(bundle / spec.file)
             top = sorted(counts.items(), key=lambda kv: -kv[1])
             line += f"; {sum(counts.values())} nodes: " + ", ".join(f"{op} {n}" for op, n in top)
-            if m.quantization and name in m.quantization["graphs"]:
+            if m.quantized(name) and "tensorrt" not in m.backends:
                 line += f"\n  TensorRT 10 lint: not linted, {m.quantization['weights']} weights for ONNX Runtime only"
             else:
                 findings = lint_model(bundle / spec.file)

@@ -51,22 +51,28 @@ class EvalReport:
         return asdict(self)
 
 
-def load_jsonl(path: Path) -> list[EvalItem]:
+def load_jsonl(path: Path, require_answer: bool = True) -> list[EvalItem]:
+    """require_answer False (calibration): a line needs only image and question; answer may be absent."""
     if not path.is_file():
         raise MllmEdgeError(f"dataset {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MllmEdgeError(f"dataset {path} cannot be read: {e}") from None
+    fields = "image, question and answer" if require_answer else "image and question"
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            image, question, answer = row["image"], row["question"], row["answer"]
+            image, question = row["image"], row["question"]
+            answer = row["answer"] if require_answer else row.get("answer", "")
         except (ValueError, KeyError, TypeError) as e:
-            raise MllmEdgeError(
-                f"{path}:{number}: not a JSON object with image, question and answer ({e})"
-            ) from None
-        if not all(isinstance(v, str) and v for v in (image, question, answer)):
-            raise MllmEdgeError(f"{path}:{number}: image, question and answer must be non-empty strings")
+            raise MllmEdgeError(f"{path}:{number}: not a JSON object with {fields} ({e})") from None
+        needed = (image, question, answer) if require_answer else (image, question)
+        if not all(isinstance(v, str) and v for v in needed) or not isinstance(answer, str):
+            raise MllmEdgeError(f"{path}:{number}: {fields} must be non-empty strings")
         items.append(
             EvalItem(path.parent / image, question, answer, str(row.get("kind", "")), f"{path}:{number}")
         )

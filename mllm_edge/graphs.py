@@ -45,7 +45,7 @@ class GraphDef:
     profiles: dict = field(
         default_factory=dict
     )  # TensorRT profile -> dynamic dim -> (min, opt, max) size names
-    quantizable: bool = False  # holds the LLM's weight matrices (export --quantize)
+    quantizable: bool = False  # holds the LLM's weight matrices (calibrate's default --graphs llm)
 
     def input_names(self, layers: range = range(0)) -> list[str]:
         return [t.name for t in self.inputs] + (past_names(layers) if self.cache else [])

@@ -15,8 +15,9 @@ from .errors import MllmEdgeError
 from .graphs import bundle_graphs, layer_group
 from .integrity import check_files, sha256_file
 
-SCHEMA_VERSION = 2  # 2 added `quantization`
-READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a version-2 one without quantized weights
+SCHEMA_VERSION = 3  # 2 added `quantization`; 3 its calibrated form (target, backends, per graph)
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 manifest is a version-2 one without quantized weights
+QUANTIZED_WEIGHTS = ("int8", "int4", "int4-awq", "fp8")
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BUNDLE = "bundle"  # where `export` writes and `run` reads when given no folder
 
@@ -59,9 +60,7 @@ class Manifest:
     tokenizer: dict  # folder, special token ids, image token, chat template
     preprocessing: dict  # the checkpoint's image processor settings
     samples: dict  # graph name -> npz of its sample inputs and reference outputs; "chain" -> greedy run
-    quantization: dict | None = (
-        None  # weight-only int8/int4 LLM graphs (export/quantize.py); None: float weights
-    )
+    quantization: dict | None = None  # what `calibrate` quantized, how, from what (calibration/); None: float
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     schema_version: int = SCHEMA_VERSION
     created_by: str = ""
@@ -79,8 +78,16 @@ class Manifest:
 
     @property
     def weights(self) -> str:
-        """What the LLM's weights are stored as: the dtype's name, or int8 / int4."""
+        """What the quantized graphs' weights are stored as (int8, int4, int4-awq, fp8), else the dtype's name."""
         return self.quantization["weights"] if self.quantization else self.dtype
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends that can run the bundle: a MatMulNBits bundle is ONNX Runtime's only."""
+        return list(self.quantization["backends"]) if self.quantization else ["onnxruntime", "tensorrt"]
+
+    def quantized(self, graph: str) -> bool:
+        return bool(self.quantization) and graph in self.quantization["graphs"]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -99,10 +106,9 @@ class Manifest:
         return cls(**{**data, "graphs": graphs})
 
 
-def schema_version(quantized: bool) -> int:
-    """Bundles without quantized weights are still written as version 1, so that an mllm-edge
-    from before version 2 keeps reading them; only a quantized bundle needs a reader that knows."""
-    return SCHEMA_VERSION if quantized else 1
+# Bundles without quantized weights are still written as version 1, so that an mllm-edge from
+# before version 2 keeps reading them; only a quantized bundle needs a reader that knows.
+FLOAT_SCHEMA_VERSION = 1
 
 
 def hash_files(folder: Path) -> dict[str, str]:
@@ -260,7 +266,25 @@ def check_manifest(data) -> None:
     )
     q = data.get("quantization")
     if q is not None:
-        _field(data, "quantization.weights", str, lambda v: v in ("int8", "int4"), "int8 or int4")
+        _field(
+            data,
+            "quantization.weights",
+            str,
+            lambda v: v in QUANTIZED_WEIGHTS,
+            " or ".join(QUANTIZED_WEIGHTS),
+        )
+        quantized = _field(
+            data, "quantization.graphs", list, lambda v: set(v) <= set(data["graphs"]), "graphs of the bundle"
+        )
+        _field(
+            data,
+            "quantization.backends",
+            list,
+            lambda v: len(v) > 0 and set(v) <= {"onnxruntime", "tensorrt"},
+            "a list of onnxruntime and tensorrt",
+        )
+        if not quantized:
+            raise _Invalid("quantization.graphs is empty")
 
 
 def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:

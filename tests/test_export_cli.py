@@ -68,7 +68,7 @@ def _export_error(args: list[str]):
         (["--method", "pdrop"], "unknown pruning method 'pdrop'"),
         (["--ratio", "0.5"], "without a pruning method"),
         (["--dtype", "int3"], "unknown dtype 'int3'"),
-        (["--quantize", "int3"], "unknown --quantize 'int3'"),
+        (["--quantize", "int3"], "unknown --precision 'int3' for --target onnxruntime"),
         (["--quantize", "int8", "--dtype", "fp16"], "--quantize int8 needs --dtype fp32"),
         (["--max-context", "10"], "max context must hold the 64 image tokens"),
         (["--max-context", "99999"], "at most the model's 2048 positions"),

@@ -1,4 +1,5 @@
-"""`mllm-edge export --quantize int8|int4`: weight-only LLM graphs for ONNX Runtime.
+"""`mllm-edge calibrate --target onnxruntime` (and its shortcut `export --quantize int8|int4`):
+weight-only LLM graphs for ONNX Runtime.
 
 What is checked: the Gemm -> MatMul rewrite computes the same thing; the exported graphs hold
 MatMulNBits where the weights were and nothing else changed; verification passes for a sound
@@ -25,7 +26,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from mllm_edge.cli import app  # noqa: E402
 from mllm_edge.errors import MllmEdgeError  # noqa: E402
-from mllm_edge.export import quantize  # noqa: E402
+from mllm_edge.calibration import matmulnbits, rewrite  # noqa: E402
+from mllm_edge.calibration.calibrate import CalibrateConfig, calibrate_bundle  # noqa: E402
 from mllm_edge.export.bundle import ExportConfig, export_bundle  # noqa: E402
 from mllm_edge.manifest import load_manifest  # noqa: E402
 from mllm_edge.pruning import PruningConfig  # noqa: E402
@@ -71,7 +73,7 @@ def test_gemm_rewrite_computes_the_same():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     x = rng.standard_normal((2, 4)).astype(np.float32)
     before = _run(model, {"x": x})
-    assert quantize.gemms_to_matmuls(model) == 4
+    assert len(rewrite.gemms_to_matmuls(model)) == 4
     assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "MatMul", "MatMul", "Add", "Gemm"]
     assert sorted(t.name for t in model.graph.initializer) == [
         "b2",
@@ -83,11 +85,18 @@ def test_gemm_rewrite_computes_the_same():
     np.testing.assert_allclose(_run(model, {"x": x}), before, rtol=1e-5, atol=1e-5)
 
 
+def quantized_export(model, out, pruning, weights):
+    """export --quantize as the CLI does it: a float bundle, then calibrate --target onnxruntime."""
+    source = out.parent / f"{out.name}-float"
+    export_bundle(ExportConfig(str(model), source, pruning))
+    return calibrate_bundle(CalibrateConfig(source, weights, "onnxruntime", out))
+
+
 @pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory, tiny_checkpoints):
+def int8_bundle(tmp_path_factory, export_cache):
     out = tmp_path_factory.mktemp("quantize") / "llama_mha-int8"
-    report = export_bundle(
-        ExportConfig(str(tiny_checkpoints["llama_mha"]), out, PruningConfig(), quantize="int8")
+    report = calibrate_bundle(
+        CalibrateConfig(export_cache("llama_mha", "none")[0], "int8", "onnxruntime", out)
     )
     return out, report
 
@@ -95,19 +104,25 @@ def int8_bundle(tmp_path_factory, tiny_checkpoints):
 def test_int8_bundle_holds_matmulnbits_in_the_llm_graph_only(int8_bundle, export_cache):
     out, report = int8_bundle
     m = load_manifest(out)
-    assert m.quantization == {
-        "weights": "int8",
-        "format": "onnxruntime MatMulNBits",
-        "bits": 8,
-        "block_size": 32,
-        "symmetric": True,
-        "accuracy_level": 4,
-        "graphs": ["llm_tail"],
-        "backends": ["onnxruntime"],
-    }
+    q = m.quantization
+    assert (q["weights"], q["target"], q["format"], q["graphs"], q["backends"]) == (
+        "int8",
+        "onnxruntime",
+        "onnxruntime MatMulNBits",
+        ["llm_tail"],
+        ["onnxruntime"],
+    )
+    entry = q["per_graph"]["llm_tail"]
+    assert (entry["bits"], entry["block_size"], entry["symmetric"], entry["accuracy_level"]) == (
+        8,
+        32,
+        True,
+        4,
+    )
+    assert q["calibration"] is None  # rounding to nearest: no data
     assert m.weights == "int8" and m.dtype == "float32"
     assert (
-        m.schema_version == 2 and load_manifest(export_cache("llama_mha", "none")[0]).schema_version == 1
+        m.schema_version == 3 and load_manifest(export_cache("llama_mha", "none")[0]).schema_version == 1
     )  # float: readable by older versions
     tail = onnx.load(str(out / "llm_tail.onnx"), load_external_data=False)
     quantized = [n for n in tail.graph.node if n.op_type == "MatMulNBits"]
@@ -137,13 +152,10 @@ def test_int8_bundle_holds_matmulnbits_in_the_llm_graph_only(int8_bundle, export
         assert packed.dtype == np.uint8 and packed.size == a["N"] * blocks * 32
         assert scales.dtype == np.float32 and scales.size == a["N"] * blocks
         assert list(original.dims) == [a["N"], a["K"]]  # the Gemm's weight, [N, K]
-    # verified, against the int8 limits
-    tail_check = next(c for c in report.checks if c.graph == "llm_tail")
-    assert (
-        tail_check.ok and tail_check.tolerance == 0.3 and tail_check.rel > 1e-4
-    )  # quantization error is there
-    assert next(c for c in report.checks if c.graph == "vision").tolerance == 1e-4
-    assert report.chain.ok
+    # verified on export's sample against the limit, and the quantization error is there
+    (result,) = report.graphs
+    assert result.check.ok and result.check.limit == 0.98 and result.check.cosine < 1 - 1e-7
+    assert result.bytes_after < 0.75 * result.bytes_before  # a tiny graph: its .onnx weighs too
 
 
 def test_runtime_decodes_a_quantized_bundle_as_the_plain_chain_does(int8_bundle, tmp_path):
@@ -170,13 +182,9 @@ def test_runtime_decodes_a_quantized_bundle_as_the_plain_chain_does(int8_bundle,
 def test_quantized_fastv_qwen2_exports_verified(tiny_checkpoints, tmp_path):
     """Both LLM graphs quantized, and Qwen2's q/k/v biases kept as Adds after the MatMulNBits."""
     out = tmp_path / "qwen2-fastv-int8"
-    report = export_bundle(
-        ExportConfig(
-            str(tiny_checkpoints["qwen2"]), out, PruningConfig.from_method("fastv", 0.5), quantize="int8"
-        )
-    )
+    report = quantized_export(tiny_checkpoints["qwen2"], out, PruningConfig.from_method("fastv", 0.5), "int8")
     assert report.manifest.quantization["graphs"] == ["llm_head", "llm_tail"]
-    assert all(c.ok for c in report.checks) and report.chain.ok
+    assert all(r.check.ok for r in report.graphs)
     for graph in ("llm_head", "llm_tail"):
         assert "MatMulNBits" in _node_types(out / f"{graph}.onnx") and "Gemm" not in _node_types(
             out / f"{graph}.onnx"
@@ -185,25 +193,28 @@ def test_quantized_fastv_qwen2_exports_verified(tiny_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_verification_catches_a_wrong_weight_layout(weights, tiny_checkpoints, tmp_path, monkeypatch):
-    """A plausible bug, the input channels of every weight in the wrong order, must fail the export
-    at the quantized limits and leave nothing behind. int4 on the built-in model: its sound export
-    passes (test below), while the random checkpoints' int4 exports fail even when sound."""
+    """A plausible bug, the input channels of every weight in the wrong order, must fail the
+    calibration at its limits and leave nothing behind; the source bundle is unchanged."""
     from mllm_edge.default_model import checkpoint
 
-    real = quantize.gemms_to_matmuls
+    real = matmulnbits.gemms_to_matmuls
 
-    def scrambled(model, folder=None):
-        count = real(model, folder)
+    def scrambled(model, folder=None, select=lambda w: True):
+        rewritten = real(model, folder, select)
         for t in model.graph.initializer:
             if t.name.endswith(".T"):
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[::-1].copy(), t.name))
-        return count
+        return rewritten
 
-    monkeypatch.setattr(quantize, "gemms_to_matmuls", scrambled)
-    with pytest.raises(MllmEdgeError, match="do not match PyTorch"):
-        model = tiny_checkpoints["llama_gqa"] if weights == "int8" else checkpoint()
-        export_bundle(ExportConfig(str(model), tmp_path / "b", PruningConfig(), quantize=weights))
-    assert list(tmp_path.iterdir()) == []
+    source = tmp_path / "float"
+    model = tiny_checkpoints["llama_gqa"] if weights == "int8" else checkpoint()
+    export_bundle(ExportConfig(str(model), source, PruningConfig(), verify=False))
+    before = {p.name: p.stat().st_mtime_ns for p in source.iterdir()}
+    monkeypatch.setattr(matmulnbits, "gemms_to_matmuls", scrambled)
+    with pytest.raises(MllmEdgeError, match="loses too much"):
+        calibrate_bundle(CalibrateConfig(source, weights, "onnxruntime", tmp_path / "b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+    assert {p.name: p.stat().st_mtime_ns for p in source.iterdir()} == before
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -214,8 +225,8 @@ def test_the_built_in_model_still_answers(weights, tmp_path):
     from mllm_edge.evaluate import evaluate, synthetic_items
 
     out = tmp_path / weights
-    report = export_bundle(ExportConfig(str(checkpoint()), out, PruningConfig(), quantize=weights))
-    assert report.chain.ok
+    report = quantized_export(checkpoint(), out, PruningConfig(), weights)
+    assert report.answers.ok and all(r.check.ok for r in report.graphs)
     result = evaluate(out, synthetic_items(40), backend="onnxruntime")
     assert result.accuracy >= 0.9, result.by_kind
 
@@ -255,7 +266,7 @@ def test_importing_the_quantizer_leaves_logging_alone():
     code = textwrap.dedent(
         """
         import logging
-        from mllm_edge.export.quantize import _quantizer_class
+        from mllm_edge.calibration.matmulnbits import _quantizer_class
         _quantizer_class()
         root = logging.getLogger()
         print(len(root.handlers), root.level)

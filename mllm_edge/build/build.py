@@ -22,7 +22,7 @@ from ..atomic import locked, partial_folder, remove_stale, signals_as_interrupts
 from ..engines import EngineEntry, EngineSet, Target, engine_folder, profile_record, write_engine_set
 from ..errors import MllmEdgeError
 from ..manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from ..parity import ENGINE_TOLERANCE, OutputCheck, compare_graph, load_references, load_sample
+from ..parity import ENGINE_TOLERANCE, TOLERANCE, OutputCheck, compare_graph, load_references, load_sample
 from . import tensorrt_api
 from .profiles import Profile, graph_profiles
 from .settings import BuildSettings, choose_settings
@@ -79,8 +79,14 @@ def plan_build(config: BuildConfig, target: Target, manifest: Manifest | None = 
     if manifest is None:
         manifest = load_manifest(config.bundle)
         check_buildable(config.bundle, manifest)
+    check_target(config.bundle, manifest, target)
     settings = choose_settings(
-        target.tensorrt, manifest.dtype, config.precision, config.workspace_mb, target.jetson
+        target.tensorrt,
+        manifest.dtype,
+        config.precision,
+        config.workspace_mb,
+        target.jetson,
+        manifest.weights if manifest.quantization else None,
     )
     max_context = config.max_context or manifest.max_context
     profiles = {g: graph_profiles(manifest, g, max_context) for g in manifest.graphs}
@@ -97,12 +103,25 @@ def plan_build(config: BuildConfig, target: Target, manifest: Manifest | None = 
 
 
 def check_buildable(bundle: Path, manifest: Manifest) -> None:
-    """Quantized bundles hold ONNX Runtime's MatMulNBits op, which TensorRT has no parser for."""
+    """Bundles of calibrate's onnxruntime target hold ONNX Runtime's MatMulNBits op, which TensorRT has no parser for."""
     q = manifest.quantization
-    if q:
+    if q and "tensorrt" not in manifest.backends:
         raise MllmEdgeError(
             f"{bundle} holds {q['weights']} weights as ONNX Runtime's MatMulNBits op ({', '.join(q['graphs'])}), which TensorRT cannot "
-            f"build: run it with `mllm-edge run --bundle {bundle}` (ONNX Runtime), or export without --quantize for TensorRT"
+            f"build: run it with `mllm-edge run --bundle {bundle}` (ONNX Runtime), or calibrate its float bundle with --target tensorrt"
+        )
+
+
+def check_target(bundle: Path, manifest: Manifest, target: Target) -> None:
+    """A calibrated bundle's graphs may need a newer GPU than this one (fp8: SM 8.9, never an Orin)."""
+    from ..calibration.precisions import sm_at_least
+
+    need = ((manifest.quantization or {}).get("requires") or {}).get("min_sm")
+    have = "{}.{}".format(*target.compute_capability)
+    if need and not sm_at_least(have, need):
+        raise MllmEdgeError(
+            f"{bundle} holds {manifest.weights} graphs, which need a GPU of SM {need} or newer; this {target.gpu} is SM {have}: "
+            "calibrate its float bundle with --precision int4-awq or int8 for this GPU"
         )
 
 
@@ -246,7 +265,7 @@ def verify_engines(plan: BuildPlan, folder: Path, meta: EngineSet, progress) -> 
     if bad:
         worst = ", ".join(f"{c.graph}.{c.output} {c.rel:.2e}" for c in bad)
         raise MllmEdgeError(
-            f"the engines disagree with the bundle's reference outputs beyond {ENGINE_TOLERANCE[plan.settings.precision]:.0e}: {worst}"
+            f"the engines disagree with the bundle's reference outputs beyond their limits: {worst}"
         )
     return checks
 
@@ -255,9 +274,13 @@ def verify_engine(plan: BuildPlan, graph: str, engine) -> list[OutputCheck]:
     path = plan.bundle / plan.manifest.samples[graph]
     inputs, outputs = load_sample(path)
     got = engine.run(inputs)
-    return compare_graph(
-        graph, got, inputs, outputs, load_references(path), ENGINE_TOLERANCE[plan.settings.precision]
-    )
+    return compare_graph(graph, got, inputs, outputs, load_references(path), engine_tolerance(plan, graph))
+
+
+def engine_tolerance(plan: BuildPlan, graph: str) -> float:
+    """The engine precision's limit; a quantized graph's own against the float reference, when larger."""
+    own = ENGINE_TOLERANCE[plan.settings.precision]
+    return max(own, TOLERANCE[plan.manifest.weights]) if plan.manifest.quantized(graph) else own
 
 
 def build_bundle(

@@ -41,9 +41,15 @@ class BuildSettings:
 
 
 def choose_settings(
-    trt_version: str, bundle_dtype: str, precision: str | None, workspace_mb: int | None, jetson: bool
+    trt_version: str,
+    bundle_dtype: str,
+    precision: str | None,
+    workspace_mb: int | None,
+    jetson: bool,
+    quantized: str | None = None,
 ) -> BuildSettings:
-    """precision None means the bundle's own."""
+    """precision None means the bundle's own; quantized: a calibrated bundle's weights (int8, int4-awq,
+    fp8), whose Q/DQ graphs build strongly typed, in the bundle's own float type only."""
     major = trt_major(trt_version)
     if major < 10:
         raise MllmEdgeError(
@@ -63,6 +69,11 @@ def choose_settings(
         raise MllmEdgeError(f"--workspace must be at least 64 MB, got {workspace_mb}")
     if precision == own:
         return BuildSettings(precision, strongly_typed=True, workspace_mb=workspace_mb)
+    if quantized:
+        raise MllmEdgeError(
+            f"a {quantized} bundle builds strongly typed in its own {own} (its Q/DQ nodes set the rest): "
+            f"build it without --precision, or calibrate a {precision} bundle"
+        )
     export_hint = (
         "export makes no bf16 bundles yet: use fp16"
         if precision == "bf16"

@@ -23,7 +23,7 @@ from .. import __version__
 from .. import graphs as mg
 from ..atomic import locked, partial_folder, remove_stale, signals_as_interrupts
 from ..errors import MllmEdgeError
-from ..manifest import MANIFEST_NAME, Manifest, schema_version, write_manifest
+from ..manifest import FLOAT_SCHEMA_VERSION, MANIFEST_NAME, Manifest, write_manifest
 from ..models.checkpoint import resolve_checkpoint
 from ..models.config import load_llava_spec
 from ..models.llava import Llava, load_llava
@@ -32,7 +32,6 @@ from ..pruning.flops import PrefillFlops, prefill_flops
 from .graphs import graph_modules
 from .lint import lint_model
 from .onnx_graph import export_graph, graph_spec, share_duplicate_weights
-from .quantize import check_quantize, quantization_entry, quantize_graph
 from .samples import CHAIN_TOKENS, make_samples, save_samples
 from .verify import ChainCheck, OutputCheck, failures, require_onnxruntime, verify_chain, verify_graphs
 
@@ -50,7 +49,6 @@ class ExportConfig:
     max_context: int | None = None  # None: min(2048, the model's max positions)
     verify: bool = True
     force: bool = False
-    quantize: str | None = None  # int8 | int4: weight-only LLM graphs for ONNX Runtime (export/quantize.py)
 
 
 @dataclass
@@ -68,9 +66,6 @@ def stages(config: ExportConfig) -> list[str]:
     """The steps export_bundle reports, in order, so a caller can size a progress bar."""
     graphs = mg.bundle_graphs(bool(config.pruning.fastv), bool(config.pruning.fastervlm))
     names = ["load", "reference", *graphs]
-    names += (
-        [f"quantize {name}" for name, graph in graphs.items() if graph.quantizable] if config.quantize else []
-    )
     names += ["lint", "tokenizer"]
     names += ["verify graphs", "verify chain"] if config.verify else []
     return names + ["manifest"]
@@ -107,11 +102,10 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
     """Export, lint, verify and write the bundle; on_stage(name) is called as each stage starts."""
     if config.dtype not in DTYPES:
         raise MllmEdgeError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
-    check_quantize(config.quantize, config.dtype)
     out = Path(config.out)
     check_destination(out, config.force)
-    if config.verify or config.quantize:
-        require_onnxruntime()  # its quantizer, too
+    if config.verify:
+        require_onnxruntime()
     with locked(out), signals_as_interrupts():  # one writer of `out` at a time; SIGTERM cleans up too
         check_destination(out, config.force)  # again: another export may have finished meanwhile
         remove_stale(out)
@@ -151,22 +145,13 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     release_weights(llava)  # before ONNX Runtime loads the graphs: see release_weights
     del modules, llava
     gc.collect()
-    quantized = [name for name in graph_specs if mg.GRAPHS[name].quantizable] if config.quantize else []
-    for name in quantized:  # before sharing: a quantized LM head no longer equals the embedding table
-        on_stage(f"quantize {name}")
-        quantize_graph(tmp, name, config.quantize)
-        gc.collect()
-        return_freed_memory()
     shared = share_duplicate_weights(tmp, list(graph_specs))
     for name in graph_specs:  # inputs, outputs and data files may have changed
         graph_specs[name] = graph_spec(tmp / graph_specs[name].file)
 
-    on_stage("lint")  # quantized graphs hold ONNX Runtime's MatMulNBits: never for TensorRT, not linted
+    on_stage("lint")
     problems = [
-        f"{name}: {finding}"
-        for name, s in graph_specs.items()
-        if name not in quantized
-        for finding in lint_model(tmp / s.file)
+        f"{name}: {finding}" for name, s in graph_specs.items() for finding in lint_model(tmp / s.file)
     ]
     if problems:
         raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
@@ -187,8 +172,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
         tokenizer=tokenizer["tokenizer"],
         preprocessing=tokenizer["preprocessing"],
         samples=sample_files,
-        quantization=quantization_entry(config.quantize, quantized),
-        schema_version=schema_version(quantized=bool(quantized)),
+        schema_version=FLOAT_SCHEMA_VERSION,
         created_by=f"mllm-edge {__version__}",
     )
 
@@ -206,7 +190,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
 
     on_stage("manifest")
     write_manifest(tmp, manifest)
-    _move_into_place(tmp, out, config.force)
+    move_into_place(tmp, out, config.force)
     keep_vision, keep_llm = pruning.keep_counts(spec.num_image_tokens)
     t = spec.text
     flops = prefill_flops(
@@ -321,7 +305,7 @@ def save_tokenizer(model_dir: Path, dest: Path, image_token_id: int) -> dict:
     }
 
 
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+def move_into_place(tmp: Path, out: Path, force: bool) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     if not out.exists():
         os.replace(tmp, out)

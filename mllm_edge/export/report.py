@@ -46,7 +46,8 @@ def weights_line(manifest: Manifest) -> str:
     q = manifest.quantization
     if not q:
         return manifest.dtype
-    return f"{manifest.dtype} activations, {q['weights']} weights in {' and '.join(q['graphs'])} (ONNX Runtime only)"
+    where = "ONNX Runtime only" if "tensorrt" not in manifest.backends else "Q/DQ for TensorRT"
+    return f"{manifest.dtype}, {q['weights']} weights in {' and '.join(q['graphs'])} ({where})"
 
 
 def pruning_line(manifest: Manifest) -> str:

@@ -57,8 +57,7 @@ def session(path: Path) -> OnnxRuntimeEngine:
 
 def graph_tolerance(manifest: Manifest, graph: str) -> float:
     """The dtype's limit, or the quantized weights' for a quantized graph."""
-    quantized = manifest.quantization and graph in manifest.quantization["graphs"]
-    return TOLERANCE[manifest.weights if quantized else manifest.dtype]
+    return TOLERANCE[manifest.weights if manifest.quantized(graph) else manifest.dtype]
 
 
 def verify_graphs(folder: Path, manifest: Manifest) -> list[OutputCheck]:

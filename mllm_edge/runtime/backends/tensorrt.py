@@ -284,7 +284,7 @@ class TensorRTBackend(BackendResources):
 
     def __init__(self, bundle: Path, manifest: Manifest, device: str = "cuda"):
         super().__init__()
-        if manifest.quantization:
+        if "tensorrt" not in manifest.backends:
             raise MllmEdgeError(
                 f"{bundle} holds {manifest.weights} weights for ONNX Runtime only: run it with --backend onnxruntime"
             )

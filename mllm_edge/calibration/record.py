@@ -1,0 +1,104 @@
+"""Record, don't invent: the source bundle runs through the runtime on each sample, and every call
+of the graphs to quantize is saved as it happened (the pipeline's engine hook): prefill and decode
+calls, the KV cache as it really was, pruned and unpruned shapes as they occurred.
+
+Each call is one .npz file (inputs, and with outputs=True the source's outputs too), so a long
+recording stays on disk rather than in memory; a reader gives them back one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import MllmEdgeError
+from ..evaluate import MAX_NEW_TOKENS, EvalItem
+
+GENERATED_TOKENS = MAX_NEW_TOKENS  # per sample: a prefill and up to this many decode steps
+
+
+@dataclass
+class Recording:
+    folder: Path
+    calls: dict[str, list[Path]] = field(default_factory=dict)  # graph -> one file per call, in order
+    answers: list[str] = field(default_factory=list)  # the source bundle's answer to each item
+
+    def counts(self) -> dict[str, int]:
+        return {graph: len(files) for graph, files in self.calls.items()}
+
+
+def load_call(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One recorded call: (inputs, outputs) by tensor name; outputs empty when not recorded."""
+    with np.load(path) as data:
+        inputs = {k[3:]: data[k] for k in data.files if k.startswith("in.")}
+        outputs = {k[4:]: data[k] for k in data.files if k.startswith("out.")}
+    return inputs, outputs
+
+
+def record(
+    bundle: Path,
+    items: list[EvalItem],
+    graphs: list[str],
+    folder: Path,
+    outputs: bool = False,
+    progress: Callable[[int], None] = lambda done: None,
+) -> Recording:
+    """Run `bundle` (ONNX Runtime, CPU) on each item and save every call of `graphs` under folder."""
+    from ..runtime.image import MAX_IMAGE_PIXELS, load_image
+    from ..runtime.pipeline import Pipeline
+
+    recording = Recording(folder, {g: [] for g in graphs})
+    for g in graphs:
+        (folder / g).mkdir(parents=True, exist_ok=True)
+
+    def save(graph: str, given: dict, returned: dict) -> None:
+        if graph not in recording.calls:
+            return
+        path = folder / graph / f"{len(recording.calls[graph]):05d}.npz"
+        arrays = {f"in.{k}": np.asarray(v) for k, v in given.items()}  # copied now: the cache moves on
+        if outputs:
+            arrays.update({f"out.{k}": np.asarray(v) for k, v in returned.items()})
+        np.savez(path, **arrays)
+        recording.calls[graph].append(path)
+
+    with Pipeline.load(bundle, backend="onnxruntime") as pipeline:
+        pipeline.observe(save)
+        for i, item in enumerate(items):
+            try:
+                picture = item.image
+                if isinstance(picture, (str, Path)):
+                    picture = load_image(picture, MAX_IMAGE_PIXELS)
+                result = pipeline.generate(picture, item.question, max_new_tokens=GENERATED_TOKENS)
+            except MllmEdgeError as e:
+                raise MllmEdgeError(f"{item.where or f'sample {i + 1}'}: {e}") from None
+            recording.answers.append(result.text)
+            progress(i + 1)
+    return recording
+
+
+class RecordedReader:
+    """The recorded inputs of one graph, in ONNX Runtime's CalibrationDataReader interface (what Model
+    Optimizer reads): get_next() until None, rewind(), get_first()."""
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise MllmEdgeError("no recorded calls to calibrate on")
+        self.files, self.position = list(files), 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.files):
+            return None
+        self.position += 1
+        return load_call(self.files[self.position - 1])[0]
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        return load_call(self.files[0])[0]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
