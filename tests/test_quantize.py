@@ -24,10 +24,10 @@ onnx = pytest.importorskip("onnx", reason="export needs the export extra")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from mllm_edge.cli import app  # noqa: E402
-from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.calibration import matmulnbits, rewrite  # noqa: E402
 from mllm_edge.calibration.calibrate import CalibrateConfig, calibrate_bundle  # noqa: E402
+from mllm_edge.cli import app  # noqa: E402
+from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.export.bundle import ExportConfig, export_bundle  # noqa: E402
 from mllm_edge.manifest import load_manifest  # noqa: E402
 from mllm_edge.pruning import PruningConfig  # noqa: E402
