@@ -223,7 +223,6 @@ def export(
                     out,
                     verify=not no_verify,
                     force=force,
-                    synthetic=None,
                 )
             )
             report.out, report.manifest = calibrated.out, calibrated.manifest

@@ -30,6 +30,14 @@ class EvalItem:
     kind: str = ""
     where: str = ""  # "dataset.jsonl:LINE" for an item of a file, for messages
 
+    def picture(self, max_image_pixels: int | None = None):
+        """The image as a PIL image: read from its file (within the pixel limit) when it is a path."""
+        from .runtime.image import MAX_IMAGE_PIXELS, load_image
+
+        if isinstance(self.image, (str, Path)):
+            return load_image(self.image, max_image_pixels or MAX_IMAGE_PIXELS)
+        return self.image
+
 
 @dataclass
 class EvalReport:
@@ -103,7 +111,6 @@ def evaluate(
 ) -> EvalReport:
     """skip_bad: an item whose image or question cannot be used is counted in `skipped` and left out,
     instead of stopping the evaluation (the message names its line either way)."""
-    from .runtime.image import MAX_IMAGE_PIXELS, load_image
     from .runtime.pipeline import Pipeline
 
     with contextlib.ExitStack() as stack:  # both pipelines closed, whatever happens
@@ -114,9 +121,7 @@ def evaluate(
         answers, prefill, skipped = [], [], []
         for i, item in enumerate(items):
             try:
-                picture = item.image
-                if isinstance(picture, (str, Path)):  # loaded once, for the bundle and its baseline
-                    picture = load_image(picture, max_image_pixels or MAX_IMAGE_PIXELS)
+                picture = item.picture(max_image_pixels)  # loaded once, for the bundle and its baseline
                 result = pipe.generate(picture, item.question, max_new_tokens=MAX_NEW_TOKENS)
                 row = {
                     "question": item.question,

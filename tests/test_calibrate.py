@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -256,7 +257,7 @@ def test_a_dataset_calibrates_and_bad_input_is_a_clear_error(built_in, tmp_path)
         args += extra if "--precision" in extra else ["--precision", "int4-awq", *extra]
         result = runner.invoke(app, args)
         assert result.exit_code == 1, (extra, result.output)
-        assert pytest.importorskip("re").search(message, result.stderr), (extra, result.stderr)
+        assert re.search(message, result.stderr), (extra, result.stderr)
         assert "Traceback" not in result.output and not (tmp_path / "never").exists()
     # a bundle already quantized; an unknown bundle without data; the source is never the output
     again = runner.invoke(app, ["calibrate", str(report.out), "--precision", "int8"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -170,10 +170,10 @@ def _plan(config: CalibrateConfig) -> _Plan:
 
 
 def _check_sm(precision: Precision, target_sm: str | None) -> None:
-    jetson = detect_jetson()
-    sm = target_sm or (ORIN_SM if jetson and "thor" not in jetson.lower() else None)
     if target_sm is not None and not re.fullmatch(r"\d+\.\d+", target_sm):
         raise MllmEdgeError(f"--target-sm must be a compute capability like 8.7, got '{target_sm}'")
+    jetson = detect_jetson()
+    sm = target_sm or (ORIN_SM if jetson and "thor" not in jetson.lower() else None)
     if precision.min_sm and sm and not sm_at_least(sm, precision.min_sm):
         where = f"SM {sm}" + (" (Jetson Orin)" if sm == ORIN_SM else "")
         raise MllmEdgeError(
@@ -229,27 +229,18 @@ def _calibrate_into(
     source, manifest, precision = config.bundle, plan.manifest, plan.precision
     work = tmp / ".calibration"  # recordings and the quantizer's files: removed before the move
     samples = plan.samples
-    calibration = Recording(work)
-    if precision.needs_calibration:
-        progress("record", 0, len(samples.calibration))
-        calibration = record(
-            source,
-            samples.calibration,
-            plan.graphs,
-            work / "calibration",
-            progress=lambda done: progress("record", done, len(samples.calibration)),
-        )
-    held = Recording(work)
-    if config.verify and samples.held_out:
-        progress("record held-out", 0, len(samples.held_out))
-        held = record(
-            source,
-            samples.held_out,
-            plan.graphs,
-            work / "held_out",
-            outputs=True,
-            progress=lambda done: progress("record held-out", done, len(samples.held_out)),
-        )
+
+    def recorded(stage: str, items: list, folder: str, outputs: bool) -> Recording:
+        if not items:
+            return Recording(work / folder)
+        progress(stage, 0, len(items))
+        done = lambda n: progress(stage, n, len(items))
+        return record(source, items, plan.graphs, work / folder, outputs, done)
+
+    calibration = recorded(
+        "record", samples.calibration if precision.needs_calibration else [], "calibration", False
+    )
+    held = recorded("record held-out", samples.held_out if config.verify else [], "held_out", True)
 
     replaced = {f for g in plan.graphs for f in (manifest.graphs[g].file, f"{g}.onnx.data")}
     for name, spec in manifest.graphs.items():
@@ -308,9 +299,7 @@ def _calibrate_into(
                 "the quantized graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems)
             )
 
-    new = Manifest.from_dict({**manifest.__dict__, "graphs": {}})
-    new.graphs = graph_specs
-    new.quantization = {
+    quantization = {
         "weights": precision.name,
         "target": precision.target,
         "format": "onnx Q/DQ" if precision.target == "tensorrt" else "onnxruntime MatMulNBits",
@@ -331,20 +320,24 @@ def _calibrate_into(
         else None,
         "source_bundle": {"path": str(source), "manifest_sha256": sha256_file(source / MANIFEST_NAME)},
     }
-    new.schema_version = SCHEMA_VERSION
-    new.created_by = f"mllm-edge {__version__} calibrate"
+    new = replace(
+        manifest,
+        graphs=graph_specs,
+        quantization=quantization,
+        schema_version=SCHEMA_VERSION,
+        created_by=f"mllm-edge {__version__} calibrate",
+    )
 
     before = graph_sizes(manifest, bundle_sizes(source, manifest))
     shutil.rmtree(work / "calibration", ignore_errors=True)  # no longer needed: disk back before verifying
     results, answers = [], None
+    for i, g in enumerate(plan.graphs if config.verify else []):
+        progress(f"verify {g}", i, len(plan.graphs))
+        calls = held.calls.get(g, []) + [source / manifest.samples[g]]  # and export's own sample
+        results.append(check_graph(tmp / graph_specs[g].file, g, calls, precision.min_cosine))
+    shutil.rmtree(work, ignore_errors=True)
+    write_manifest(tmp, new)  # the files are final: hashed once (the answers check loads the bundle)
     if config.verify:
-        for i, g in enumerate(plan.graphs):
-            progress(f"verify {g}", i, len(plan.graphs))
-            calls = held.calls.get(g, []) + [source / manifest.samples[g]]  # and export's own sample
-            check = check_graph(tmp / graph_specs[g].file, g, calls, precision.min_cosine)
-            results.append(check)
-        shutil.rmtree(work, ignore_errors=True)
-        write_manifest(tmp, new)
         if samples.held_out:
             progress("verify answers", 0, len(samples.held_out))
             answers = check_answers(
@@ -374,8 +367,7 @@ def _calibrate_into(
             entry["held_out_cosine"], entry["held_out_snr_db"] = round(c.cosine, 6), round(c.snr_db, 2)
         if answers:
             new.quantization["held_out_agreement"] = answers.agreement
-    shutil.rmtree(work, ignore_errors=True)
-    write_manifest(tmp, new)  # again: the verification figures are part of it
+    (tmp / MANIFEST_NAME).write_text(new.to_json(), encoding="utf-8")  # with the verification figures
     after = graph_sizes(new, bundle_sizes(tmp, new))
     move_into_place(tmp, out, config.force)
     report = CalibrateReport(out, new, precision, answers=answers, recorded=calibration.counts())

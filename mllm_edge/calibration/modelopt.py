@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -99,8 +98,6 @@ def quantize_graph(
     try:
         with _quiet():
             quantize(str(folder / "in.onnx"), **options)
-    except MllmEdgeError:
-        raise
     except Exception as e:  # the library's many kinds; its version is what a user can act on
         raise MllmEdgeError(
             f"NVIDIA Model Optimizer {version} failed on the {name} graph: {type(e).__name__}: {e}"
@@ -115,18 +112,12 @@ def quantize_graph(
 @contextlib.contextmanager
 def _quiet():
     """Model Optimizer logs through its own handlers and draws tqdm bars; our progress bar is the user's."""
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        # its prints of histogram bins and its tqdm bars (tqdm reads TQDM_DISABLE only when imported)
+        # its prints of histogram bins and its tqdm bars
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved

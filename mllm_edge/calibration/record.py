@@ -47,7 +47,6 @@ def record(
     progress: Callable[[int], None] = lambda done: None,
 ) -> Recording:
     """Run `bundle` (ONNX Runtime, CPU) on each item and save every call of `graphs` under folder."""
-    from ..runtime.image import MAX_IMAGE_PIXELS, load_image
     from ..runtime.pipeline import Pipeline
 
     recording = Recording(folder, {g: [] for g in graphs})
@@ -68,10 +67,7 @@ def record(
         pipeline.observe(save)
         for i, item in enumerate(items):
             try:
-                picture = item.image
-                if isinstance(picture, (str, Path)):
-                    picture = load_image(picture, MAX_IMAGE_PIXELS)
-                result = pipeline.generate(picture, item.question, max_new_tokens=GENERATED_TOKENS)
+                result = pipeline.generate(item.picture(), item.question, max_new_tokens=GENERATED_TOKENS)
             except MllmEdgeError as e:
                 raise MllmEdgeError(f"{item.where or f'sample {i + 1}'}: {e}") from None
             recording.answers.append(result.text)
@@ -99,6 +95,3 @@ class RecordedReader:
 
     def rewind(self) -> None:
         self.position = 0
-
-    def __len__(self) -> int:
-        return len(self.files)

@@ -63,7 +63,7 @@ def check_graph(path: Path, graph: str, calls: list[Path], limit: float) -> Grap
     from ..export.verify import session
 
     engine = session(path)
-    worst = (math.inf, math.inf, "")
+    scores = []  # (cosine, snr dB, output) per call and float output
     try:
         for call in calls:
             inputs, reference = load_call(call)
@@ -71,17 +71,14 @@ def check_graph(path: Path, graph: str, calls: list[Path], limit: float) -> Grap
             for name, ref in reference.items():
                 if np.issubdtype(ref.dtype, np.integer):  # kept patches may move: the answers judge that
                     continue
-                if got[name].shape != ref.shape:
-                    c, s = 0.0, -math.inf
-                else:
-                    c, s = cosine(ref, got[name]), snr_db(ref, got[name])
-                if c < worst[0]:
-                    worst = (c, min(s, worst[1]), name)
-                else:
-                    worst = (worst[0], min(s, worst[1]), worst[2])
+                same = got[name].shape == ref.shape
+                c, s = (cosine(ref, got[name]), snr_db(ref, got[name])) if same else (0.0, -math.inf)
+                scores.append((c, s, name))
     finally:
         engine.close()
-    return GraphCheck(graph, worst[2], worst[0], worst[1], len(calls), worst[0] >= limit, limit)
+    worst = min(scores, default=(1.0, math.inf, ""))
+    snr = min((s for _, s, _ in scores), default=math.inf)
+    return GraphCheck(graph, worst[2], worst[0], snr, len(calls), worst[0] >= limit, limit)
 
 
 def check_answers(
@@ -92,15 +89,12 @@ def check_answers(
     progress: Callable[[int], None] = lambda done: None,
 ) -> AnswerCheck:
     """The new bundle's answers to the held-out items against the source bundle's (recorded)."""
-    from ..runtime.image import MAX_IMAGE_PIXELS, load_image
     from ..runtime.pipeline import Pipeline
 
     same = 0
     with Pipeline.load(bundle, backend="onnxruntime") as pipeline:
         for i, (item, expected) in enumerate(zip(items, source_answers)):
-            picture = item.image
-            if isinstance(picture, (str, Path)):
-                picture = load_image(picture, MAX_IMAGE_PIXELS)
+            picture = item.picture()
             same += (
                 pipeline.generate(picture, item.question, max_new_tokens=GENERATED_TOKENS).text == expected
             )
