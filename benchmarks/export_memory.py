@@ -35,9 +35,18 @@ from pathlib import Path
 
 from common import GB, machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
 
-STAGES = [
+STAGES = [  # export's, then calibrate's (benchmarks/calibration_memory.py)
+    "record held-out",
+    "verify answers",
+    "verify llm_head",
+    "verify llm_tail",
+    "verify vision",
     "quantize llm_head",
     "quantize llm_tail",
+    "quantize vision",
+    "quantize",
+    "record",
+    "check",
     "verify graphs",
     "verify chain",
     "reference",
@@ -143,7 +152,10 @@ def measure(name: str, cmd: list[str], log: Path) -> dict:
     stdout, stderr = ANSI.sub("", "".join(out_chunks)), ANSI.sub("", "".join(err_chunks))
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
     if proc.returncode != 0:
-        sys.exit(f"{name}: export failed with exit code {proc.returncode}; log: {log}\n" + stderr[-4000:])
+        sys.exit(
+            f"{name}: {cmd[3] if len(cmd) > 3 else 'the command'} failed with exit code {proc.returncode}; log: {log}\n"
+            + stderr[-4000:]
+        )
     peaks = {s: {k: round(v / GB, 3) for k, v in r.items()} for s, r in state["peaks"].items()}
     top = max(peaks, key=lambda s: peaks[s]["VmRSS"]) if peaks else None
     return {

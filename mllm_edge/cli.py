@@ -337,14 +337,11 @@ def _calibrate_with_progress(config):
     from .calibration.calibrate import calibrate_bundle
 
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with progress_bar(*columns) as progress:
-        tasks = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=max(total, 1))
-            progress.update(tasks[stage], completed=done, total=max(total, 1))
-
+    with progress_bar(*columns) as progress:  # one bar: the stage, and its items or graphs
+        task = progress.add_task("check", total=1)
+        update = lambda stage, done, total: progress.update(
+            task, description=stage, completed=done, total=max(total, 1)
+        )
         return calibrate_bundle(config, update)
 
 

@@ -291,3 +291,29 @@ def test_the_split_never_shares_an_item():
     s = calibration_data.split(items, None, True, 0, "x")
     assert len(s.held_out) == 10 and len(s.calibration) == 30
     assert not {id(i) for i in s.calibration} & {id(i) for i in s.held_out}
+
+
+def test_build_plans_a_calibrated_bundle_strongly_typed_with_its_trtexec_lines(calibrated, tmp_path):
+    """What build decides for an int4-awq bundle on an Orin, up to TensorRT (which never runs here)."""
+    import subprocess
+
+    from mllm_edge.build.build import BuildConfig, check_graphs, plan_build, write_trtexec
+    from mllm_edge.engines import Target
+
+    orin = Target("Orin", (8, 7), "10.3.0", jetson=True, total_memory_mb=7600, free_memory_mb=5000)
+    out = calibrated["int4-awq"].out
+    manifest = load_manifest(out)
+    check_graphs(out, manifest)  # build's own pre-TensorRT check: buildable and lint-clean
+    plan = plan_build(BuildConfig(out), orin)
+    assert (
+        plan.settings.strongly_typed and plan.settings.precision == "fp32" and not plan.settings.builder_flags
+    )
+    script = write_trtexec(plan, tmp_path).read_text()
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    lines = [line for line in script.splitlines() if "--onnx=" in line]
+    assert len(lines) == len(manifest.graphs)
+    for line in lines:
+        assert "--stronglyTyped" in line
+        assert not any(f in line.split() for f in ("--fp16", "--int8", "--int4", "--fp8", "--bf16"))
+    with pytest.raises(MllmEdgeError, match="builds strongly typed in its own fp32"):
+        plan_build(BuildConfig(out, precision="fp16"), orin)
