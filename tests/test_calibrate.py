@@ -66,7 +66,7 @@ def test_recorded_calls_equal_what_the_runtime_fed_the_graphs(built_in, tmp_path
     items = synthetic_items(2, seed=5)
     recording = record(built_in["fastv"], items, ["llm_head", "llm_tail"], tmp_path, outputs=True)
     seen = {"llm_head": [], "llm_tail": []}
-    with Pipeline.load(built_in["fastv"], backend="onnxruntime") as pipeline:
+    with Pipeline.load(built_in["fastv"], backend="onnxruntime", low_memory=True) as pipeline:  # as record runs
         pipeline.observe(
             lambda g, i, o: g in seen and seen[g].append({k: np.array(v) for k, v in {**i, **o}.items()})
         )
@@ -129,6 +129,90 @@ def test_the_built_in_model_still_answers_in_int8_and_int4_awq(built_in, calibra
     for report in calibrated.values():
         result = evaluate(report.out, items, baseline=built_in["fastv"], backend="onnxruntime")
         assert result.accuracy >= 0.95 and result.agreement >= 0.95, (report.precision.name, result.by_kind)
+
+
+def test_int4_awq_one_weight_at_a_time_equals_model_optimizers_own_driver(built_in, tmp_path):
+    """calibrate's lean AWQ-clip (awq.py) against the library's whole-graph driver on the same
+    recorded calls: the same int4 values and the same scales for every weight."""
+    from mllm_edge.calibration import awq, modelopt, precisions
+
+    bundle = built_in["fastv"]
+    recording = record(bundle, synthetic_items(3, seed=11), ["llm_tail"], tmp_path / "rec")
+    calls = recording.calls["llm_tail"]
+    select = lambda weight: "lm_head" not in weight
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "library").mkdir()
+    awq.quantize_graph(bundle, tmp_path / "ours", "llm_tail", 64, select, calls)
+    int4 = precisions.precision("int4-awq", "tensorrt")
+    modelopt.quantize_graph(
+        bundle, tmp_path / "library", "llm_tail", int4, select, calls, 64, "float32", tmp_path / "work"
+    )
+
+    def quantized(folder):
+        model = onnx.load(str(folder / "llm_tail.onnx"))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        found = {}
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear":
+                weight = node.input[0].split(".T_")[0]  # both name them after the transposed weight
+                found[weight] = (inits[node.input[0]].astype(np.int8), inits[node.input[1]])
+        return found
+
+    ours, library = quantized(tmp_path / "ours"), quantized(tmp_path / "library")
+    assert set(ours) == set(library) and len(ours) == 7 * 2  # 2 layers after K=2, the LM head left
+    for weight, (q, scales) in library.items():
+        assert ours[weight][0].shape == q.shape and ours[weight][1].shape == scales.shape
+        assert np.mean(ours[weight][0] == q) > 0.999, weight  # a tie between alphas may go either way
+        assert np.mean(np.isclose(ours[weight][1], scales, rtol=1e-6)) > 0.99, weight
+
+
+def test_the_clip_search_losses_are_the_librarys(tmp_path):
+    """The one part awq.py computes itself: each alpha's loss per block, against the library's
+    _clip_search on the same rows and weight (here one batch of columns: the library's own layout)."""
+    from modelopt.onnx.quantization.int4 import AWQClipHelper, _clip_search
+
+    from mllm_edge.calibration.awq import clip_search
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 256)).astype(np.float32) * rng.uniform(0.1, 4, 256).astype(np.float32)
+    w = rng.standard_normal((256, 96)).astype(np.float32) * 0.05
+    library = AWQClipHelper(w, 32)
+    _clip_search(x, w, library)
+    ours = clip_search(x, w, 32)
+    np.testing.assert_array_equal(ours, library.best_alpha)
+    assert len(set(ours.tolist())) > 3  # a search that chose, not alpha 1 everywhere
+
+
+def test_awq_reads_the_rows_the_library_reads(built_in, tmp_path):
+    """capture keeps of each activation every step-th row of all calls' rows, as the library does
+    after concatenating them: compared with the full activations of each call."""
+    import onnxruntime as ort
+
+    from mllm_edge.calibration import awq
+    from mllm_edge.calibration.rewrite import gemm_weight
+
+    bundle = built_in["none"]
+    calls = record(bundle, synthetic_items(2, seed=2), ["llm_tail"], tmp_path).calls["llm_tail"]
+    model = onnx.load(str(bundle / "llm_tail.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    types = {}
+    for node in model.graph.node:
+        w = gemm_weight(node, inits)
+        if w and "lm_head" not in w:
+            types[node.input[0]] = (inits[w].dims[1], inits[w].data_type)
+    kept = awq.capture(model, bundle / "llm_tail.onnx", types, calls)
+
+    full = onnx.load(str(bundle / "llm_tail.onnx"))
+    full.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in types)
+    session = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(types)
+    every = [session.run(names, load_call(c)[0]) for c in calls]
+    for i, x in enumerate(names):
+        rows = np.concatenate([outs[i].reshape(-1, types[x][0]) for outs in every])
+        np.testing.assert_allclose(
+            kept[x], rows[:: max(1, len(rows) // awq.MAX_TOKENS)], rtol=1e-5, atol=1e-6
+        )
+        assert len(rows) > awq.MAX_TOKENS and len(kept[x]) >= awq.MAX_TOKENS
 
 
 def test_calibration_is_deterministic_given_the_seed(built_in, tmp_path):

@@ -256,7 +256,13 @@ def _calibrate_into(
     entries = {}
     for i, g in enumerate(plan.graphs):
         progress(f"quantize {g}", i, len(plan.graphs))
-        if precision.target == "tensorrt":
+        if precision.name == "int4-awq":  # one weight at a time: memory and time for a 7B
+            from .awq import quantize_graph
+
+            entry = quantize_graph(
+                source, tmp, g, plan.block_size, plan.select[g], calibration.calls[g], progress
+            )
+        elif precision.target == "tensorrt":
             from .modelopt import quantize_graph
 
             entry = quantize_graph(

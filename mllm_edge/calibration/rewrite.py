@@ -10,7 +10,6 @@ with another graph is still stored once.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +20,25 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 
 from ..export.onnx_graph import ALIGN
 
+IN_FLIGHT = 64 << 20  # bytes of weights save_graph holds at once beyond the model's own
+
 
 def weight_gemms(model: onnx.ModelProto) -> dict[str, str]:
     """Node name -> weight name, for each Gemm(A, W, [C], transB=1) of ours with an initializer W."""
     inits = {t.name for t in model.graph.initializer}
     found = {}
     for node in model.graph.node:
-        if node.op_type == "Gemm" and _plain(node) and node.input[1] in inits:
-            found[node.name or node.output[0]] = node.input[1]
+        weight = gemm_weight(node, inits)
+        if weight:
+            found[node.name or node.output[0]] = weight
     return found
+
+
+def gemm_weight(node: onnx.NodeProto, inits) -> str | None:
+    """W, when node is a plain Gemm(A, W, [C], transB=1) over an initializer W (a name in inits)."""
+    if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in inits and _plain(node):
+        return node.input[1]
+    return None
 
 
 def _plain(node: onnx.NodeProto) -> bool:
@@ -42,34 +51,37 @@ def _plain(node: onnx.NodeProto) -> bool:
     )
 
 
+Operand = Callable[[str], "tuple[str, list[onnx.TensorProto], list[onnx.NodeProto]]"]
+
+
 def gemms_to_matmuls(
-    model: onnx.ModelProto, folder: Path | None = None, select: Callable[[str], bool] = lambda weight: True
+    model: onnx.ModelProto,
+    folder: Path | None = None,
+    select: Callable[[str], bool] = lambda weight: True,
+    operand: Operand | None = None,
 ) -> dict[str, str]:
-    """Rewrite each plain Gemm whose weight `select` accepts as MatMul(A, W^T) [+ C]; a weight stored
-    as external data (in `folder`) is read from its file straight into its transpose. Returns the new
-    MatMul node name -> weight name."""
+    """Rewrite each plain Gemm whose weight `select` accepts as MatMul(A, B) [+ C], where B is
+    `operand(weight name)`: the name of a [K, N] tensor, with the initializers and nodes that make it
+    (by default the weight's transpose, read from its file in `folder`; int4-awq gives a
+    DequantizeLinear). Returns the new MatMul node name -> weight name."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses = Counter(name for node in graph.node for name in node.input)
-    nodes, transposed, rewritten = [], {}, {}  # transposed: weight name -> its transpose's
+    operand = operand or _transposed(inits, folder)
+    nodes, operands, rewritten = [], {}, {}  # operands: weight name -> B, made once per weight
     for node in graph.node:
-        name = node.input[1] if len(node.input) > 1 else ""
-        if node.op_type != "Gemm" or not _plain(node) or name not in inits or not select(name):
+        name = gemm_weight(node, inits)
+        if name is None or not select(name):
             nodes.append(node)
             continue
-        if name not in transposed:
-            weight = inits[name]
-            tensor = numpy_helper.from_array(np.ascontiguousarray(_array(weight, folder).T), f"{name}.T")
-            if uses[name] == 1:  # in place of a reference to external data: nothing else held
-                weight.CopyFrom(tensor)
-            else:
-                graph.initializer.append(tensor)
-            transposed[name] = tensor.name
+        if name not in operands:
+            operands[name], tensors, made = operand(name)
+            graph.initializer.extend(tensors)
+            nodes.extend(made)
         has_bias = len(node.input) > 2 and node.input[2] != ""
         base = node.name or node.output[0]  # node names must be unique, and may be empty
         product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
         nodes.append(
-            helper.make_node("MatMul", [node.input[0], transposed[name]], [product], name=f"{base}.matmul")
+            helper.make_node("MatMul", [node.input[0], operands[name]], [product], name=f"{base}.matmul")
         )
         if has_bias:
             nodes.append(
@@ -79,11 +91,19 @@ def gemms_to_matmuls(
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
-    if any(t.name not in used for t in graph.initializer):  # originals a shared weight left behind
+    if any(t.name not in used for t in graph.initializer):  # the weights rewritten, unless still shared
         kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return rewritten
+
+
+def _transposed(inits: dict[str, onnx.TensorProto], folder: Path | None) -> Operand:
+    def operand(name: str):
+        values = np.ascontiguousarray(weight_array(inits[name], folder).T)
+        return f"{name}.T", [numpy_helper.from_array(values, f"{name}.T")], []
+
+    return operand
 
 
 def load_weights(model: onnx.ModelProto, folder: Path) -> None:
@@ -95,21 +115,26 @@ def load_weights(model: onnx.ModelProto, folder: Path) -> None:
             del tensor.external_data[:]
 
 
-def save_graph(model: onnx.ModelProto, folder: Path, name: str) -> None:
+def save_graph(model: onnx.ModelProto, folder: Path, name: str, source: Path | None = None) -> None:
     """folder/name.onnx with its weights in name.onnx.data, every tensor page-aligned as export's are
-    (so runtimes can map them)."""
+    (so runtimes can map them). Weights still stored as external data are read from `source`, a few
+    at a time, while they are written."""
     import onnx_ir
 
+    ir_model = onnx_ir.from_proto(model)
+    if source is not None:
+        onnx_ir.external_data.set_base_dir(ir_model.graph, source)
     onnx_ir.save(
-        onnx_ir.from_proto(model),
+        ir_model,
         folder / f"{name}.onnx",
         external_data=f"{name}.onnx.data",
         alignment=ALIGN,
         align_threshold=0,
+        max_in_flight_bytes=IN_FLIGHT,
     )
 
 
-def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
+def weight_array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
     """A weight's values, mapped from its external data file when it has one (no copy until used)."""
     if not uses_external_data(tensor):
         return numpy_helper.to_array(tensor)

@@ -48,11 +48,12 @@ class ChainCheck:
         return same and self.max_rel <= self.tolerance
 
 
-def session(path: Path) -> OnnxRuntimeEngine:
+def session(path: Path, graph: bytes | None = None) -> OnnxRuntimeEngine:
     """The runtime's ONNX Runtime engine on the CPU, unoptimised and without its memory arena: the
     graph is checked as written, and the CPU provider (no fp16 Gemm) would otherwise keep fp32
-    copies of every fp16 weight; unoptimised, weights stay memory-mapped from the data files."""
-    return OnnxRuntimeEngine(path, "cpu", low_memory=True)
+    copies of every fp16 weight; unoptimised, weights stay memory-mapped from the data files.
+    graph: a changed copy of the file's graph to run instead, over the same data files."""
+    return OnnxRuntimeEngine(path, "cpu", low_memory=True, graph=graph)
 
 
 def graph_tolerance(manifest: Manifest, graph: str) -> float:

@@ -93,11 +93,18 @@ class Pipeline:
         self.eos = set(tok["eos_token_ids"])
 
     @classmethod
-    def load(cls, bundle: str | Path | None = None, backend: str = "auto", device: str = "cpu") -> Pipeline:
-        """Open a bundle and its graphs, checking the files the backend reads against the manifest's sha256."""
+    def load(
+        cls,
+        bundle: str | Path | None = None,
+        backend: str = "auto",
+        device: str = "cpu",
+        low_memory: bool = False,
+    ) -> Pipeline:
+        """Open a bundle and its graphs, checking the files the backend reads against the manifest's
+        sha256. low_memory: ONNX Runtime sessions that keep the weights mapped (backends.open_backend)."""
         folder = Path(bundle if bundle is not None else DEFAULT_BUNDLE)
         manifest = load_manifest(folder, verify_files=False)
-        opened = open_backend(backend, folder, manifest, device)
+        opened = open_backend(backend, folder, manifest, device, low_memory)
         try:
             return cls(folder, manifest, opened)
         except BaseException:  # e.g. no device memory left for the cache: give the engines back
