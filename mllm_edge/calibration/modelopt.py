@@ -5,6 +5,10 @@ through ONNX Runtime on the recorded calls. Its output is standard ONNX Q/DQ tha
   int8      Q/DQ on each selected MatMul's activation (per tensor) and weight (per channel)
   fp8       the same in FLOAT8E4M3FN
 
+calibrate runs int4-awq through awq.py (the library's algorithm, one weight at a time: its driver
+here holds the whole graph several times over); the driver's int4 path stays for the test that
+compares the two.
+
 Only the selected weight MatMuls are quantized (attention's activation x activation MatMuls, norms
 and the rest keep the bundle's float type), and the graph keeps the bundle's dtype at its inputs and
 outputs. Installed by the `calibrate` extra, without Model Optimizer's `[onnx]` extra (that pins
