@@ -66,7 +66,9 @@ def test_recorded_calls_equal_what_the_runtime_fed_the_graphs(built_in, tmp_path
     items = synthetic_items(2, seed=5)
     recording = record(built_in["fastv"], items, ["llm_head", "llm_tail"], tmp_path, outputs=True)
     seen = {"llm_head": [], "llm_tail": []}
-    with Pipeline.load(built_in["fastv"], backend="onnxruntime", low_memory=True) as pipeline:  # as record runs
+    with Pipeline.load(
+        built_in["fastv"], backend="onnxruntime", low_memory=True
+    ) as pipeline:  # as record runs
         pipeline.observe(
             lambda g, i, o: g in seen and seen[g].append({k: np.array(v) for k, v in {**i, **o}.items()})
         )

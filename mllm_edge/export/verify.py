@@ -86,6 +86,12 @@ class ConcatCache(CacheBookkeeping):
         super().reset()
         self.rows = {(kind, i): self.null_row for kind in KINDS for i in range(self.num_layers)}
 
+    def truncate(self, name: str, length: int) -> None:
+        super().truncate(name, length)
+        for i in self.group(name):
+            for kind in KINDS:
+                self.rows[kind, i] = self.rows[kind, i][: 1 + self.lengths[name]]
+
     def slots(self, name: str, count: int) -> dict:
         return {}
 

@@ -65,6 +65,11 @@ class CacheBookkeeping:
     def reset(self) -> None:
         self.lengths = {HEAD: 0, TAIL: 0}
 
+    def truncate(self, name: str, length: int) -> None:
+        """Keep a group's first `length` tokens (a follow-up prompt's reused prefix); later rows are
+        overwritten by the next step."""
+        self.lengths[name] = min(self.lengths[name], length)
+
     def close(self) -> None:
         """Free what the cache holds (device memory); a host cache is left to the garbage collector."""
 

@@ -12,13 +12,13 @@ records activations this way). Batch-first numpy in and out; imports no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..graphs import EMBED, GRAPHS, LLM_HEAD, LLM_TAIL, NO_IMAGE, PRUNE, VISION
+from ..graphs import EMBED, GRAPHS, HEAD, LLM_HEAD, LLM_TAIL, NO_IMAGE, PRUNE, TAIL, VISION
 
 _NO_IMAGE_START = np.array(NO_IMAGE, np.int64)  # decode's image_start: made once, not per token
 
@@ -48,6 +48,40 @@ class Prefilled:
     logits: np.ndarray  # [B, V] at the last prompt token
     length: int  # prompt tokens entering the LLM (after FasterVLM): decode positions continue from here
     kept_image: np.ndarray | None  # [B, keep] FastV's kept indices into the image span, or None
+    reused: int = 0  # prompt tokens whose K/V came from the cache (layers < K with FastV)
+    reused_tail: int = 0  # of those, tokens the layers >= K reused too (all of them without FastV)
+
+
+@dataclass
+class History:
+    """What the cache holds, so that a follow-up prompt reuses its exact prefix (batch 1)."""
+
+    ids: list[int] = field(default_factory=list)  # every token the layers < K (all, without FastV) hold
+    image: object = None  # the caller's key for the picture those ids hold, or None
+    # FastV: each held token's hidden state entering layer K, and what the layers >= K hold
+    hidden: np.ndarray | None = None  # [1, capacity, C], filled up to len(ids)
+    tail_positions: list[int] = field(default_factory=list)
+    kept_image: np.ndarray | None = None
+
+    def hold(self, start: int, hidden: np.ndarray) -> np.ndarray:
+        """Hidden states [1, S, C] of the tokens from `start` on -> those of every token up to them."""
+        end = start + hidden.shape[1]
+        if self.hidden is None or self.hidden.shape[1] < end:  # grown by doubling: decode appends one
+            grown = np.zeros(
+                (1, max(end, 2 * (0 if self.hidden is None else self.hidden.shape[1]), 64), hidden.shape[2]),
+                hidden.dtype,
+            )
+            if self.hidden is not None:
+                grown[:, :start] = self.hidden[:, :start]
+            self.hidden = grown
+        self.hidden[:, start:end] = hidden
+        return self.hidden[:, :end]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
 
 
 class Chain:
@@ -57,6 +91,7 @@ class Chain:
         self.engines, self.cache, self.split = engines, cache, split
         self.observers: list[Observer] = [] if observers is None else observers
         self._no_image = None  # decode's image_embeds: one zero row of the prompt's dtype and width
+        self.history = History()
 
     def run(self, graph: str, inputs: dict, outputs: dict | None = None) -> dict:
         returned = self.engines[graph].run(inputs, outputs)
@@ -81,36 +116,88 @@ class Chain:
         self.cache.advance(definition.cache, count, out)
         return out
 
-    def prefill(self, ids: np.ndarray, image_embeds: np.ndarray, image_start: int) -> Prefilled:
-        """ids [B, T] with the image run as long as image_embeds [B, n, C] (place_image_tokens), into an
-        empty cache -> the last token's logits."""
-        self.cache.reset()
+    def prefill(
+        self, ids: np.ndarray, image_embeds: np.ndarray, image_start: int, reuse: bool = False, image=None
+    ) -> Prefilled:
+        """ids [B, T] with the image run as long as image_embeds [B, n, C] (place_image_tokens); with
+        no image in the ids, image_start NO_IMAGE and image_embeds any zero rows of the width -> the
+        last token's logits.
+
+        reuse (batch 1): keep what the cache holds of the longest exact prefix of ids (the same
+        tokens and, where the image run is inside it, the same `image` key), and run the rest only.
+        Layers < K always reuse it; with FastV the layers >= K hold only the kept tokens, so they
+        reuse it only when this prompt keeps the same image tokens (the selection depends on the
+        last prompt token), else they run again from the held hidden states entering layer K."""
         b, t = ids.shape
-        start = np.array(image_start, np.int64)
+        n = image_embeds.shape[1]
+        has_image = image_start != NO_IMAGE
+        past = self._reusable(ids, image_start, n, image) if reuse and b == 1 else 0
         self._no_image = np.zeros((b, 1, image_embeds.shape[2]), image_embeds.dtype)
-        hidden = self.run(EMBED, {"input_ids": ids, "image_embeds": image_embeds, "image_start": start})[
-            "inputs_embeds"
-        ]
+        if has_image and image_start >= past:
+            chunk_embeds, chunk_start = image_embeds, image_start - past
+        else:  # text only (or the image is in the reused part): a run starting after the last id
+            # places nothing, and keeps the prefill's shapes (NO_IMAGE is for one row only)
+            chunk_embeds, chunk_start = np.zeros_like(image_embeds), t - past
+        hidden = self.run(
+            EMBED,
+            {
+                "input_ids": np.ascontiguousarray(ids[:, past:]),
+                "image_embeds": chunk_embeds,
+                "image_start": np.array(chunk_start, np.int64),
+            },
+        )["inputs_embeds"]
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)))
-        kept_image = None
+        history, kept_image, tail_past = self.history, None, past
         if self.split:
-            head = self._llm(LLM_HEAD, hidden, positions)
-            pruned = self.run(
-                PRUNE,
-                {
-                    "hidden_states": head["hidden_states"],
-                    "last_row": head["last_row"],
-                    "position_ids": positions,
-                    "image_start": start,
-                },
+            self.cache.truncate(HEAD, past)
+            head = self._llm(LLM_HEAD, hidden, positions[:, past:])
+            if b == 1:  # held for a follow-up
+                entering = history.hold(past, head["hidden_states"])
+            else:
+                entering = head["hidden_states"]
+            if has_image:
+                pruned = self.run(
+                    PRUNE,
+                    {
+                        "hidden_states": np.ascontiguousarray(entering),
+                        "last_row": head["last_row"],
+                        "position_ids": positions,
+                        "image_start": np.array(image_start, np.int64),
+                    },
+                )
+                hidden, kept_positions, kept_image = (
+                    pruned["kept_hidden_states"],
+                    pruned["kept_position_ids"],
+                    pruned["kept_image"],
+                )
+            else:
+                hidden, kept_positions = entering, positions
+            same_kept = (kept_image is None and history.kept_image is None) or (
+                kept_image is not None
+                and history.kept_image is not None
+                and np.array_equal(kept_image, history.kept_image)
             )
-            hidden, positions, kept_image = (
-                pruned["kept_hidden_states"],
-                pruned["kept_position_ids"],
-                pruned["kept_image"],
-            )
-        logits = self._llm(LLM_TAIL, hidden, positions)["logits"]
-        return Prefilled(logits, t, kept_image)
+            tail_past = sum(1 for p in history.tail_positions if p < past) if past and same_kept else 0
+            self.cache.truncate(TAIL, tail_past)
+            logits = self._llm(LLM_TAIL, hidden[:, tail_past:], kept_positions[:, tail_past:])["logits"]
+            history.tail_positions = kept_positions[0].tolist()
+            history.kept_image = kept_image
+        else:
+            self.cache.truncate(TAIL, past)
+            logits = self._llm(LLM_TAIL, hidden, positions[:, past:])["logits"]
+        history.ids = ids[0].tolist() if b == 1 else []
+        history.image = image if has_image else None
+        return Prefilled(logits, t, kept_image, past, tail_past)
+
+    def _reusable(self, ids: np.ndarray, image_start: int, n: int, image) -> int:
+        """How many leading tokens of ids the cache holds as they are: never part of an image run,
+        never the image of another picture, and never all of them (the last one gives the logits)."""
+        held = self.history
+        past = common_prefix(held.ids, ids[0].tolist())
+        if image_start != NO_IMAGE and past > image_start:
+            if held.image is None or image is None or held.image != image or past < image_start + n:
+                past = image_start
+        return min(past, ids.shape[1] - 1)
 
     def decode_step(self, tokens: np.ndarray, position: int) -> np.ndarray:
         """tokens [B] at `position` (the unpruned prompt length plus the step: FastV keeps original
@@ -119,6 +206,12 @@ class Chain:
         inputs = {"input_ids": tokens.reshape(b, 1).astype(np.int64), "image_embeds": self._no_image}
         hidden = self.run(EMBED, {**inputs, "image_start": _NO_IMAGE_START})["inputs_embeds"]
         positions = np.full((b, 1), position, np.int64)
+        held = self.history
         if self.split:
             hidden = self._llm(LLM_HEAD, hidden, positions)["hidden_states"]
+            if b == 1:
+                held.hold(len(held.ids), hidden)
+            held.tail_positions.append(position)
+        if b == 1:
+            held.ids.append(int(tokens[0]))
         return self._llm(LLM_TAIL, hidden, positions)["logits"]

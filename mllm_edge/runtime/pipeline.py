@@ -9,6 +9,7 @@ The graphs run through runtime.chain (prefill, decode_step) on whichever backend
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import MllmEdgeError
+from ..graphs import NO_IMAGE
 from ..manifest import DEFAULT_BUNDLE, MANIFEST_NAME, Manifest, load_manifest
 from .backends import Backend, open_backend
 from .chain import Chain, Observer, place_image_tokens
 from .image import ImagePreprocessor, load_image
-from .prompt import PromptBuilder, TextStream
+from .prompt import PromptBuilder, TextStream, check_prompt_text, count_images, normalize_messages, user_turn
 from .sampling import Sampler
 
 
@@ -37,6 +39,8 @@ class RunResult:
     )
     timings_ms: dict = field(default_factory=dict)  # preprocess, vision, prefill, ttft, decode_per_token
     decode_tokens_per_s: float = 0.0
+    cached_prompt_tokens: int = 0  # prompt tokens a follow-up took from the cache (layers < K with FastV)
+    vision_reused: bool = False  # the picture's vision output was the previous call's
     backend: str = ""
     device: str = ""
     peak_rss_mb: float = 0.0
@@ -51,6 +55,9 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         self.result = yield from self._steps
+
+
+MAX_IMAGES = 1  # per conversation: LLaVA-1.5's graphs place one image run
 
 
 def _ms(seconds: float) -> float:
@@ -91,6 +98,8 @@ class Pipeline:
             backend.engines, backend.new_cache(layers, split, kv_heads, head_dim, dtype), split
         )
         self.eos = set(tok["eos_token_ids"])
+        self.hidden_size, self.image_tokens = text["hidden_size"], manifest.pruning["image_tokens"]["llm"]
+        self._vision = None  # (picture key, the vision graph's outputs): a follow-up's picture
 
     @classmethod
     def load(
@@ -158,37 +167,87 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Generation:
-        """image: a path or a PIL image. Checks the settings now, runs as the result is iterated."""
+        """One question about one picture, from scratch: image a path or a PIL image. Checks the
+        settings now, runs as the result is iterated."""
+        check_prompt_text(prompt, self.prompts.image_token)
+        messages = [user_turn(prompt, image=True)]
+        return self.stream_chat(messages, image, max_new_tokens, temperature, top_p, seed, reuse=False)
+
+    def chat(self, messages: list[dict], image=None, **options) -> RunResult:
+        generation = self.stream_chat(messages, image, **options)
+        for _ in generation:
+            pass
+        return generation.result
+
+    def stream_chat(
+        self,
+        messages: list[dict],
+        image=None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        reuse: bool = True,
+    ) -> Generation:
+        """The assistant's next turn in a conversation: messages as chat templates read them (role,
+        content as text or a list of {"type": "text", "text"} / {"type": "image"} parts), at most one
+        image part, `image` its picture. The answer is the one a fresh run of the whole conversation
+        gives; reuse: skip what the previous call already computed of it (the vision graph for the
+        same picture, the cache for the same leading tokens: Chain.prefill)."""
         if not self.engines:
             raise MllmEdgeError("this pipeline is closed: load the bundle again")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MllmEdgeError(f"max new tokens must be a whole number >= 1, got {max_new_tokens!r}")
         sampler = Sampler(temperature, top_p, seed)
-        rendered = self.prompts.render(prompt)  # a prompt it would refuse is refused now, not later
-        picture = image if hasattr(image, "convert") else load_image(image)
-        return Generation(self._steps(picture, rendered, max_new_tokens, sampler))
+        messages = normalize_messages(messages, self.prompts.image_token)
+        images = count_images(messages)
+        if images > MAX_IMAGES:
+            raise MllmEdgeError(
+                f"the conversation holds {images} images; a LLaVA-1.5 bundle takes {MAX_IMAGES} per conversation"
+            )
+        if images and image is None:
+            raise MllmEdgeError("the conversation has an image part but no picture was given")
+        if image is not None and not images:
+            raise MllmEdgeError("a picture was given but no message has an image part to put it in")
+        rendered = self.prompts.render_messages(messages)  # a prompt it would refuse is refused now
+        picture = None if image is None else image if hasattr(image, "convert") else load_image(image)
+        return Generation(self._steps(picture, rendered, images, max_new_tokens, sampler, reuse))
 
-    def _steps(self, picture, rendered: str, max_new_tokens: int, sampler: Sampler) -> Iterator[str]:
+    def _steps(
+        self, picture, rendered: str, images: int, max_new_tokens: int, sampler: Sampler, reuse: bool
+    ) -> Iterator[str]:
         start = time.perf_counter()
-        pixel_values = self.preprocess(picture)
-        prompt_ids = self.prompts.encode(rendered)
+        pixel_values = self.preprocess(picture) if picture is not None else None
+        prompt_ids = self.prompts.encode(rendered, images)
         t_pre = time.perf_counter()
 
-        vision = self.chain.encode_image(pixel_values)
-        image_embeds = vision["image_embeds"]
+        vision, vision_reused, key = {}, False, None
+        if pixel_values is not None:
+            key = hashlib.blake2b(pixel_values.tobytes(), digest_size=16).digest()
+            vision_reused = reuse and self._vision is not None and self._vision[0] == key
+            vision = self._vision[1] if vision_reused else self.chain.encode_image(pixel_values)
+            self._vision = (key, vision)
         t_vision = time.perf_counter()
 
-        image_token = self.manifest.tokenizer["image_token_id"]
-        ids, image_start = place_image_tokens(
-            np.asarray([prompt_ids], np.int64), image_token, image_embeds.shape[1]
-        )
+        ids = np.asarray([prompt_ids], np.int64)
+        if pixel_values is not None:
+            image_embeds = vision["image_embeds"]
+            ids, image_start = place_image_tokens(
+                ids, self.manifest.tokenizer["image_token_id"], image_embeds.shape[1]
+            )
+        else:  # text only: zero rows as many as an image's, the shapes a prefill engine takes
+            image_embeds, image_start = (
+                np.zeros((1, self.image_tokens, self.hidden_size), self.dtype),
+                NO_IMAGE,
+            )
         length = ids.shape[1]
         if length + 1 > self.max_context:
             raise MllmEdgeError(
                 f"the prompt takes {length} tokens; the {self.cache.owner} max context is {self.max_context}"
             )
         max_new_tokens = min(max_new_tokens, self.max_context - length)
-        prefilled = self.chain.prefill(ids, image_embeds, image_start)
+        reuse_cache = reuse and self.backend.extends_cache
+        prefilled = self.chain.prefill(ids, image_embeds, image_start, reuse=reuse_cache, image=key)
         logits = prefilled.logits
         t_prefill = time.perf_counter()
 
@@ -233,6 +292,8 @@ class Pipeline:
                 "decode_per_token": _ms(per_token),
             },
             decode_tokens_per_s=round(1.0 / per_token, 3) if per_token else 0.0,
+            cached_prompt_tokens=prefilled.reused,
+            vision_reused=vision_reused,
             backend=self.backend.name,
             device=self.backend.device,
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),

@@ -135,6 +135,62 @@ def check_prompt_text(prompt: str, image_token: str) -> None:
         )
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def user_turn(text: str, image: bool = False) -> dict:
+    """A user message in the processor's form: the image (if any) before the text, as LLaVA's own."""
+    return {
+        "role": "user",
+        "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}],
+    }
+
+
+def normalize_messages(messages: list[dict], image_token: str) -> list[dict]:
+    """Messages as `apply_chat_template` takes them: role, and content either text or a list of
+    {"type": "text", "text"} and {"type": "image"} parts (kept as given: templates may render the
+    two differently), with nothing else in them. Checks what a template cannot: roles, part types,
+    text, the image token typed into text."""
+    if not isinstance(messages, list) or not messages:
+        raise MllmEdgeError("messages must be a non-empty list")
+    normal = []
+    for i, message in enumerate(messages):
+        where = f"message {i + 1}"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise MllmEdgeError(f"{where}: each message needs a role, one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, str):
+            check_prompt_text(content, image_token)
+            normal.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise MllmEdgeError(f"{where}: content must be text or a list of parts")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise MllmEdgeError(f"{where}: a text part needs its text")
+                check_prompt_text(text, image_token)
+                parts.append({"type": "text", "text": text})
+            elif kind == "image":
+                if message["role"] != "user":
+                    raise MllmEdgeError(f"{where}: only user messages hold images")
+                parts.append({"type": "image"})
+            else:
+                raise MllmEdgeError(f"{where}: a part must be of type text or image, got {kind!r}")
+        normal.append({"role": message["role"], "content": parts})
+    return normal
+
+
+def count_images(messages: list[dict]) -> int:
+    """Image parts in normalized messages."""
+    return sum(
+        part["type"] == "image" for m in messages if isinstance(m["content"], list) for part in m["content"]
+    )
+
+
 class PromptBuilder:
     """One user turn (an image and a question) -> the rendered chat prompt -> the processor's input ids."""
 
@@ -188,29 +244,34 @@ class PromptBuilder:
     def render(self, prompt: str) -> str:
         """The chat template for one user turn holding the image then `prompt`, with the generation prompt."""
         check_prompt_text(prompt, self.image_token)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.render_messages([user_turn(prompt, image=True)])
+
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """A whole conversation as `processor.apply_chat_template(messages, tokenize=False)` renders it:
+        messages in the processor's form (normalize_messages), the generation prompt after the last."""
         try:
             return self.template.render(
                 messages=messages,
                 tools=None,
                 documents=None,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
             )
         except jinja2.exceptions.TemplateError as e:
             raise MllmEdgeError(f"the chat template failed: {e}") from None
 
-    def encode(self, rendered: str) -> list[int]:
-        """Ids as the HF processor gives them: the image token expanded to num_image_tokens copies, specials added."""
+    def encode(self, rendered: str, images: int = 1) -> list[int]:
+        """Ids as the HF processor gives them: each image token expanded to num_image_tokens copies,
+        specials added. images: how many image tokens the rendered prompt must hold (0 or 1)."""
         count = rendered.count(self.image_token)
-        if count != 1:
+        if count != images:
             raise MllmEdgeError(
-                f"the rendered prompt holds {count} image tokens {self.image_token!r}, expected 1"
+                f"the rendered prompt holds {count} image tokens {self.image_token!r}, expected {images}"
             )
         # Expand in the text and tokenize that, as the processor does.
         text = rendered.replace(self.image_token, self.image_token * self.num_image_tokens)
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
-        if ids.count(self.image_token_id) != self.num_image_tokens:
+        if ids.count(self.image_token_id) != self.num_image_tokens * images:
             raise MllmEdgeError(
                 f"the image token {self.image_token!r} is not the single token {self.image_token_id} in tokenizer.json"
             )

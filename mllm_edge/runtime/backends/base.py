@@ -37,6 +37,9 @@ class Backend(Protocol):
     device: str  # "cpu" | "cuda"
     engines: dict[str, Engine]  # graph name -> its engine
     max_context: int  # tokens the engines take: the bundle's, or what the TensorRT engines were built for
+    # whether the LLM engines take several new tokens after a non-empty past (a follow-up prompt's
+    # reused prefix); otherwise every prompt prefills from an empty cache
+    extends_cache: bool
 
     @staticmethod
     def files_read(manifest) -> list[str]:

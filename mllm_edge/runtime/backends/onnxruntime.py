@@ -132,6 +132,7 @@ class OnnxRuntimeBackend(BackendResources):
     ONNX Runtime allocates on the GPU (a host cache would be uploaded whole every step)."""
 
     name = "onnxruntime"
+    extends_cache = True  # any shapes
 
     def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu", low_memory: bool = False):
         super().__init__()

@@ -276,6 +276,9 @@ class TensorRTBackend(BackendResources):
     in device memory, 256-byte aligned as TensorRT wants addresses."""
 
     name, device = "tensorrt", "cuda"
+    # the engines' profiles are prefill (empty past) and decode (one token): a follow-up prompt
+    # prefills from scratch (its picture's vision output is still reused)
+    extends_cache = False
 
     @staticmethod
     def files_read(manifest: Manifest) -> list[str]:
