@@ -691,5 +691,100 @@ def run(
     )
 
 
+CHAT_HELP = "/image PATH  talk about another picture (a new conversation if this one has one)\n/reset  start again\nCtrl-D  leave"
+
+
+@app.command()
+@user_errors
+def chat(
+    image: Optional[Path] = typer.Argument(None, help="The picture to talk about (or /image PATH later)."),
+    bundle: Path = typer.Option(
+        Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."
+    ),
+    backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
+    max_new_tokens: int = typer.Option(
+        256, "--max-new-tokens", help="Stop each answer after this many tokens."
+    ),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; above 0 samples."),
+    top_p: float = typer.Option(
+        1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass."
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+) -> None:
+    """Talk with a bundle about a picture, turn after turn: each answer streams, its figures follow
+    on stderr; a follow-up reuses what the last turn computed."""
+    from .runtime.conversation import Conversation
+    from .runtime.image import load_image
+    from .runtime.pipeline import Pipeline
+
+    picture = load_image(image, max_image_pixels) if image is not None else None  # a bad file: exit now
+    with Pipeline.load(bundle, backend, device) as pipeline:
+        conversation = Conversation(pipeline, system)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        typer.echo(CHAT_HELP, err=True)
+        while True:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:  # Ctrl-D
+                typer.echo("", err=True)
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line == "/reset":
+                conversation.reset()
+                picture = None
+                typer.echo("(a new conversation)", err=True)
+                continue
+            if line.startswith("/image"):
+                path = line[len("/image") :].strip()
+                try:
+                    loaded = load_image(path, max_image_pixels) if path else None
+                except MllmEdgeError as e:
+                    typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+                    continue
+                if loaded is None:
+                    typer.echo("give the picture's path: /image PATH", err=True)
+                    continue
+                if conversation.image is not None:
+                    conversation.reset()
+                    typer.echo("(a new conversation, about this picture)", err=True)
+                picture = loaded
+                continue
+            if line.startswith("/"):
+                typer.echo(f"unknown command {line.split()[0]}\n{CHAT_HELP}", err=True)
+                continue
+            try:
+                generation = conversation.stream(line, picture, **options)
+                for piece in generation:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except MllmEdgeError as e:  # e.g. the context is full: the conversation goes on
+                typer.echo("", err=True)
+                typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+                continue
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+                typer.echo("\n(stopped; the turn was dropped)", err=True)
+                continue
+            picture = None  # in the conversation now
+            result = generation.result
+            typer.echo("")
+            t = result.timings_ms
+            reused = (
+                f", {result.cached_prompt_tokens} prompt tokens from the cache"
+                if result.cached_prompt_tokens
+                else ""
+            )
+            typer.echo(
+                f"ttft {t['ttft']:.1f} ms, {result.decode_tokens_per_s:.1f} tokens/s{reused}"
+                + (", picture already encoded" if result.vision_reused else ""),
+                err=True,
+            )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

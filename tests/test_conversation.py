@@ -216,3 +216,42 @@ def test_bad_conversations_are_clear_errors(built_in):
             chat.ask("and this one?", image=item.image)
         chat.reset()
         assert chat.messages == [] and chat.image is None
+
+
+def test_the_chat_command_talks_turn_after_turn(built_in, tmp_path):
+    from typer.testing import CliRunner
+
+    from mllm_edge.cli import app
+
+    a, b = synthetic_items(2, seed=6)
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    a.image.save(first)
+    b.image.save(second)
+    typed = [
+        a.question,
+        "How many shapes?",
+        "/bogus",
+        f"/image {tmp_path / 'missing.png'}",
+        f"/image {second}",
+    ]
+    typed += [b.question, "/reset", "Count the shapes."]
+    bundle = built_in["none"]
+    result = CliRunner().invoke(
+        app,
+        ["chat", str(first), "--bundle", str(bundle), "--max-new-tokens", str(TOKENS)],
+        input="\n".join(typed) + "\n",
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    with Pipeline.load(bundle, backend="onnxruntime") as pipeline:
+        expected, chat = [], Conversation(pipeline)
+        expected.append(chat.ask(a.question, image=first, max_new_tokens=TOKENS).text)
+        expected.append(chat.ask("How many shapes?", max_new_tokens=TOKENS).text)
+        chat.reset()  # /image in a conversation that has its picture starts a new one
+        expected.append(chat.ask(b.question, image=second, max_new_tokens=TOKENS).text)
+        chat.reset()
+        expected.append(chat.ask("Count the shapes.", max_new_tokens=TOKENS).text)
+    assert result.stdout.splitlines() == expected
+    err = result.stderr
+    assert "prompt tokens from the cache, picture already encoded" in err  # the follow-up
+    assert "unknown command /bogus" in err and "missing.png" in err and "Traceback" not in err
+    assert "(a new conversation, about this picture)" in err and "(a new conversation)" in err
