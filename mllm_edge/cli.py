@@ -786,5 +786,44 @@ def chat(
             )
 
 
+@app.command()
+@user_errors
+def serve(
+    bundle: Path = typer.Option(
+        Path(DEFAULT_BUNDLE), "--bundle", "-b", help="Bundle folder made by `mllm-edge export`."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    max_queue: int = typer.Option(16, "--max-queue", min=1, help="Requests that may wait; more get 429."),
+    allowed_media_path: Optional[Path] = typer.Option(
+        None, "--allowed-media-path", help="file:// images are read only under this folder."
+    ),
+    max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1, help="Larger images get 413."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+) -> None:
+    """Serve the bundle over HTTP with OpenAI's chat-completions API (POST /v1/chat/completions)."""
+    try:
+        import uvicorn
+
+        from .serve.app import Settings, create_app
+        from .serve.requests import Limits
+    except ImportError as e:
+        raise MllmEdgeError(f"serve needs the serve extra ({e}): pip install 'mllm-edge[serve]'") from None
+    from .runtime.pipeline import Pipeline
+
+    if allowed_media_path is not None and not allowed_media_path.is_dir():
+        raise MllmEdgeError(f"--allowed-media-path {allowed_media_path} is not a folder")
+    limits = Limits(max_image_bytes, max_image_pixels, allowed_media_path)
+    with Pipeline.load(bundle, backend, device) as pipeline:
+        application = create_app(pipeline, Settings(max_queue=max_queue, limits=limits))
+        typer.echo(
+            f"serving {bundle} on http://{host}:{port}/v1 ({pipeline.backend.name} on {pipeline.backend.device})",
+            err=True,
+        )
+        uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -11,6 +11,7 @@ does not implement is refused by name instead of being silently approximated.
 
 from __future__ import annotations
 
+import io
 import math
 import threading
 import warnings
@@ -45,13 +46,21 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
     if path.stat().st_size == 0:
         raise MllmEdgeError(f"image {path} is empty")
     with _PILLOW_LIMIT:  # Pillow's guard is one global: off only while we hold it, our check instead
-        return _open(path, max_pixels)
+        return _open(path, max_pixels, f"image {path}")
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str = "the image") -> Image.Image:
+    """load_image for an image file's bytes (a server's request), with the same checks and messages."""
+    if not data:
+        raise MllmEdgeError(f"{name} is empty")
+    with _PILLOW_LIMIT:
+        return _open(io.BytesIO(data), max_pixels, name)
 
 
 _PILLOW_LIMIT = threading.Lock()
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _open(path, max_pixels: int, name: str) -> Image.Image:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, and no Pillow warning
     try:
         with warnings.catch_warnings():
@@ -60,7 +69,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise MllmEdgeError(
-                        f"image {path} is {width} x {height} = {width * height:,} pixels, over the limit of "
+                        f"{name} is {width} x {height} = {width * height:,} pixels, over the limit of "
                         f"{max_pixels:,} (a guard against decompression bombs): raise it with --max-image-pixels"
                     )
                 img.load()
@@ -71,7 +80,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         ValueError,
         SyntaxError,
     ) as e:  # Pillow's decoders raise all these
-        raise MllmEdgeError(f"image {path} cannot be read: {e}") from None
+        raise MllmEdgeError(f"{name} cannot be read: {e}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 

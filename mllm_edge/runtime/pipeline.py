@@ -24,7 +24,15 @@ from ..manifest import DEFAULT_BUNDLE, MANIFEST_NAME, Manifest, load_manifest
 from .backends import Backend, open_backend
 from .chain import Chain, Observer, place_image_tokens
 from .image import ImagePreprocessor, load_image
-from .prompt import PromptBuilder, TextStream, check_prompt_text, count_images, normalize_messages, user_turn
+from .prompt import (
+    PromptBuilder,
+    StopFilter,
+    TextStream,
+    check_prompt_text,
+    count_images,
+    normalize_messages,
+    user_turn,
+)
 from .sampling import Sampler
 
 
@@ -39,6 +47,7 @@ class RunResult:
     )
     timings_ms: dict = field(default_factory=dict)  # preprocess, vision, prefill, ttft, decode_per_token
     decode_tokens_per_s: float = 0.0
+    finish_reason: str = "length"  # "stop": the end-of-sequence token or a stop string; "length": max tokens
     cached_prompt_tokens: int = 0  # prompt tokens a follow-up took from the cache (layers < K with FastV)
     vision_reused: bool = False  # the picture's vision output was the previous call's
     backend: str = ""
@@ -188,12 +197,14 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int | None = None,
         reuse: bool = True,
+        stop: list[str] | None = None,
     ) -> Generation:
         """The assistant's next turn in a conversation: messages as chat templates read them (role,
         content as text or a list of {"type": "text", "text"} / {"type": "image"} parts), at most one
         image part, `image` its picture. The answer is the one a fresh run of the whole conversation
         gives; reuse: skip what the previous call already computed of it (the vision graph for the
-        same picture, the cache for the same leading tokens: Chain.prefill)."""
+        same picture, the cache for the same leading tokens: Chain.prefill). stop: strings that end
+        the answer where they first appear (left out of it)."""
         if not self.engines:
             raise MllmEdgeError("this pipeline is closed: load the bundle again")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -211,10 +222,20 @@ class Pipeline:
             raise MllmEdgeError("a picture was given but no message has an image part to put it in")
         rendered = self.prompts.render_messages(messages)  # a prompt it would refuse is refused now
         picture = None if image is None else image if hasattr(image, "convert") else load_image(image)
-        return Generation(self._steps(picture, rendered, images, max_new_tokens, sampler, reuse))
+        stop = list(stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise MllmEdgeError("stop strings must be non-empty text")
+        return Generation(self._steps(picture, rendered, images, max_new_tokens, sampler, reuse, stop))
 
     def _steps(
-        self, picture, rendered: str, images: int, max_new_tokens: int, sampler: Sampler, reuse: bool
+        self,
+        picture,
+        rendered: str,
+        images: int,
+        max_new_tokens: int,
+        sampler: Sampler,
+        reuse: bool,
+        stop: list[str],
     ) -> Iterator[str]:
         start = time.perf_counter()
         pixel_values = self.preprocess(picture) if picture is not None else None
@@ -252,31 +273,38 @@ class Pipeline:
         t_prefill = time.perf_counter()
 
         stream = TextStream(self.prompts)
+        stops = StopFilter(stop)
         tokens: list[int] = []
-        t_first = None
+        t_first, finish = None, "length"
         for step in range(max_new_tokens):
             token = sampler(logits[0])
             if t_first is None:
                 t_first = time.perf_counter()
             tokens.append(token)
             if token in self.eos:
+                finish = "stop"
                 break
-            piece = stream.push(token)
+            piece, stopped = stops.push(stream.push(token))
             if piece:
                 yield piece
+            if stopped:
+                finish = "stop"
+                break
             if step + 1 == max_new_tokens:
                 break
             logits = self.chain.decode_step(np.array([token], np.int64), prefilled.length + step)
-        tail = stream.flush()
-        if tail:
-            yield tail
+        if not stops.stopped:
+            piece, _ = stops.push(stream.flush())
+            tail = piece + stops.flush()
+            if tail:
+                yield tail
         end = time.perf_counter()
 
         decode_steps = max(len(tokens) - 1, 0)
         per_token = (end - t_first) / decode_steps if decode_steps else 0.0
         kept_vision, kept_llm = vision.get("kept_patches"), prefilled.kept_image
         return RunResult(
-            text=self.prompts.decode([t for t in tokens if t not in self.eos]),
+            text=stops.text,
             prompt=rendered,
             prompt_token_ids=list(prompt_ids),
             token_ids=tokens,
@@ -292,6 +320,7 @@ class Pipeline:
                 "decode_per_token": _ms(per_token),
             },
             decode_tokens_per_s=round(1.0 / per_token, 3) if per_token else 0.0,
+            finish_reason=finish,
             cached_prompt_tokens=prefilled.reused,
             vision_reused=vision_reused,
             backend=self.backend.name,

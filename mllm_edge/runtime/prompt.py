@@ -319,3 +319,30 @@ class TextStream:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(context) :]
+
+
+class StopFilter:
+    """Text pieces -> the same pieces cut at the first stop string (left out), holding back a tail
+    that may be the start of one; `text` is everything let through."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending, self.text, self.stopped = "", "", False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """-> (text to let through now, whether a stop string was reached)."""
+        self.pending += piece
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending, self.stopped = self.pending[: min(found)], "", True
+        else:
+            keep = max(len(self.pending) - self.hold, 0)
+            out, self.pending = self.pending[:keep], self.pending[keep:]
+        self.text += out
+        return out, self.stopped
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        self.text += out
+        return out

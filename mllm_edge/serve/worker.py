@@ -1,0 +1,100 @@
+"""One thread owns the pipeline (a batch-1 engine and its KV cache); requests wait in a bounded queue.
+
+A request is a Job: the worker runs it and hands its events (text pieces, then the result or an
+error) back to the request's event loop as they come. A job whose client went away is cancelled:
+the worker stops at the next token. A full queue refuses at once (the HTTP layer's 429), rather
+than letting waits grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import MllmEdgeError
+from ..runtime.pipeline import Pipeline
+from .requests import ApiError, ChatRequest
+
+STOP = object()  # the worker's own sentinel: leave the loop
+
+
+@dataclass
+class Job:
+    request: ChatRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(
+        default_factory=asyncio.Queue
+    )  # ("piece", str) | ("done", dict) | ("error", str)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def send(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, pipeline: Pipeline, max_queue: int = 16):
+        self.pipeline = pipeline
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.running = 0  # jobs the worker is generating for now (0 or 1)
+        self.thread = threading.Thread(target=self._loop, name="mllm-edge-worker", daemon=True)
+        self.thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    def stop(self) -> None:
+        """Cancel what waits, let the running job end at its next token, and leave."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not STOP:
+                job.send("error", ApiError(503, "the server is shutting down", kind="server_error"))
+        self.jobs.put(STOP)
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is STOP:
+                return
+            if job.cancelled.is_set():
+                continue
+            self.running = 1
+            try:
+                self._run(job)
+            except MllmEdgeError as e:  # what the request asked cannot be done (the context is full, ...)
+                job.send("error", ApiError(400, str(e)))
+            except Exception as e:  # the worker must outlive any one request
+                job.send(
+                    "error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+                )
+            finally:
+                self.running = 0
+
+    def _run(self, job: Job) -> None:
+        request = job.request
+        generation = self.pipeline.stream_chat(
+            request.messages, request.picture, stop=request.stop, **request.options
+        )
+        for piece in generation:
+            if job.cancelled.is_set():  # the client went away: stop at this token
+                return
+            job.send("piece", piece)
+        job.send("done", generation.result)

@@ -1,0 +1,266 @@
+"""`mllm-edge serve` through the `openai` client on loopback, as applications call it.
+
+What is checked: the models and health endpoints; an answer (non-streamed and streamed, with
+usage) equals the pipeline's own for the same conversation; a follow-up takes its prompt from the
+cache; stop strings; bad requests are 400/413 with OpenAI's error object and the server keeps
+serving; a burst beyond the queue gets 429 with Retry-After while every accepted request gets its
+complete answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the runtime needs the onnxruntime extra")
+pytest.importorskip("fastapi", reason="serve needs the serve extra")
+openai = pytest.importorskip("openai", reason="the tests call the server with the openai client")
+
+import uvicorn  # noqa: E402
+
+from mllm_edge.evaluate import synthetic_items  # noqa: E402
+from mllm_edge.runtime.pipeline import Pipeline  # noqa: E402
+from mllm_edge.serve.app import Settings, create_app  # noqa: E402
+from mllm_edge.serve.requests import Limits  # noqa: E402
+
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from mllm_edge.default_model import checkpoint
+    from mllm_edge.export.bundle import ExportConfig, export_bundle
+    from mllm_edge.pruning import PruningConfig
+
+    out = tmp_path_factory.mktemp("serve") / "fastv"
+    export_bundle(ExportConfig(str(checkpoint()), out, PruningConfig.from_method("fastv", 0.5), verify=False))
+    return out
+
+
+class Server:
+    """The app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, pipeline, settings):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(pipeline, settings), host="127.0.0.1", port=self.port, log_level="error"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(bundle, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    pipeline = Pipeline.load(bundle, backend="onnxruntime")
+    server = Server(
+        pipeline, Settings(max_queue=4, limits=Limits(max_image_bytes=1 << 20, allowed_media_path=media))
+    )
+    yield server, media
+    server.close()
+    pipeline.close()
+
+
+def data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_turn(item, url=None) -> dict:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": url or data_uri(item.image)}},
+            {"type": "text", "text": item.question},
+        ],
+    }
+
+
+def ours(item, messages_after=()) -> list[dict]:
+    """The same conversation in the pipeline's form."""
+    first = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}
+    return [first, *messages_after]
+
+
+def http(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """A raw request (what the openai client would not send), -> (status, JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(served):
+    server, _ = served
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["fastv"]
+    assert http(server.url + "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
+
+
+def test_answers_equal_the_pipelines_streamed_or_not(served, bundle):
+    server, _ = served
+    client = server.client()
+    items = synthetic_items(2, seed=21)
+    with Pipeline.load(bundle, backend="onnxruntime") as reference:
+        for item in items:
+            want = reference.chat(ours(item), item.image, max_new_tokens=TOKENS, reuse=False)
+            got = client.chat.completions.create(
+                model="fastv", messages=[image_turn(item)], max_tokens=TOKENS
+            )
+            assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "stop"
+            assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+            assert got.usage.completion_tokens == len(want.token_ids)
+            extension = got.model_extra["mllm_edge"]
+            assert extension["kept_image_tokens"] == want.kept_image_tokens
+
+            chunks = list(
+                client.chat.completions.create(
+                    model="fastv",
+                    messages=[image_turn(item)],
+                    max_completion_tokens=TOKENS,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == want.text
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+            assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(want.prompt_token_ids)
+
+            # a follow-up about the same picture: the answer of the whole conversation, from the cache
+            follow = [
+                {"role": "assistant", "content": want.text},
+                {"role": "user", "content": "How many shapes?"},
+            ]
+            want2 = reference.chat(ours(item, follow), item.image, max_new_tokens=TOKENS, reuse=False)
+            got2 = client.chat.completions.create(
+                model="fastv", messages=[image_turn(item), *follow], max_tokens=TOKENS
+            )
+            assert got2.choices[0].message.content == want2.text
+            assert got2.usage.prompt_tokens_details.cached_tokens > len(want.prompt_token_ids) // 2
+
+
+def test_stop_strings_end_the_answer(served, bundle):
+    server, _ = served
+    item = synthetic_items(1, seed=22)[0]
+    with Pipeline.load(bundle, backend="onnxruntime") as reference:
+        full = reference.chat(ours(item), item.image, max_new_tokens=TOKENS, reuse=False).text
+    assert len(full) >= 2
+    stop = full[1:3] if len(full) >= 3 else full[1:]
+    got = server.client().chat.completions.create(
+        model="fastv", messages=[image_turn(item)], max_tokens=TOKENS, stop=[stop]
+    )
+    assert got.choices[0].message.content == full[: full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_are_openai_errors_and_the_server_goes_on(served):
+    server, media = served
+    client = server.client()
+    item = synthetic_items(1, seed=23)[0]
+    (media / "ok.png").write_bytes(base64.b64decode(data_uri(item.image).split(",", 1)[1]))
+    outside = media.parent / "outside.png"
+    outside.write_bytes((media / "ok.png").read_bytes())
+    cases = [
+        ({"n": 2}, "n must be 1"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+        ({"temperature": 5}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": [image_turn(item, "https://example.com/a.png")]}, "not fetched"),
+        ({"messages": [image_turn(item, "data:image/png;base64,@@@")]}, "base64"),
+        ({"messages": [image_turn(item, "data:image/png;base64,aGVsbG8=")]}, "cannot be read"),
+        ({"messages": [image_turn(item, outside.as_uri())]}, "outside the allowed media path"),
+        ({"messages": [image_turn(item), image_turn(item)]}, "2 images"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"messages": []}, "non-empty"),
+    ]
+    for change, message in cases:
+        body = {"model": "fastv", "messages": [image_turn(item)], "max_tokens": 2, **change}
+        with pytest.raises(openai.BadRequestError, match=message) as raised:
+            client.chat.completions.create(**body)
+        assert raised.value.body["type"] == "invalid_request_error"
+    big = "data:image/png;base64," + "A" * (2 << 20)
+    with pytest.raises(openai.APIStatusError, match="larger than") as raised:
+        client.chat.completions.create(model="fastv", messages=[image_turn(item, big)], max_tokens=2)
+    assert raised.value.status_code == 413
+    status, answer = http(server.url + "/v1/chat/completions", b"{not json")
+    assert status == 400 and "not JSON" in answer["error"]["message"]
+    # still serving, and a file:// image under the allowed path works
+    fine = client.chat.completions.create(
+        model="fastv", messages=[image_turn(item, (media / "ok.png").as_uri())], max_tokens=2
+    )
+    assert fine.choices[0].message.content is not None
+
+
+def test_a_burst_beyond_the_queue_gets_429_and_nothing_is_lost(bundle):
+    items = synthetic_items(6, seed=24)
+    pipeline = Pipeline.load(bundle, backend="onnxruntime")
+    with Pipeline.load(bundle, backend="onnxruntime") as reference:
+        wanted = [reference.chat(ours(i), i.image, max_new_tokens=TOKENS, reuse=False).text for i in items]
+    slow = pipeline.stream_chat
+
+    def slower(*args, **kwargs):  # hold the worker, so that the burst finds it busy
+        time.sleep(0.5)
+        return slow(*args, **kwargs)
+
+    pipeline.stream_chat = slower
+    server = Server(pipeline, Settings(max_queue=1))
+    results = [None] * len(items)
+
+    def ask(i):
+        try:
+            got = server.client().chat.completions.create(
+                model="fastv", messages=[image_turn(items[i])], max_tokens=TOKENS
+            )
+            results[i] = got.choices[0].message.content
+        except openai.RateLimitError as e:
+            results[i] = ("429", e.response.headers.get("retry-after"))
+
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(items))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        server.close()
+        pipeline.close()
+    rejected = [r for r in results if isinstance(r, tuple)]
+    answered = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
+    assert rejected and all(r == ("429", "1") for r in rejected)
+    assert len(answered) >= 2 and all(r == wanted[i] for i, r in answered)
+
+
+def test_serve_refuses_a_missing_media_folder(bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from mllm_edge.cli import app
+
+    result = CliRunner().invoke(
+        app, ["serve", "--bundle", str(bundle), "--allowed-media-path", str(tmp_path / "missing")]
+    )
+    assert result.exit_code == 1 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
