@@ -255,3 +255,33 @@ def test_the_chat_command_talks_turn_after_turn(built_in, tmp_path):
     assert "prompt tokens from the cache, picture already encoded" in err  # the follow-up
     assert "unknown command /bogus" in err and "missing.png" in err and "Traceback" not in err
     assert "(a new conversation, about this picture)" in err and "(a new conversation)" in err
+
+
+def test_stop_strings_cut_the_text_wherever_the_pieces_split():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mllm_edge.runtime.prompt import StopFilter
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.text("abc ", max_size=30),
+        st.lists(st.integers(0, 30), max_size=6),
+        st.lists(st.text("abc", min_size=1, max_size=3), max_size=3),
+    )
+    def check(text, cuts, stops):
+        bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        f, streamed = StopFilter(stops), ""
+        for piece in pieces:
+            out, stopped = f.push(piece)
+            streamed += out
+            if stopped:
+                break
+        else:
+            streamed += f.flush()
+        found = [text.find(s) for s in stops if s in text]
+        assert streamed == f.text == (text[: min(found)] if found else text)
+        assert f.stopped == bool(found)
+
+    check()
