@@ -797,6 +797,15 @@ def serve(
     backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     max_queue: int = typer.Option(16, "--max-queue", min=1, help="Requests that may wait; more get 429."),
+    queue_timeout: Optional[float] = typer.Option(
+        None, "--queue-timeout", min=0.0, help="Seconds a request may wait for the worker; longer gets 503."
+    ),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="MLLM_EDGE_API_KEY",
+        help="Require 'Authorization: Bearer KEY' (all but /health).",
+    ),
     allowed_media_path: Optional[Path] = typer.Option(
         None, "--allowed-media-path", help="file:// images are read only under this folder."
     ),
@@ -817,7 +826,10 @@ def serve(
         raise MllmEdgeError(f"--allowed-media-path {allowed_media_path} is not a folder")
     limits = Limits(max_image_bytes, max_image_pixels, allowed_media_path)
     with Pipeline.load(bundle, backend, device) as pipeline:
-        application = create_app(pipeline, Settings(max_queue=max_queue, limits=limits))
+        settings = Settings(
+            max_queue=max_queue, limits=limits, api_key=api_key, queue_timeout_s=queue_timeout
+        )
+        application = create_app(pipeline, settings)
         typer.echo(
             f"serving {bundle} on http://{host}:{port}/v1 ({pipeline.backend.name} on {pipeline.backend.device})",
             err=True,

@@ -264,3 +264,45 @@ def test_serve_refuses_a_missing_media_folder(bundle, tmp_path):
         app, ["serve", "--bundle", str(bundle), "--allowed-media-path", str(tmp_path / "missing")]
     )
     assert result.exit_code == 1 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_api_key_guards_everything_but_health_and_long_waits_are_refused(bundle):
+    item = synthetic_items(1, seed=25)[0]
+    pipeline = Pipeline.load(bundle, backend="onnxruntime")
+    slow = pipeline.stream_chat
+
+    def slower(*args, **kwargs):
+        time.sleep(0.6)
+        return slow(*args, **kwargs)
+
+    pipeline.stream_chat = slower
+    server = Server(pipeline, Settings(api_key="s3cret", queue_timeout_s=0.3))
+    try:
+        assert http(server.url + "/health")[0] == 200
+        assert http(server.url + "/v1/models")[0] == 401
+        with pytest.raises(openai.AuthenticationError):
+            server.client().models.list()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["fastv"]
+        results = []
+
+        def ask():
+            try:
+                got = client.chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=2)
+                results.append(got.choices[0].message.content)
+            except openai.APIStatusError as e:
+                results.append(e.status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # in order: the second waits behind the first's 0.6 s
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(results, key=str) == sorted(
+            [503, results[0] if results[0] != 503 else results[1]], key=str
+        )
+        assert 503 in results and any(isinstance(r, str) for r in results)
+    finally:
+        server.close()
+        pipeline.close()

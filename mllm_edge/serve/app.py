@@ -11,6 +11,7 @@ Requests are parsed and their images decoded in the event loop's thread pool, ne
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -33,6 +34,8 @@ class Settings:
     max_body_bytes: int = 32 << 20
     limits: Limits = field(default_factory=Limits)
     retry_after_s: int = 1
+    api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer KEY"
+    queue_timeout_s: float | None = None  # a request that waited longer is refused (503)
 
 
 def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
@@ -41,12 +44,23 @@ def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
     state = {"worker": None, "closing": False}
 
     async def lifespan(app):
-        state["worker"] = Worker(pipeline, settings.max_queue)
+        state["worker"] = Worker(pipeline, settings.max_queue, settings.queue_timeout_s)
         yield
         state["closing"] = True
         await asyncio.to_thread(state["worker"].stop)
 
     app = FastAPI(title="mllm-edge", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if settings.api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                error = ApiError(
+                    401, "a valid API key is needed: Authorization: Bearer KEY", kind="authentication_error"
+                )
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):

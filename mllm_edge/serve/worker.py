@@ -40,8 +40,8 @@ class QueueFull(Exception):
 
 
 class Worker:
-    def __init__(self, pipeline: Pipeline, max_queue: int = 16):
-        self.pipeline = pipeline
+    def __init__(self, pipeline: Pipeline, max_queue: int = 16, queue_timeout_s: float | None = None):
+        self.pipeline, self.queue_timeout_s = pipeline, queue_timeout_s
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running = 0  # jobs the worker is generating for now (0 or 1)
         self.thread = threading.Thread(target=self._loop, name="mllm-edge-worker", daemon=True)
@@ -75,6 +75,17 @@ class Worker:
             if job is STOP:
                 return
             if job.cancelled.is_set():
+                continue
+            waited = time.perf_counter() - job.queued_at
+            if self.queue_timeout_s is not None and waited > self.queue_timeout_s:
+                job.send(
+                    "error",
+                    ApiError(
+                        503,
+                        f"the request waited {waited:.1f} s in the queue, over the server's limit",
+                        kind="server_error",
+                    ),
+                )
                 continue
             self.running = 1
             try:
