@@ -765,7 +765,7 @@ def chat(
                     sys.stdout.flush()
             except MllmEdgeError as e:  # e.g. the context is full: the conversation goes on
                 typer.echo("", err=True)
-                typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+                typer.secho(f"error: {e} (/reset starts a new conversation)", err=True, fg=typer.colors.RED)
                 continue
             except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
                 typer.echo("\n(stopped; the turn was dropped)", err=True)

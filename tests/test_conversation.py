@@ -6,12 +6,14 @@ string or part content) render and tokenize as the checkpoint's HF processor doe
 model, without pruning, with FastV and with FasterVLM, each follow-up gives the greedy tokens and
 kept sets of a fresh run of the whole conversation, never runs the vision graph again for the same
 picture, and takes from the cache everything before the new turn (FastV: layers < K always, layers
->= K exactly when the kept image tokens are unchanged); a new picture is encoded again and the
+>= K all of it when the kept image tokens are unchanged, else the text before the image); a call
+that fails half-way never leaves the cache out of step; a new picture is encoded again and the
 prefix before it reused; bad conversations are clear errors.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime", reason="the runtime needs the onnxruntime extra")
@@ -115,7 +117,7 @@ def test_a_follow_up_equals_a_fresh_run_of_the_whole_conversation(built_in, meth
         Pipeline.load(built_in[method], backend="onnxruntime") as pipeline,
         Pipeline.load(built_in[method], backend="onnxruntime") as fresh,
     ):
-        seen = _watch(pipeline)
+        seen, fresh_seen = _watch(pipeline), _watch(fresh)
         for item in items[:3]:
             chat = Conversation(pipeline)
             first = chat.ask(item.question, image=item.image, max_new_tokens=TOKENS)
@@ -130,11 +132,17 @@ def test_a_follow_up_equals_a_fresh_run_of_the_whole_conversation(built_in, meth
                 assert got.kept_image_tokens == want.kept_image_tokens
                 assert got.vision_reused and "vision" not in seen["graphs"]
                 prefilled = seen["prefilled"][-1]
+                # the logits too: the greedy tokens of this small model would hide an off-by-one
+                np.testing.assert_allclose(prefilled.logits, fresh_seen["prefilled"][-1].logits, atol=1e-4)
                 # everything before the new turn that tokenizes as it was fed
                 assert prefilled.reused == got.cached_prompt_tokens >= held - 2 > 0
-                if method == "fastv":  # the layers >= K reuse exactly when the kept tokens stayed
+                if method == "fastv":  # the layers >= K reuse all when the kept tokens stayed, else
+                    # only the text before the image
                     same = got.kept_image_tokens["llm"] == previous_kept
-                    assert (prefilled.reused_tail > 0) == same
+                    image_start = want.prompt_token_ids.index(pipeline.manifest.tokenizer["image_token_id"])
+                    assert (
+                        prefilled.reused_tail > image_start if same else prefilled.reused_tail == image_start
+                    )
                     tail_reused.add(same)
                 else:
                     assert prefilled.reused_tail == prefilled.reused
@@ -146,9 +154,64 @@ def test_a_follow_up_equals_a_fresh_run_of_the_whole_conversation(built_in, meth
             assert again.token_ids == want.token_ids and again.kept_image_tokens == want.kept_image_tokens
             prefilled = seen["prefilled"][-1]
             assert prefilled.reused == len(want.prompt_token_ids) - len(item_image_run(pipeline, want)) - 1
-            assert prefilled.reused_tail > 0
+            image_start = want.prompt_token_ids.index(pipeline.manifest.tokenizer["image_token_id"])
+            assert prefilled.reused_tail > image_start
             tail_reused.add(True)
     assert True in tail_reused
+
+
+class FailOnce:
+    """An engine that raises on its `at`-th call (1: the first), and otherwise runs as the one it wraps."""
+
+    def __init__(self, engine, at: int):
+        self.engine, self.at, self.calls = engine, at, 0
+
+    def run(self, inputs, outputs=None):
+        self.calls += 1
+        if self.calls == self.at:
+            raise MllmEdgeError("injected failure")
+        return self.engine.run(inputs, outputs)
+
+    def close(self):
+        self.engine.close()
+
+
+@pytest.mark.parametrize("method", ["none", "fastv"])
+@pytest.mark.parametrize("failing", ["llm_tail", "embed"])
+def test_a_failed_call_never_leaves_the_cache_out_of_step(built_in, method, failing):
+    """A prefill (first call) or decode step (second call) that fails half-way, as an engine error
+    or Ctrl-C would, or a cache swapped underneath: the next follow-up still equals a fresh run of
+    its conversation, logits included."""
+    from mllm_edge.runtime.cache import KVCache
+
+    a, b = synthetic_items(2, seed=12)
+    with (
+        Pipeline.load(built_in[method], backend="onnxruntime") as pipeline,
+        Pipeline.load(built_in[method], backend="onnxruntime") as fresh,
+    ):
+        seen, fresh_seen = _watch(pipeline), _watch(fresh)
+        chat = Conversation(pipeline)
+        chat.ask(a.question, image=a.image, max_new_tokens=TOKENS)
+        for at in (1, 2):  # the other conversation's prefill, then its first decode step
+            engine = pipeline.chain.engines[failing]
+            pipeline.chain.engines[failing] = FailOnce(engine, at)
+            other = [{"role": "user", "content": _parts(b.question, image=True)}]
+            with pytest.raises(MllmEdgeError, match="injected"):
+                pipeline.chat(other, b.image, max_new_tokens=TOKENS)
+            pipeline.chain.engines[failing] = engine
+            got = chat.ask(f"How many shapes, {at}?", max_new_tokens=TOKENS)
+            want = fresh.chat(chat.messages[:-1], a.image, max_new_tokens=TOKENS, reuse=False)
+            assert got.token_ids == want.token_ids
+            np.testing.assert_allclose(
+                seen["prefilled"][-1].logits, fresh_seen["prefilled"][-1].logits, atol=1e-4
+            )
+        pipeline.cache = KVCache(*pipeline.cache_shape)  # holds nothing: nothing is reused from it
+        got = chat.ask("Where is it?", max_new_tokens=TOKENS)
+        assert got.cached_prompt_tokens == 0
+        assert (
+            got.token_ids
+            == fresh.chat(chat.messages[:-1], a.image, max_new_tokens=TOKENS, reuse=False).token_ids
+        )
 
 
 def test_text_turns_and_a_new_picture(built_in):

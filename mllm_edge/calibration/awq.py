@@ -5,18 +5,20 @@ Model Optimizer's own driver (`modelopt.onnx.quantization.quantize(quantize_mode
 the whole graph several times over (the proto, its deep copy, the ONNX Runtime session's weights)
 and runs the whole graph on every calibration call once per weight: on the ~1B model's 1.2 GB
 `llm_tail` it took 10 GB and would have run about 2 hours on 2 cores (docs/calibration.md). Here
-the same algorithm in three steps, each holding little more than one weight:
+the same algorithm in three steps, none holding the graph's weights beyond their mapped file:
 
 1. capture: one unoptimised ONNX Runtime session over the source graph (its weights stay mapped
    from the data file), the selected weights' input activations as extra outputs, each recorded
    call run once to count rows and once to keep of each activation only the rows AWQ-clip reads:
-   `MAX_TOKENS` evenly spaced over all calls' rows, the library's choice (`_clip_search`);
+   `MAX_TOKENS` evenly spaced over all calls' rows, the library's choice (`_clip_search`); one
+   call's activations are held at a time (a 7B's 600-token prefill: about 0.9 GB in fp16);
 2. search: per weight, read from its file, the library's alpha grid and choice (`AWQClipHelper`)
    and its quantizer (`quant_tensor`, `dq_tensor`); only the loss is computed here, as one batched
    product over blocks of the weight's rounding error (the library's broadcast product holds
    columns x tokens x K floats at once and re-quantizes the whole weight per 1024 columns);
 3. write: DequantizeLinear(int4 weight [K, N], scales [K / block, N], axis 0, block) -> MatMul,
-   what the library writes, with the unquantized weights copied from the source a few at a time.
+   what the library writes (the int4 tensors, about a quarter of the fp16 bytes, held until
+   then), with the unquantized weights copied from the source a few at a time.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def quantize_graph(
     progress(f"quantize {name}", len(inputs), len(inputs))
     del rows
 
-    def operand(weight: str):
+    def operand(weight: str):  # once per weight, however many Gemms share it
         tensors = quantized.pop(weight)
         out = f"{weight}.T_dequantized"
         dq = helper.make_node(
@@ -96,7 +98,7 @@ def quantize_graph(
         )
         return out, tensors, [dq]
 
-    gemms_to_matmuls(model, source, lambda w: w in quantized, operand)
+    gemms_to_matmuls(model, source, lambda w: w in inputs, operand)
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, OPSET)

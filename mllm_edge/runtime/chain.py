@@ -147,7 +147,10 @@ class Chain:
             },
         )["inputs_embeds"]
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)))
-        history, kept_image, tail_past = self.history, None, past
+        # Held aside until the cache holds this prompt: a call that fails half-way leaves an empty
+        # history, so the next prompt prefills from scratch rather than over a cache out of step.
+        history, self.history = self.history, History()
+        kept_image, tail_past = None, past
         if self.split:
             self.cache.truncate(HEAD, past)
             head = self._llm(LLM_HEAD, hidden, positions[:, past:])
@@ -177,7 +180,10 @@ class Chain:
                 and history.kept_image is not None
                 and np.array_equal(kept_image, history.kept_image)
             )
-            tail_past = sum(1 for p in history.tail_positions if p < past) if past and same_kept else 0
+            # a tail row is still right if the kept tokens up to it are: all of the prefix when this
+            # prompt keeps the same image tokens, else the text before the image
+            limit = past if same_kept else min(past, image_start) if has_image else 0
+            tail_past = sum(1 for p in history.tail_positions if p < limit)
             self.cache.truncate(TAIL, tail_past)
             logits = self._llm(LLM_TAIL, hidden[:, tail_past:], kept_positions[:, tail_past:])["logits"]
             history.tail_positions = kept_positions[0].tolist()
@@ -187,13 +193,14 @@ class Chain:
             logits = self._llm(LLM_TAIL, hidden, positions[:, past:])["logits"]
         history.ids = ids[0].tolist() if b == 1 else []
         history.image = image if has_image else None
+        self.history = history
         return Prefilled(logits, t, kept_image, past, tail_past)
 
     def _reusable(self, ids: np.ndarray, image_start: int, n: int, image) -> int:
         """How many leading tokens of ids the cache holds as they are: never part of an image run,
         never the image of another picture, and never all of them (the last one gives the logits)."""
         held = self.history
-        past = common_prefix(held.ids, ids[0].tolist())
+        past = min(common_prefix(held.ids, ids[0].tolist()), self.cache.lengths[HEAD if self.split else TAIL])
         if image_start != NO_IMAGE and past > image_start:
             if held.image is None or image is None or held.image != image or past < image_start + n:
                 past = image_start
@@ -206,12 +213,15 @@ class Chain:
         inputs = {"input_ids": tokens.reshape(b, 1).astype(np.int64), "image_embeds": self._no_image}
         hidden = self.run(EMBED, {**inputs, "image_start": _NO_IMAGE_START})["inputs_embeds"]
         positions = np.full((b, 1), position, np.int64)
-        held = self.history
+        held, self.history = self.history, History()  # as in prefill: back once both groups hold the step
         if self.split:
             hidden = self._llm(LLM_HEAD, hidden, positions)["hidden_states"]
             if b == 1:
                 held.hold(len(held.ids), hidden)
+        logits = self._llm(LLM_TAIL, hidden, positions)["logits"]
+        if self.split:
             held.tail_positions.append(position)
         if b == 1:
             held.ids.append(int(tokens[0]))
-        return self._llm(LLM_TAIL, hidden, positions)["logits"]
+        self.history = held
+        return logits

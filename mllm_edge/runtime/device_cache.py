@@ -124,6 +124,10 @@ class DeviceKVCache(CacheBookkeeping):
         super().reset()
         self.pending = []
 
+    def truncate(self, name: str, length: int) -> None:
+        super().truncate(name, length)
+        self.pending = []  # copies of a step that never committed (it failed) are not replayed
+
     def close(self) -> None:
         if self.bases:
             for address in (self.block, *self.scratch.values()):

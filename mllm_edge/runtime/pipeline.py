@@ -22,7 +22,7 @@ from ..errors import MllmEdgeError
 from ..graphs import NO_IMAGE
 from ..manifest import DEFAULT_BUNDLE, MANIFEST_NAME, Manifest, load_manifest
 from .backends import Backend, open_backend
-from .chain import Chain, Observer, place_image_tokens
+from .chain import Chain, History, Observer, place_image_tokens
 from .image import ImagePreprocessor, load_image
 from .prompt import (
     PromptBuilder,
@@ -143,6 +143,7 @@ class Pipeline:
         """Run with another cache of runtime.cache's interface (the one this replaces is closed)."""
         self.chain.cache.close()
         self.chain.cache = cache
+        self.chain.history = History()  # the new cache holds nothing to reuse
 
     def observe(self, observer: Observer) -> Observer:
         """Call observer(graph, inputs, outputs) after every graph call (outputs include those bound
