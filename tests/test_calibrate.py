@@ -168,6 +168,44 @@ def test_int4_awq_one_weight_at_a_time_equals_model_optimizers_own_driver(built_
         assert np.mean(np.isclose(ours[weight][1], scales, rtol=1e-6)) > 0.99, weight
 
 
+def test_awq_rewrites_every_gemm_of_a_shared_weight(tmp_path):
+    """Two Gemms over one weight (a tied projection): both read its one DequantizeLinear, and the
+    float weight is gone."""
+    from mllm_edge.calibration import awq
+    from mllm_edge.calibration.rewrite import save_graph
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w")  # [N, K]
+    nodes = [
+        helper.make_node("Gemm", ["a", "w"], ["ya"], name="ga", transB=1),
+        helper.make_node("Gemm", ["b", "w"], ["yb"], name="gb", transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["s", 64]) for n in ("a", "b")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["s", 32]) for n in ("ya", "yb")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, [w]), opset_imports=[helper.make_opsetid("", 20)]
+    )
+    model.ir_version = 10
+    source, dest = tmp_path / "src", tmp_path / "dst"
+    source.mkdir()
+    dest.mkdir()
+    save_graph(model, source, "g")
+    calls = []
+    for i in range(3):
+        calls.append(tmp_path / f"{i}.npz")
+        arrays = {f"in.{n}": rng.standard_normal((5, 64)).astype(np.float32) for n in ("a", "b")}
+        np.savez(calls[-1], **arrays)
+    entry = awq.quantize_graph(source, dest, "g", 32, lambda name: True, calls)
+    out = onnx.load(str(dest / "g.onnx"))
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
+    assert entry["weights"] == ["w"] and len(dq) == 1 and len(matmuls) == 2
+    assert all(m.input[1] == dq[0].output[0] for m in matmuls)
+    assert "Gemm" not in {n.op_type for n in out.graph.node} and "w" not in {
+        t.name for t in out.graph.initializer
+    }
+
+
 def test_the_clip_search_losses_are_the_librarys(tmp_path):
     """The one part awq.py computes itself: each alpha's loss per block, against the library's
     _clip_search on the same rows and weight (here one batch of columns: the library's own layout)."""
