@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -811,6 +812,7 @@ def serve(
     ),
     max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1, help="Larger images get 413."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+    metrics: bool = typer.Option(False, "--metrics", help="GET /metrics in Prometheus's format."),
 ) -> None:
     """Serve the bundle over HTTP with OpenAI's chat-completions API (POST /v1/chat/completions)."""
     try:
@@ -824,17 +826,28 @@ def serve(
 
     if allowed_media_path is not None and not allowed_media_path.is_dir():
         raise MllmEdgeError(f"--allowed-media-path {allowed_media_path} is not a folder")
+    if metrics:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError as e:
+            raise MllmEdgeError(
+                f"--metrics needs prometheus-client ({e}): pip install 'mllm-edge[serve]'"
+            ) from None
+    from .manifest import load_manifest
+
+    load_manifest(bundle, verify_files=False)  # a missing or broken bundle: exit now, not a 503 forever
     limits = Limits(max_image_bytes, max_image_pixels, allowed_media_path)
-    with Pipeline.load(bundle, backend, device) as pipeline:
-        settings = Settings(
-            max_queue=max_queue, limits=limits, api_key=api_key, queue_timeout_s=queue_timeout
-        )
-        application = create_app(pipeline, settings)
-        typer.echo(
-            f"serving {bundle} on http://{host}:{port}/v1 ({pipeline.backend.name} on {pipeline.backend.device})",
-            err=True,
-        )
-        uvicorn.run(application, host=host, port=port, log_level="warning")
+    settings = Settings(
+        max_queue=max_queue, limits=limits, api_key=api_key, queue_timeout_s=queue_timeout, metrics=metrics
+    )
+    application = create_app(
+        lambda: Pipeline.load(bundle, backend, device), settings, name=bundle.resolve().name
+    )
+    typer.echo(f"serving {bundle} on http://{host}:{port}/v1 (/health is 503 until it has loaded)", err=True)
+    # uvicorn shuts down gracefully on SIGTERM (it stops accepting and waits for the requests it has),
+    # then raises the signal again: ours makes that a clean exit 0 (systemd's stop), not death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":  # pragma: no cover

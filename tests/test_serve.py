@@ -23,6 +23,7 @@ openai = pytest.importorskip("openai", reason="the tests call the server with th
 
 import uvicorn  # noqa: E402
 
+from mllm_edge.errors import MllmEdgeError  # noqa: E402
 from mllm_edge.evaluate import synthetic_items  # noqa: E402
 from mllm_edge.runtime.pipeline import Pipeline  # noqa: E402
 from mllm_edge.serve.app import Settings, create_app  # noqa: E402
@@ -45,13 +46,12 @@ def bundle(tmp_path_factory):
 class Server:
     """The app under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, pipeline, settings):
+    def __init__(self, pipeline, settings, name=None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(pipeline, settings), host="127.0.0.1", port=self.port, log_level="error"
-        )
+        app = create_app(pipeline, settings, name)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -306,3 +306,152 @@ def test_an_api_key_guards_everything_but_health_and_long_waits_are_refused(bund
     finally:
         server.close()
         pipeline.close()
+
+
+def test_metrics_count_what_was_served(bundle):
+    item = synthetic_items(1, seed=26)[0]
+    pipeline = Pipeline.load(bundle, backend="onnxruntime")
+    server = Server(pipeline, Settings(metrics=True, max_queue=1))
+    try:
+        got = server.client().chat.completions.create(
+            model="fastv", messages=[image_turn(item)], max_tokens=TOKENS
+        )
+        import urllib.request
+
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line and line[0] != "#"
+        }
+        assert values["mllm_edge_requests_completed_total"] == 1
+        assert values["mllm_edge_prompt_tokens_total"] == got.usage.prompt_tokens
+        assert values["mllm_edge_generation_tokens_total"] == got.usage.completion_tokens
+        assert values["mllm_edge_time_to_first_token_seconds_count"] == 1
+        assert values["mllm_edge_image_tokens_kept_total"] == len(
+            got.model_extra["mllm_edge"]["kept_image_tokens"]["llm"]
+        )
+        assert values["mllm_edge_requests_running"] == 0 and values["mllm_edge_requests_waiting"] == 0
+    finally:
+        server.close()
+        pipeline.close()
+
+
+def test_health_is_503_while_the_bundle_loads_and_says_why_it_failed(bundle):
+    item = synthetic_items(1, seed=27)[0]
+    go = threading.Event()
+
+    def load():
+        go.wait(timeout=60)
+        return Pipeline.load(bundle, backend="onnxruntime")
+
+    server = Server(load, Settings(), name="fastv")
+    try:
+        status, body = http(server.url + "/health")
+        assert status == 503 and "loading" in body["reason"]
+        with pytest.raises(openai.InternalServerError, match="loading"):
+            server.client().chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=2)
+        go.set()
+        deadline = time.time() + 60
+        while http(server.url + "/health")[0] != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        got = server.client().chat.completions.create(
+            model="fastv", messages=[image_turn(item)], max_tokens=2
+        )
+        assert got.choices[0].message.content is not None
+    finally:
+        server.close()
+
+    def broken():
+        raise MllmEdgeError("bundle x is damaged")
+
+    server = Server(broken, Settings(), name="x")
+    try:
+        deadline = time.time() + 30
+        while "could not" not in http(server.url + "/health")[1].get("reason", "") and time.time() < deadline:
+            time.sleep(0.05)
+        status, body = http(server.url + "/health")
+        assert status == 503 and "could not be loaded: bundle x is damaged" in body["reason"]
+    finally:
+        server.close()
+
+
+def test_a_client_that_goes_away_stops_its_generation(bundle):
+    """The worker stops at the next piece once a streaming client disconnects, and serves the next."""
+    import http.client
+
+    from mllm_edge.runtime.pipeline import Generation
+
+    pipeline = Pipeline.load(bundle, backend="onnxruntime")
+    produced = []
+
+    def endless(*args, **kwargs):  # a long answer: one piece every 20 ms, for 10 s
+        def pieces():
+            for i in range(500):
+                time.sleep(0.02)
+                produced.append(i)
+                yield "x "
+
+        return Generation(pieces())
+
+    real = pipeline.stream_chat
+    pipeline.stream_chat = endless
+    server = Server(pipeline, Settings())
+    try:
+        body = b'{"messages": [{"role": "user", "content": "go"}], "stream": true}'
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        for _ in range(3):
+            assert response.readline().startswith(b"data: ")
+            response.readline()
+        connection.close()  # gone after about three pieces
+        time.sleep(1.0)
+        stopped_at = len(produced)
+        time.sleep(0.5)
+        assert len(produced) == stopped_at < 100  # stopped, long before the 500
+        pipeline.stream_chat = real
+        item = synthetic_items(1, seed=28)[0]
+        got = server.client().chat.completions.create(
+            model="fastv", messages=[image_turn(item)], max_tokens=2
+        )
+        assert got.choices[0].message.content is not None
+    finally:
+        server.close()
+        pipeline.close()
+
+
+def test_sigterm_stops_the_server_cleanly(bundle):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mllm_edge.cli", "serve", "--bundle", str(bundle), "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up")
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    err = process.stderr.read()
+    assert code == 0 and "Traceback" not in err, err

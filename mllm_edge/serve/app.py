@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   OpenAI's request and response, `stream: true` as server-sent events
     GET  /v1/models             the one model: the bundle
-    GET  /health                200 with the running and waiting counts once loaded
+    GET  /health                200 with the running and waiting counts once loaded, else 503
+    GET  /metrics               with Settings.metrics: Prometheus's text format
 
 Requests are parsed and their images decoded in the event loop's thread pool, never in the worker
 (which only generates); a full queue answers 429 with Retry-After, a closing server 503.
@@ -17,13 +18,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import MllmEdgeError
 from ..runtime.pipeline import Pipeline, RunResult
 from ..runtime.prompt import normalize_messages
+from .metrics import Metrics
 from .requests import ApiError, Limits, parse_chat_request
 from .worker import Job, QueueFull, Worker
 
@@ -36,18 +39,50 @@ class Settings:
     retry_after_s: int = 1
     api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer KEY"
     queue_timeout_s: float | None = None  # a request that waited longer is refused (503)
+    metrics: bool = False  # GET /metrics in Prometheus's format (prometheus-client)
 
 
-def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
+def create_app(
+    pipeline: Pipeline | Callable[[], Pipeline], settings: Settings | None = None, name: str | None = None
+) -> FastAPI:
+    """pipeline: an open one, or a function that opens it: then the server answers (/health 503)
+    while the bundle loads in the background, and closes the pipeline when it stops."""
     settings = settings or Settings()
-    model = Path(pipeline.folder).resolve().name
-    state = {"worker": None, "closing": False}
+    loader = None if isinstance(pipeline, Pipeline) else pipeline
+    model = name or Path(pipeline.folder).resolve().name
+    state = {"pipeline": None if loader else pipeline, "worker": None, "closing": False, "error": None}
+    metrics = Metrics(state) if settings.metrics else None
+
+    def start(opened: Pipeline) -> None:
+        state["pipeline"] = opened
+        state["worker"] = Worker(opened, settings.max_queue, settings.queue_timeout_s)
+
+    async def load() -> None:
+        try:
+            start(await asyncio.to_thread(loader))
+        except Exception as e:  # the bundle is bad: say so on /health and to every request
+            state["error"] = f"the bundle could not be loaded: {e}"
 
     async def lifespan(app):
-        state["worker"] = Worker(pipeline, settings.max_queue, settings.queue_timeout_s)
+        loading = asyncio.create_task(load()) if loader else None
+        if loader is None:
+            start(pipeline)
         yield
         state["closing"] = True
-        await asyncio.to_thread(state["worker"].stop)
+        if loading is not None:
+            await loading  # a thread cannot be interrupted: let the load end, then close
+        if state["worker"] is not None:
+            await asyncio.to_thread(state["worker"].stop)
+        if loader is not None and state["pipeline"] is not None:
+            state["pipeline"].close()
+
+    def ready() -> Worker:
+        if state["worker"] is None or state["closing"]:
+            why = state["error"] or (
+                "the server is shutting down" if state["closing"] else "the bundle is loading"
+            )
+            raise ApiError(503, why, kind="server_error")
+        return state["worker"]
 
     app = FastAPI(title="mllm-edge", lifespan=lifespan)
 
@@ -69,10 +104,17 @@ def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        worker = state["worker"]
-        if worker is None or state["closing"]:
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+        try:
+            worker = ready()
+        except ApiError as e:
+            return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503)
         return {"status": "ok", "running": worker.running, "waiting": worker.waiting}
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def scrape():
+            return Response(metrics.scrape(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -83,9 +125,11 @@ def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        worker = state["worker"]
-        if worker is None or state["closing"]:
-            raise ApiError(503, "the server is not ready or is shutting down", kind="server_error")
+        try:
+            worker = ready()
+        except ApiError:
+            metrics and metrics.rejected.inc()
+            raise
         raw = await request.body()
         if len(raw) > settings.max_body_bytes:
             raise ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes")
@@ -95,20 +139,21 @@ def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"the request body is not JSON: {e}") from None
         chat = await asyncio.to_thread(parse_chat_request, body, settings.limits)
         try:  # the messages' own mistakes answer now, not after a wait in the queue
-            normalize_messages(chat.messages, pipeline.prompts.image_token)
+            normalize_messages(chat.messages, state["pipeline"].prompts.image_token)
         except MllmEdgeError as e:
             raise ApiError(400, str(e), "messages") from None
         job = Job(chat, asyncio.get_running_loop())
         try:
             worker.submit(job)
         except QueueFull:
+            metrics and metrics.rejected.inc()
             raise ApiError(
                 429, "too many requests waiting: try again shortly", kind="rate_limit_error"
             ) from None
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return StreamingResponse(
-                _events(job, ident, created, model, chat.include_usage),
+                _events(job, ident, created, model, chat.include_usage, metrics),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -116,8 +161,10 @@ def create_app(pipeline: Pipeline, settings: Settings | None = None) -> FastAPI:
             while True:
                 kind, value = await job.events.get()
                 if kind == "error":
+                    metrics and metrics.failed.inc()
                     raise value
                 if kind == "done":
+                    metrics and metrics.answered(value)
                     return _completion(value, ident, created, model)
         finally:
             job.cancelled.set()  # a client that went away while waiting frees the worker
@@ -166,7 +213,7 @@ def _completion(result: RunResult, ident: str, created: int, model: str) -> dict
     }
 
 
-async def _events(job: Job, ident: str, created: int, model: str, include_usage: bool):
+async def _events(job: Job, ident: str, created: int, model: str, include_usage: bool, metrics):
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {
             "id": ident,
@@ -185,9 +232,11 @@ async def _events(job: Job, ident: str, created: int, model: str, include_usage:
             if kind == "piece":
                 yield chunk({"content": value})
             elif kind == "error":  # headers are sent: the error travels as an event
+                metrics and metrics.failed.inc()
                 yield f"data: {json.dumps(value.body())}\n\n"
                 break
             else:
+                metrics and metrics.answered(value)
                 yield chunk({}, value.finish_reason, mllm_edge=_extension(value))
                 if include_usage:
                     body = {
