@@ -209,6 +209,18 @@ def test_bad_requests_are_openai_errors_and_the_server_goes_on(served):
     assert raised.value.status_code == 413
     status, answer = http(server.url + "/v1/chat/completions", b"{not json")
     assert status == 400 and "not JSON" in answer["error"]["message"]
+    import http.client as httpclient
+    import json
+
+    connection = httpclient.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")  # a 33 MB body announced: refused unread
+    connection.putheader("Content-Length", str(33 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert (
+        response.status == 413 and "request body is larger" in json.loads(response.read())["error"]["message"]
+    )
+    connection.close()
     # still serving, and a file:// image under the allowed path works
     fine = client.chat.completions.create(
         model="fastv", messages=[image_turn(item, (media / "ok.png").as_uri())], max_tokens=2
@@ -379,7 +391,7 @@ def test_health_is_503_while_the_bundle_loads_and_says_why_it_failed(bundle):
 
 def test_a_client_that_goes_away_stops_its_generation(bundle):
     """The worker stops at the next piece once a streaming client disconnects, and serves the next."""
-    import http.client
+    import http.client as httpclient
 
     from mllm_edge.runtime.pipeline import Generation
 
@@ -400,7 +412,7 @@ def test_a_client_that_goes_away_stops_its_generation(bundle):
     server = Server(pipeline, Settings())
     try:
         body = b'{"messages": [{"role": "user", "content": "go"}], "stream": true}'
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection = httpclient.HTTPConnection("127.0.0.1", server.port, timeout=30)
         connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         assert response.status == 200

@@ -49,7 +49,7 @@ def create_app(
     while the bundle loads in the background, and closes the pipeline when it stops."""
     settings = settings or Settings()
     loader = None if isinstance(pipeline, Pipeline) else pipeline
-    model = name or Path(pipeline.folder).resolve().name
+    model = name or ("bundle" if loader else Path(pipeline.folder).resolve().name)
     state = {"pipeline": None if loader else pipeline, "worker": None, "closing": False, "error": None}
     metrics = Metrics(state) if settings.metrics else None
 
@@ -102,6 +102,11 @@ def create_app(
         headers = {"Retry-After": str(settings.retry_after_s)} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request, e: Exception):  # still OpenAI's error object, and the server goes on
+        error = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.get("/health")
     async def health():
         try:
@@ -130,6 +135,9 @@ def create_app(
         except ApiError:
             metrics and metrics.rejected.inc()
             raise
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > settings.max_body_bytes:  # refused before it is read
+            raise ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes")
         raw = await request.body()
         if len(raw) > settings.max_body_bytes:
             raise ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes")
