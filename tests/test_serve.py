@@ -467,3 +467,21 @@ def test_sigterm_stops_the_server_cleanly(bundle):
             os.kill(process.pid, signal.SIGKILL)
     err = process.stderr.read()
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_an_unexpected_error_is_still_an_openai_error(bundle):
+    item = synthetic_items(1, seed=29)[0]
+    pipeline = Pipeline.load(bundle, backend="onnxruntime")
+    prompts, pipeline.prompts = pipeline.prompts, None  # the route's own check now fails unexpectedly
+    server = Server(pipeline, Settings())
+    try:
+        with pytest.raises(openai.InternalServerError, match="internal error: AttributeError"):
+            server.client().chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=2)
+        pipeline.prompts = prompts
+        got = server.client().chat.completions.create(
+            model="fastv", messages=[image_turn(item)], max_tokens=2
+        )
+        assert got.choices[0].message.content is not None
+    finally:
+        server.close()
+        pipeline.close()
