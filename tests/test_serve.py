@@ -79,6 +79,17 @@ def served(bundle, tmp_path_factory):
     pipeline.close()
 
 
+def hold_the_worker(pipeline, seconds: float) -> None:
+    """Each request then keeps the worker `seconds` longer before it generates."""
+    real = pipeline.stream_chat
+
+    def slower(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    pipeline.stream_chat = slower
+
+
 def data_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -233,13 +244,7 @@ def test_a_burst_beyond_the_queue_gets_429_and_nothing_is_lost(bundle):
     pipeline = Pipeline.load(bundle, backend="onnxruntime")
     with Pipeline.load(bundle, backend="onnxruntime") as reference:
         wanted = [reference.chat(ours(i), i.image, max_new_tokens=TOKENS, reuse=False).text for i in items]
-    slow = pipeline.stream_chat
-
-    def slower(*args, **kwargs):  # hold the worker, so that the burst finds it busy
-        time.sleep(0.5)
-        return slow(*args, **kwargs)
-
-    pipeline.stream_chat = slower
+    hold_the_worker(pipeline, 0.5)  # so that the burst finds it busy
     server = Server(pipeline, Settings(max_queue=1))
     results = [None] * len(items)
 
@@ -281,13 +286,7 @@ def test_serve_refuses_a_missing_media_folder(bundle, tmp_path):
 def test_an_api_key_guards_everything_but_health_and_long_waits_are_refused(bundle):
     item = synthetic_items(1, seed=25)[0]
     pipeline = Pipeline.load(bundle, backend="onnxruntime")
-    slow = pipeline.stream_chat
-
-    def slower(*args, **kwargs):
-        time.sleep(0.6)
-        return slow(*args, **kwargs)
-
-    pipeline.stream_chat = slower
+    hold_the_worker(pipeline, 0.6)
     server = Server(pipeline, Settings(api_key="s3cret", queue_timeout_s=0.3))
     try:
         assert http(server.url + "/health")[0] == 200
