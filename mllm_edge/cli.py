@@ -813,6 +813,15 @@ def serve(
     max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1, help="Larger images get 413."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
     metrics: bool = typer.Option(False, "--metrics", help="GET /metrics in Prometheus's format."),
+    replicas: int = typer.Option(
+        1,
+        "--replicas",
+        min=1,
+        help="More than 1: that many pipelines behind Ray Serve's proxy (the ray extra).",
+    ),
+    cpus_per_replica: float = typer.Option(
+        1.0, "--cpus-per-replica", min=0.1, help="Ray's CPU share of each."
+    ),
 ) -> None:
     """Serve the bundle over HTTP with OpenAI's chat-completions API (POST /v1/chat/completions)."""
     try:
@@ -840,6 +849,20 @@ def serve(
     settings = Settings(
         max_queue=max_queue, limits=limits, api_key=api_key, queue_timeout_s=queue_timeout, metrics=metrics
     )
+    if replicas > 1:
+        try:
+            import ray.serve  # noqa: F401
+
+            from .serve import replicas as ray_replicas
+        except ImportError as e:
+            raise MllmEdgeError(f"--replicas needs Ray Serve ({e}): pip install 'mllm-edge[ray]'") from None
+        on_ray = ray_replicas.application(bundle, settings, replicas, backend, device, cpus_per_replica)
+        typer.echo(
+            f"serving {bundle} on http://{host}:{port}/v1 with {replicas} replicas (Ray Serve)", err=True
+        )
+
+        ray_replicas.run(on_ray, host, port)  # SIGTERM and Ctrl-C: the replicas stop, exit 0
+        return
     application = create_app(
         lambda: Pipeline.load(bundle, backend, device), settings, name=bundle.resolve().name
     )

@@ -484,3 +484,53 @@ def test_an_unexpected_error_is_still_an_openai_error(bundle):
     finally:
         server.close()
         pipeline.close()
+
+
+@pytest.mark.slow
+def test_two_replicas_on_ray_serve_answer_as_one(bundle):
+    """`serve --replicas 2`: Ray Serve's proxy in front of two replicas of the same app, each with
+    its own pipeline; concurrent requests all get the pipeline's answers."""
+    pytest.importorskip("ray.serve", reason="--replicas needs the ray extra")
+    import ray
+    from ray import serve
+
+    from mllm_edge.serve import replicas
+
+    items = synthetic_items(4, seed=30)
+    with Pipeline.load(bundle, backend="onnxruntime") as reference:
+        wanted = [reference.chat(ours(i), i.image, max_new_tokens=TOKENS, reuse=False).text for i in items]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = replicas.application(bundle, Settings(max_queue=2), replicas=2, backend="onnxruntime")
+    try:
+        replicas.run(app, "127.0.0.1", port, num_cpus=2, blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if http(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        states = serve.status().applications["default"].deployments["mllm-edge"].replica_states
+        assert states.get("RUNNING") == 2, states
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        results = [None] * len(items)
+
+        def ask(i):
+            got = client.chat.completions.create(
+                model="fastv", messages=[image_turn(items[i])], max_tokens=TOKENS
+            )
+            results[i] = got.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(items))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == wanted
+    finally:
+        serve.shutdown()
+        ray.shutdown()
