@@ -56,5 +56,5 @@ def run(app, host: str, port: int, num_cpus: int | None = None, blocking: bool =
         serve.run(app, blocking=True, route_prefix="/")
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
         pass
-    serve.shutdown()  # the replicas stop, then Ray: a clean exit
+    serve.shutdown()  # the replicas stop, then Ray
     ray.shutdown()
