@@ -194,6 +194,9 @@ def test_bad_requests_are_openai_errors_and_the_server_goes_on(served):
     client = server.client()
     item = synthetic_items(1, seed=23)[0]
     (media / "ok.png").write_bytes(base64.b64decode(data_uri(item.image).split(",", 1)[1]))
+    from PIL import Image
+
+    bomb = data_uri(Image.new("1", (10_000, 10_000)))
     outside = media.parent / "outside.png"
     outside.write_bytes((media / "ok.png").read_bytes())
     cases = [
@@ -205,6 +208,7 @@ def test_bad_requests_are_openai_errors_and_the_server_goes_on(served):
         ({"messages": [image_turn(item, "data:image/png;base64,@@@")]}, "base64"),
         ({"messages": [image_turn(item, "data:image/png;base64,aGVsbG8=")]}, "cannot be read"),
         ({"messages": [image_turn(item, outside.as_uri())]}, "outside the allowed media path"),
+        ({"messages": [image_turn(item, bomb)]}, "over the limit"),  # 100 M pixels in a few kB
         ({"messages": [image_turn(item), image_turn(item)]}, "2 images"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
         ({"messages": []}, "non-empty"),
