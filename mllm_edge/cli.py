@@ -861,7 +861,7 @@ def serve(
             f"serving {bundle} on http://{host}:{port}/v1 with {replicas} replicas (Ray Serve)", err=True
         )
 
-        ray_replicas.run(on_ray, host, port)  # SIGTERM and Ctrl-C: the replicas stop, exit 0
+        ray_replicas.run(on_ray, host, port)  # until SIGTERM or Ctrl-C: the replicas stop, exit 0
         return
     application = create_app(
         lambda: Pipeline.load(bundle, backend, device), settings, name=bundle.resolve().name

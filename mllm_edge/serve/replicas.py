@@ -7,6 +7,8 @@ One replica per GPU (or per slot of CPU cores): a replica takes at most `max_ong
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 from .app import Settings
@@ -49,12 +51,14 @@ def run(app, host: str, port: int, num_cpus: int | None = None, blocking: bool =
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(app, blocking=False, route_prefix="/")
     if not blocking:
-        return serve.run(app, blocking=False, route_prefix="/")
-
-    try:
-        serve.run(app, blocking=True, route_prefix="/")
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
+        return handle
+    stop = threading.Event()  # set by SIGTERM or Ctrl-C; ours replace Ray's (installed by ray.init)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
         pass
     serve.shutdown()  # the replicas stop, then Ray
     ray.shutdown()
+    return None
