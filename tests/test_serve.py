@@ -90,6 +90,13 @@ def hold_the_worker(pipeline, seconds: float) -> None:
     pipeline.stream_chat = slower
 
 
+def still_serves(server, seed: int) -> None:
+    """The next request after a failure gets an answer."""
+    item = synthetic_items(1, seed=seed)[0]
+    got = server.client().chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=2)
+    assert got.choices[0].message.content is not None
+
+
 def data_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -428,11 +435,7 @@ def test_a_client_that_goes_away_stops_its_generation(bundle):
         time.sleep(0.5)
         assert len(produced) == stopped_at < 100  # stopped, long before the 500
         pipeline.stream_chat = real
-        item = synthetic_items(1, seed=28)[0]
-        got = server.client().chat.completions.create(
-            model="fastv", messages=[image_turn(item)], max_tokens=2
-        )
-        assert got.choices[0].message.content is not None
+        still_serves(server, seed=28)
     finally:
         server.close()
         pipeline.close()
@@ -481,10 +484,7 @@ def test_an_unexpected_error_is_still_an_openai_error(bundle):
         with pytest.raises(openai.InternalServerError, match="internal error: AttributeError"):
             server.client().chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=2)
         pipeline.prompts = prompts
-        got = server.client().chat.completions.create(
-            model="fastv", messages=[image_turn(item)], max_tokens=2
-        )
-        assert got.choices[0].message.content is not None
+        still_serves(server, seed=29)
     finally:
         server.close()
         pipeline.close()

@@ -245,10 +245,11 @@ class Pipeline:
 
         vision, vision_reused, key = {}, False, None
         if pixel_values is not None:
-            key = hashlib.blake2b(pixel_values.tobytes(), digest_size=16).digest()
-            vision_reused = reuse and self._vision is not None and self._vision[0] == key
+            # the picture's key only where it is used: run, eval and the benchmarks never reuse
+            key = hashlib.blake2b(pixel_values.tobytes(), digest_size=16).digest() if reuse else None
+            vision_reused = key is not None and self._vision is not None and self._vision[0] == key
             vision = self._vision[1] if vision_reused else self.chain.encode_image(pixel_values)
-            self._vision = (key, vision)
+            self._vision = (key, vision) if key is not None else None
         t_vision = time.perf_counter()
 
         ids = np.asarray([prompt_ids], np.int64)
