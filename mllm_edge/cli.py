@@ -813,6 +813,12 @@ def serve(
     max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1, help="Larger images get 413."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
     metrics: bool = typer.Option(False, "--metrics", help="GET /metrics in Prometheus's format."),
+    shutdown_timeout: float = typer.Option(
+        30.0,
+        "--shutdown-timeout",
+        min=0.0,
+        help="On SIGTERM, seconds running answers may take to finish; then they are cut.",
+    ),
     replicas: int = typer.Option(
         1,
         "--replicas",
@@ -825,9 +831,9 @@ def serve(
 ) -> None:
     """Serve the bundle over HTTP with OpenAI's chat-completions API (POST /v1/chat/completions)."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from .serve.app import Settings, create_app
+        from .serve.app import Settings, create_app, run_server
         from .serve.requests import Limits
     except ImportError as e:
         raise MllmEdgeError(f"serve needs the serve extra ({e}): pip install 'mllm-edge[serve]'") from None
@@ -847,7 +853,12 @@ def serve(
     load_manifest(bundle, verify_files=False)  # a missing or broken bundle: exit now, not a 503 forever
     limits = Limits(max_image_bytes, max_image_pixels, allowed_media_path)
     settings = Settings(
-        max_queue=max_queue, limits=limits, api_key=api_key, queue_timeout_s=queue_timeout, metrics=metrics
+        max_queue=max_queue,
+        limits=limits,
+        api_key=api_key,
+        queue_timeout_s=queue_timeout,
+        metrics=metrics,
+        shutdown_timeout_s=shutdown_timeout,
     )
     if replicas > 1:
         try:
@@ -867,10 +878,10 @@ def serve(
         lambda: Pipeline.load(bundle, backend, device), settings, name=bundle.resolve().name
     )
     typer.echo(f"serving {bundle} on http://{host}:{port}/v1 (/health is 503 until it has loaded)", err=True)
-    # uvicorn shuts down gracefully on SIGTERM (it stops accepting and waits for the requests it has),
-    # then raises the signal again: ours makes that a clean exit 0 (systemd's stop), not death by signal.
+    # after its graceful shutdown uvicorn raises the signal again: ours makes that a clean exit 0
+    # (systemd's stop), not death by signal
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    run_server(application, host, port, shutdown_timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover

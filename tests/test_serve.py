@@ -475,6 +475,106 @@ def test_sigterm_stops_the_server_cleanly(bundle):
     assert code == 0 and "Traceback" not in err, err
 
 
+PACED_SERVER = """
+import sys, time
+from mllm_edge.runtime.pipeline import Generation, Pipeline
+
+real = Pipeline.stream_chat
+
+def paced(self, messages, image=None, max_new_tokens=256, **options):
+    # the real answer, one piece every 0.2 s; max_tokens >= 100 asks for an endless one instead
+    if max_new_tokens >= 100:
+        return Generation(("x " for _ in range(10_000) if time.sleep(0.05) is None))
+    inner = real(self, messages, image, max_new_tokens, **options)
+
+    def steps():
+        for piece in inner:
+            time.sleep(0.2)
+            yield piece
+        return inner.result
+
+    return Generation(steps())
+
+Pipeline.stream_chat = paced
+from mllm_edge.cli import app
+sys.argv[0] = "mllm-edge"
+app()
+"""
+
+
+def test_sigterm_lets_running_answers_finish_cuts_them_at_the_timeout_and_exits_0(bundle, tmp_path):
+    """SIGTERM during two requests: the running one completes (its answer the pipeline's), the one
+    queued behind it runs and is cut short once --shutdown-timeout has passed, with an error event
+    saying so; new connections are refused; exit 0."""
+    import http.client as httpclient
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    item = synthetic_items(1, seed=31)[0]
+    with Pipeline.load(bundle, backend="onnxruntime") as reference:
+        wanted = reference.chat(ours(item), item.image, max_new_tokens=4, reuse=False).text
+    script = tmp_path / "paced_server.py"
+    script.write_text(PACED_SERVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, str(script), "serve", "--bundle", str(bundle), "--port", str(port)]
+    process = subprocess.Popen([*command, "--shutdown-timeout", "2"], stderr=subprocess.PIPE, text=True)
+
+    def stream(max_tokens: int):
+        body = {"messages": [image_turn(item)], "max_tokens": max_tokens, "stream": True}
+        connection = httpclient.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        assert response.status == 200
+        return response
+
+    def text_of(events: list[bytes]) -> str:
+        chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up")
+        running = stream(4)
+        first = [running.readline(), running.readline()]  # the role chunk: it is generating
+        behind = stream(1000)  # waits in the queue for the worker
+        process.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        finished = first + list(running)  # to the end of the stream
+        assert finished[-2] == b"data: [DONE]\n", finished
+        assert text_of(finished) == wanted
+        cut = list(behind)  # an answer begun once the first was done, then cut short, told why
+        assert text_of(cut).startswith("x x ")
+        errors = [json.loads(e[6:]) for e in cut if e.startswith(b'data: {"error"')]
+        assert [e["error"]["message"] for e in errors] == [
+            "the server is shutting down: the answer was cut short"
+        ]
+        with pytest.raises(OSError):
+            http(f"http://127.0.0.1:{port}/health")  # no longer accepting
+        code = process.wait(timeout=60)
+        took = time.time() - signalled
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    err = process.stderr.read()
+    assert code == 0 and "Traceback" not in err, err
+    assert took < 30, took  # the endless answer was cut, not waited for
+
+
 def test_an_unexpected_error_is_still_an_openai_error(bundle):
     item = synthetic_items(1, seed=29)[0]
     pipeline = Pipeline.load(bundle, backend="onnxruntime")
@@ -538,3 +638,44 @@ def test_two_replicas_on_ray_serve_answer_as_one(bundle):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_serve_replicas_from_the_command_line_answers_and_exits_0_on_sigterm(bundle):
+    """`mllm-edge serve --replicas 2` as a user starts it: the pipeline's answer, then SIGTERM stops
+    the replicas and Ray, and the command exits 0."""
+    pytest.importorskip("ray.serve", reason="--replicas needs the ray extra")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    item = synthetic_items(1, seed=32)[0]
+    with Pipeline.load(bundle, backend="onnxruntime") as reference:
+        wanted = reference.chat(ours(item), item.image, max_new_tokens=TOKENS, reuse=False).text
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "mllm_edge.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
+    process = subprocess.Popen([*command, "--replicas", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("the replicas did not come up")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        got = client.chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=TOKENS)
+        assert got.choices[0].message.content == wanted
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    err = process.stderr.read()
+    assert code == 0 and "Traceback" not in err, err

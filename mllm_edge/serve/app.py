@@ -40,6 +40,7 @@ class Settings:
     api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer KEY"
     queue_timeout_s: float | None = None  # a request that waited longer is refused (503)
     metrics: bool = False  # GET /metrics in Prometheus's format (prometheus-client)
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long accepted requests may take to finish
 
 
 def create_app(
@@ -85,6 +86,15 @@ def create_app(
         return state["worker"]
 
     app = FastAPI(title="mllm-edge", lifespan=lifespan)
+
+    def close() -> None:  # SIGTERM: new requests get 503, those accepted go on
+        state["closing"] = True
+
+    def cut() -> None:  # the shutdown timeout: what still runs or waits stops, each told why
+        if state["worker"] is not None:
+            state["worker"].cut()
+
+    app.state.close, app.state.cut = close, cut
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -178,6 +188,30 @@ def create_app(
             job.cancelled.set()  # a client that went away while waiting frees the worker
 
     return app
+
+
+def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, log_level: str = "warning"):
+    """uvicorn until SIGTERM or Ctrl-C, then the shutdown the docs promise: it stops accepting, new
+    requests on open connections get 503, accepted ones may finish for shutdown_timeout_s, then
+    they are cut (a 503, or an error event ending the stream) and it returns."""
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                app.state.close()
+                timer = threading.Timer(shutdown_timeout_s, app.state.cut)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own cancellation is only a backstop: it kills the request tasks mid-response
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s + 10
+    )
+    Server(config).run()
 
 
 def _usage(result: RunResult) -> dict:

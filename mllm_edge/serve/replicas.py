@@ -39,6 +39,7 @@ def application(
         name="mllm-edge",
         num_replicas=replicas,
         max_ongoing_requests=1 + settings.max_queue,
+        graceful_shutdown_timeout_s=settings.shutdown_timeout_s,  # then Ray stops the replica
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": 1 if device == "cuda" else 0},
     )
     return deployment.bind()
@@ -49,14 +50,20 @@ def run(app, host: str, port: int, num_cpus: int | None = None, blocking: bool =
     import ray
     from ray import serve
 
+    stop = threading.Event()  # set by SIGTERM or Ctrl-C, even while Ray or the replicas start
+
+    def catch_signals():
+        if blocking:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: stop.set())
+
+    catch_signals()
     ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    catch_signals()  # ours again: ray.init installs its own, which kill the process
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(app, blocking=False, route_prefix="/")
     if not blocking:
         return handle
-    stop = threading.Event()  # set by SIGTERM or Ctrl-C; ours replace Ray's (installed by ray.init)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
     serve.shutdown()  # the replicas stop, then Ray

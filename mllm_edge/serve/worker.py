@@ -21,6 +21,10 @@ from .requests import ApiError, ChatRequest
 STOP = object()  # the worker's own sentinel: leave the loop
 
 
+def shutting_down(why: str = "the server is shutting down") -> ApiError:
+    return ApiError(503, why, kind="server_error")
+
+
 @dataclass
 class Job:
     request: ChatRequest
@@ -29,6 +33,7 @@ class Job:
         default_factory=asyncio.Queue
     )  # ("piece", str) | ("done", dict) | ("error", str)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cut: bool = False  # cancelled by a shutdown, not by its client: it is told so
     queued_at: float = field(default_factory=time.perf_counter)
 
     def send(self, kind: str, value) -> None:
@@ -44,6 +49,9 @@ class Worker:
         self.pipeline, self.queue_timeout_s = pipeline, queue_timeout_s
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running = 0  # jobs the worker is generating for now (0 or 1)
+        self.current: Job | None = None
+        self.closed = False  # cut: no job starts any more
+        self.lock = threading.Lock()  # cut and the start of a job: one or the other first
         self.thread = threading.Thread(target=self._loop, name="mllm-edge-worker", daemon=True)
         self.thread.start()
 
@@ -57,15 +65,26 @@ class Worker:
         except queue.Full:
             raise QueueFull from None
 
-    def stop(self) -> None:
-        """Cancel what waits, let the running job end at its next token, and leave."""
+    def cut(self) -> None:
+        """A shutdown that cannot wait longer: refuse what waits, stop the running answer at its next
+        token, each told why (a 503, or an error event in a stream)."""
+        with self.lock:
+            self.closed = True
+            running = self.current
+        if running is not None:
+            running.cut = True
+            running.cancelled.set()
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is not STOP:
-                job.send("error", ApiError(503, "the server is shutting down", kind="server_error"))
+                job.send("error", shutting_down())
+
+    def stop(self) -> None:
+        """Cut what is left, and leave."""
+        self.cut()
         self.jobs.put(STOP)
         self.thread.join(timeout=30)
 
@@ -87,7 +106,11 @@ class Worker:
                     ),
                 )
                 continue
-            self.running = 1
+            with self.lock:
+                if self.closed:
+                    job.send("error", shutting_down())
+                    continue
+                self.running, self.current = 1, job
             try:
                 self._run(job)
             except MllmEdgeError as e:  # what the request asked cannot be done (the context is full, ...)
@@ -97,7 +120,7 @@ class Worker:
                     "error", ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
                 )
             finally:
-                self.running = 0
+                self.running, self.current = 0, None
 
     def _run(self, job: Job) -> None:
         request = job.request
@@ -105,7 +128,9 @@ class Worker:
             request.messages, request.picture, stop=request.stop, **request.options
         )
         for piece in generation:
-            if job.cancelled.is_set():  # the client went away: stop at this token
+            if job.cancelled.is_set():  # the client went away, or the server is shutting down
+                if job.cut:
+                    job.send("error", shutting_down("the server is shutting down: the answer was cut short"))
                 return
             job.send("piece", piece)
         job.send("done", generation.result)
