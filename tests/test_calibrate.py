@@ -100,7 +100,8 @@ def test_calibrated_graphs_are_standard_qdq_that_lint_clean(calibrated):
         )
         assert q["graphs"] == ["llm_head", "llm_tail"] and m.schema_version == 3
         cal = q["calibration"]
-        assert cal["samples"] == 32 and cal["held_out"] == 12 and cal["library"].startswith("nvidia-modelopt")
+        library = "nvidia-modelopt" if precision == "int4-awq" else "onnxruntime"  # int8: its ranges
+        assert cal["samples"] == 32 and cal["held_out"] == 12 and cal["library"].startswith(library)
         assert cal["recorded_calls"]["llm_head"] > 32  # prefill and decode calls
         for graph in q["graphs"]:
             path = report.out / m.graphs[graph].file
@@ -136,7 +137,8 @@ def test_the_built_in_model_still_answers_in_int8_and_int4_awq(built_in, calibra
 def test_int4_awq_one_weight_at_a_time_equals_model_optimizers_own_driver(built_in, tmp_path):
     """calibrate's lean AWQ-clip (awq.py) against the library's whole-graph driver on the same
     recorded calls: the same int4 values and the same scales for every weight."""
-    from mllm_edge.calibration import awq, modelopt, precisions
+    from mllm_edge.calibration import awq, precisions
+    from mllm_edge.testing import modelopt_driver
 
     bundle = built_in["fastv"]
     recording = record(bundle, synthetic_items(3, seed=11), ["llm_tail"], tmp_path / "rec")
@@ -146,7 +148,7 @@ def test_int4_awq_one_weight_at_a_time_equals_model_optimizers_own_driver(built_
     (tmp_path / "library").mkdir()
     awq.quantize_graph(bundle, tmp_path / "ours", "llm_tail", 64, select, calls)
     int4 = precisions.precision("int4-awq", "tensorrt")
-    modelopt.quantize_graph(
+    modelopt_driver.quantize_graph(
         bundle, tmp_path / "library", "llm_tail", int4, select, calls, 64, "float32", tmp_path / "work"
     )
 
@@ -166,6 +168,68 @@ def test_int4_awq_one_weight_at_a_time_equals_model_optimizers_own_driver(built_
         assert ours[weight][0].shape == q.shape and ours[weight][1].shape == scales.shape
         assert np.mean(ours[weight][0] == q) > 0.999, weight  # a tie between alphas may go either way
         assert np.mean(np.isclose(ours[weight][1], scales, rtol=1e-6)) > 0.99, weight
+
+
+def _qdq(folder, name="llm_tail"):
+    """The Q/DQ a graph holds: {activation name: its scale}, {weight: (values, scales, zero points)},
+    and the names of the MatMuls whose inputs both come from a DequantizeLinear."""
+    model = onnx.load(str(folder / f"{name}.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    made = {o: n for n in model.graph.node for o in n.output}
+    activations, weights, matmuls = {}, {}, set()
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            activations[node.input[0]] = float(inits[node.input[1]])
+            assert not np.any(inits[node.input[2]].astype(np.float32)), "a zero point is not zero"
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            weights[node.input[0].split(".T")[0]] = tuple(inits[i] for i in node.input)
+        elif node.op_type == "MatMul":
+            if all(made.get(x) is not None and made[x].op_type == "DequantizeLinear" for x in node.input):
+                matmuls.add(made[node.input[1]].input[0])  # named by its weight
+    return activations, weights, matmuls
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_w8a8_one_weight_at_a_time_equals_model_optimizers_driver(built_in, tmp_path, kind):
+    """calibrate's int8/fp8 (qdq.py) against the library's whole-graph driver on the same recorded
+    calls: the same MatMuls quantized. int8: the same weights and weight scales, the same activation
+    scales (entropy). fp8: activation scales of r / 448 where the driver's (max) are r / 127 * 448 /
+    127 (NVIDIA/Model-Optimizer#215), and weights that use E4M3's whole range."""
+    import ml_dtypes
+
+    from mllm_edge.calibration import precisions, qdq
+    from mllm_edge.testing import modelopt_driver
+
+    bundle = built_in["fastv"]
+    recording = record(bundle, synthetic_items(3, seed=12), ["llm_tail"], tmp_path / "rec")
+    calls = recording.calls["llm_tail"]
+    select = lambda weight: "lm_head" not in weight
+    precision = precisions.precision(kind, "tensorrt")
+    for folder in ("ours", "library"):
+        (tmp_path / folder).mkdir()
+    qdq.quantize_graph(bundle, tmp_path / "ours", "llm_tail", precision, select, calls)
+    modelopt_driver.quantize_graph(
+        bundle, tmp_path / "library", "llm_tail", precision, select, calls, None, "float32", tmp_path / "w"
+    )
+    ours, library = _qdq(tmp_path / "ours"), _qdq(tmp_path / "library")
+    assert ours[2] == library[2] and len(ours[2]) == 7 * 2  # 2 layers after K=2, the LM head left
+    assert set(ours[0]) == set(library[0])
+    source = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(str(bundle / "llm_tail.onnx")).graph.initializer
+    }
+    for weight, (q, scales, _) in ours[1].items():
+        w = source[weight].T  # [K, N]
+        if kind == "int8":
+            assert np.array_equal(q, library[1][weight][0]), weight
+            assert np.allclose(scales, library[1][weight][1], rtol=1e-6), weight
+        else:
+            assert q.dtype == ml_dtypes.float8_e4m3fn
+            values = q.astype(np.float32)
+            assert np.allclose(np.abs(values).max(axis=0), 448.0), weight  # each column's largest
+            assert np.allclose(values * scales, w, rtol=2**-4, atol=float(scales.max()) * 2**-9), weight
+    for x, scale in ours[0].items():
+        wanted = library[0][x] * (127 / 448) ** 2 if kind == "fp8" else library[0][x]
+        assert scale == pytest.approx(wanted, rel=1e-4), x
 
 
 def test_awq_rewrites_every_gemm_of_a_shared_weight(tmp_path):
@@ -195,6 +259,11 @@ def test_awq_rewrites_every_gemm_of_a_shared_weight(tmp_path):
         calls.append(tmp_path / f"{i}.npz")
         arrays = {f"in.{n}": rng.standard_normal((5, 64)).astype(np.float32) for n in ("a", "b")}
         np.savez(calls[-1], **arrays)
+    from mllm_edge.calibration.record import replay
+
+    replayed = list(replay(model, source / "g.onnx", {"a": TensorProto.FLOAT}, calls))
+    for got, call in zip(replayed, calls):  # a graph input as an output: the input's own values
+        assert np.array_equal(got["a"], load_call(call)[0]["a"])
     entry = awq.quantize_graph(source, dest, "g", 32, lambda name: True, calls)
     out = onnx.load(str(dest / "g.onnx"))
     dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]

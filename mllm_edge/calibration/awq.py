@@ -32,7 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import MllmEdgeError
-from .record import load_call
+from .record import replay
 from .rewrite import gemm_weight, gemms_to_matmuls, save_graph, weight_array
 
 MAX_TOKENS = 64  # rows of each weight's input the clip search reads (Model Optimizer's default)
@@ -116,37 +116,23 @@ def capture(
     """Activation name -> the [rows, K] float32 rows AWQ-clip reads of it over all recorded calls:
     every step-th row of their concatenation, step = max(1, rows // MAX_TOKENS). types: activation
     name -> (K, ONNX element type)."""
-    from ..export.verify import session
-
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)  # the graph alone: the weights stay in the source's data files
-    known = {o.name for o in augmented.graph.output}
-    for x, (_, elem) in types.items():
-        if x not in known:
-            augmented.graph.output.append(helper.make_tensor_value_info(x, elem, None))
     dims = {x: k for x, (k, _) in types.items()}
-    engine = session(path, augmented.SerializeToString())  # its data files read beside path
-    del augmented
-    try:
-        counts = []  # rows of each activation per call
-        for i, call in enumerate(calls):
-            got = engine.run(load_call(call)[0])
-            counts.append({x: got[x].size // k for x, k in dims.items()})
-            progress(i + 1, 2 * len(calls))
-        kept = {x: [] for x in dims}
-        offset = dict.fromkeys(dims, 0)
-        step = {x: max(1, sum(c[x] for c in counts) // MAX_TOKENS) for x in dims}
-        for i, call in enumerate(calls):
-            got = engine.run(load_call(call)[0])
-            for x, k in dims.items():
-                values = got[x].reshape(-1, k)
-                first = -offset[x] % step[x]  # the first row of this call on the global grid
-                kept[x].append(values[first :: step[x]].astype(np.float32))
-                offset[x] += values.shape[0]
-            del got
-            progress(len(calls) + i + 1, 2 * len(calls))
-    finally:
-        engine.close()
+    elems = {x: elem for x, (_, elem) in types.items()}
+    counts = []  # rows of each activation per call
+    for i, got in enumerate(replay(model, path, elems, calls)):
+        counts.append({x: got[x].size // k for x, k in dims.items()})
+        progress(i + 1, 2 * len(calls))
+    kept = {x: [] for x in dims}
+    offset = dict.fromkeys(dims, 0)
+    step = {x: max(1, sum(c[x] for c in counts) // MAX_TOKENS) for x in dims}
+    for i, got in enumerate(replay(model, path, elems, calls)):
+        for x, k in dims.items():
+            values = got[x].reshape(-1, k)
+            first = -offset[x] % step[x]  # the first row of this call on the global grid
+            kept[x].append(values[first :: step[x]].astype(np.float32))
+            offset[x] += values.shape[0]
+        del got
+        progress(len(calls) + i + 1, 2 * len(calls))
     return {x: np.concatenate(parts) for x, parts in kept.items()}
 
 

@@ -127,7 +127,7 @@ def _plan(config: CalibrateConfig) -> _Plan:
         from .matmulnbits import check_dtype
 
         check_dtype(precision, manifest.dtype)
-    else:
+    elif precision.name == "int4-awq":  # int8 and fp8 need ONNX Runtime alone
         from .modelopt import require_modelopt
 
         require_modelopt()
@@ -262,20 +262,10 @@ def _calibrate_into(
             entry = quantize_graph(
                 source, tmp, g, plan.block_size, plan.select[g], calibration.calls[g], progress
             )
-        elif precision.target == "tensorrt":
-            from .modelopt import quantize_graph
+        elif precision.target == "tensorrt":  # int8, fp8: ranges from the calls, weights one at a time
+            from .qdq import quantize_graph
 
-            entry = quantize_graph(
-                source,
-                tmp,
-                g,
-                precision,
-                plan.select[g],
-                calibration.calls[g],
-                plan.block_size,
-                manifest.dtype,
-                work,
-            )
+            entry = quantize_graph(source, tmp, g, precision, plan.select[g], calibration.calls[g], progress)
         else:
             from .matmulnbits import quantize_graph
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import onnx
 
 from ..errors import MllmEdgeError
 from ..evaluate import MAX_NEW_TOKENS, EvalItem
@@ -77,6 +78,34 @@ def record(
             recording.answers.append(result.text)
             progress(i + 1)
     return recording
+
+
+def replay(
+    model: onnx.ModelProto, path: Path, tensors: dict[str, int], calls: list[Path]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Each recorded call run again through the graph at path (model: its proto, weights left in the
+    data files), with the intermediate `tensors` (name -> ONNX element type) as extra outputs: one
+    unoptimised session over the mapped weights; yields each call's outputs by name, in order."""
+    from onnx import helper
+
+    from ..export.verify import session
+
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)  # the graph alone: the weights stay in the source's data files
+    known = {o.name for o in augmented.graph.output}
+    for name, elem in tensors.items():
+        if name not in known:
+            augmented.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    engine = session(path, augmented.SerializeToString())  # its data files read beside path
+    del augmented
+    try:
+        for call in calls:
+            inputs = load_call(call)[0]
+            got = engine.run(inputs)
+            # an output that is also an input may alias the input's freed buffer (onnxruntime#21922)
+            yield {name: inputs.get(name, value) for name, value in got.items()}
+    finally:
+        engine.close()
 
 
 class RecordedReader:
