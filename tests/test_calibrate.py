@@ -137,8 +137,9 @@ def test_the_built_in_model_still_answers_in_int8_and_int4_awq(built_in, calibra
 def test_int4_awq_one_weight_at_a_time_equals_model_optimizers_own_driver(built_in, tmp_path):
     """calibrate's lean AWQ-clip (awq.py) against the library's whole-graph driver on the same
     recorded calls: the same int4 values and the same scales for every weight."""
+    import modelopt_driver
+
     from mllm_edge.calibration import awq, precisions
-    from mllm_edge.testing import modelopt_driver
 
     bundle = built_in["fastv"]
     recording = record(bundle, synthetic_items(3, seed=11), ["llm_tail"], tmp_path / "rec")
@@ -196,9 +197,9 @@ def test_w8a8_one_weight_at_a_time_equals_model_optimizers_driver(built_in, tmp_
     scales (entropy). fp8: activation scales of r / 448 where the driver's (max) are r / 127 * 448 /
     127 (NVIDIA/Model-Optimizer#215), and weights that use E4M3's whole range."""
     import ml_dtypes
+    import modelopt_driver
 
     from mllm_edge.calibration import precisions, qdq
-    from mllm_edge.testing import modelopt_driver
 
     bundle = built_in["fastv"]
     recording = record(bundle, synthetic_items(3, seed=12), ["llm_tail"], tmp_path / "rec")

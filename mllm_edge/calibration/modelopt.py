@@ -1,7 +1,7 @@
 """NVIDIA Model Optimizer, installed by the `calibrate` extra without its `[onnx]` extra (that pins
 onnxruntime-gpu and CUDA wheels on x86): see pyproject.toml. int4-awq uses its AWQ-clip pieces
 (awq.py); int8 and fp8 need only ONNX Runtime (qdq.py). Its whole-graph driver is the reference the
-tests compare both with (mllm_edge/testing/modelopt_driver.py).
+tests compare both with (tests/modelopt_driver.py).
 """
 
 from __future__ import annotations

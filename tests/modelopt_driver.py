@@ -16,11 +16,11 @@ from typing import Callable
 
 import onnx
 
-from ..calibration.modelopt import quiet, require_modelopt
-from ..calibration.precisions import Precision
-from ..calibration.record import RecordedReader
-from ..calibration.rewrite import gemms_to_matmuls, load_weights, save_graph
-from ..errors import MllmEdgeError
+from mllm_edge.calibration.modelopt import quiet, require_modelopt
+from mllm_edge.calibration.precisions import Precision
+from mllm_edge.calibration.record import RecordedReader
+from mllm_edge.calibration.rewrite import gemms_to_matmuls, load_weights, save_graph
+from mllm_edge.errors import MllmEdgeError
 
 HIGH_PRECISION = {"float32": "fp32", "float16": "fp16"}  # Model Optimizer's names for the float part
 
