@@ -527,6 +527,108 @@ def eval_(
             console.print(f"  {escape(problem)}", highlight=False)
 
 
+def _numbers(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MllmEdgeError(f"{what} must be whole numbers separated by commas, got '{text}'") from None
+
+
+@app.command()
+@user_errors
+def bench(
+    bundles: Optional[list[Path]] = typer.Argument(
+        None, help="Bundles made by `mllm-edge export` (default: the built-in model's)."
+    ),
+    backend: str = typer.Option("auto", "--backend", help="auto | onnxruntime | tensorrt"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    prompt_lengths: str = typer.Option(
+        "32", "--prompt-lengths", help="Text tokens of the prefills timed (the image's come on top)."
+    ),
+    contexts: str = typer.Option(
+        "128,512", "--contexts", help="Contexts (tokens) of the decode steps timed."
+    ),
+    runs: int = typer.Option(5, "--runs", min=1, help="Timed runs of each figure (its median is shown)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs before them."),
+    decode_tokens: int = typer.Option(16, "--decode-tokens", min=1, help="Decode steps per timed run."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    plot_to: Optional[Path] = typer.Option(
+        None, "--plot", help="Write a PNG: decode time against context, prefill against image tokens kept."
+    ),
+) -> None:
+    """Time a bundle here: vision, prefill at several prompt lengths, decode at several contexts, memory."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from . import bench as benchmark
+
+    lengths, ctxs = _numbers(prompt_lengths, "--prompt-lengths"), _numbers(contexts, "--contexts")
+    if plot_to is not None and not plot_to.parent.is_dir():
+        raise MllmEdgeError(f"--plot {plot_to}: its folder does not exist")
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with progress_bar(*columns) as progress:
+        task = progress.add_task("bench", total=None)
+        for folder in bundles or [Path(DEFAULT_BUNDLE)]:
+            show = lambda stage, done, total, name=folder.name: progress.update(
+                task, description=f"{name}: {stage}", completed=done, total=total
+            )
+            results.append(
+                benchmark.bench_bundle(
+                    folder, backend, device, lengths, ctxs, runs, warmup, decode_tokens, show
+                )
+            )
+    if plot_to is not None:
+        benchmark.plot(results, plot_to)
+    if as_json:
+        print(
+            json.dumps({"bundles": [r.to_dict() for r in results], "runs": runs, "warmup": warmup}, indent=2)
+        )
+        return
+    _print_bench(results, runs)
+
+
+def _print_bench(results, runs: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+
+    def spread(f) -> str:
+        return f"{f.median:.2f} ({f.min:.2f}-{f.max:.2f})"
+
+    for r in results:
+        console.print(
+            f"{r.bundle}: {r.method}, {r.weights}, {r.backend} on {r.device}; image tokens {r.image_tokens['vision']}"
+            f" -> {r.image_tokens['llm']} entering the LLM -> {r.image_tokens['after_fastv']} after FastV; "
+            f"vision {spread(r.vision_ms)} ms; peak host memory {r.peak_host_mb:.0f} MB"
+            + (f", device {r.peak_device_mb:.0f} MB" if r.peak_device_mb is not None else ""),
+            highlight=False,
+        )
+        table = Table("prefill: text tokens", "image tokens", "ms (min-max)", "GFLOP", "TFLOP/s")
+        for row in r.prefill:
+            table.add_row(
+                str(row.text_tokens),
+                str(row.image_tokens),
+                spread(row.ms),
+                f"{row.flops / 1e9:.2f}",
+                f"{row.tflops_per_s:.3f}",
+            )
+        console.print(table)
+        table = Table("decode: context", "ms/token (min-max)", "tokens/s", "MB read/step", "GB/s")
+        for row in r.decode:
+            table.add_row(
+                str(row.context),
+                spread(row.ms_per_token),
+                f"{row.tokens_per_s:.1f}",
+                f"{row.bytes_per_step / 1e6:.1f}",
+                f"{row.gb_per_s:.2f}",
+            )
+        console.print(table)
+    console.print(f"medians of {runs} runs after warm-up", highlight=False)
+
+
 @app.command()
 @user_errors
 def build(
