@@ -1,11 +1,11 @@
 """`mllm-edge bench`: what a bundle costs on this machine, in the spirit of llama-bench.
 
 For each bundle: the vision graph's time; prefill time (the LLM graphs after the vision graph) at the
-bundle's image tokens and each of --prompt-lengths text tokens, with its FLOPs (the FastV paper's
-per-layer count, pruning/flops.py) per second; decode time per token at each of --contexts, with the
+bundle's image tokens and each of --prompt-lengths text tokens, with its FLOPs (every matrix product
+of the LLM, counted by planning/costs.py as plan counts them) per second; decode time per token at each of --contexts, with the
 bytes a step must read (the LLM graphs' weights once, and the KV cache at that context: with FastV
 the layers from K hold the pruned prompt) per second. Every figure is the median of --runs after
---warmup runs, with the least and the most. Peak host memory is the process's (ru_maxrss); device
+--warmup runs, with the least and the most. Peak host memory is the process's; device
 memory is the GPU's used memory sampled after each stage, with CUDA only (CuPy).
 
 Prompts are the bundle's own chat prompt about a picture, padded with a filler text token after the
@@ -27,9 +27,10 @@ import numpy as np
 from . import graphs as mg
 from .errors import MllmEdgeError
 from .graphs import NO_IMAGE
-from .pruning.flops import prefill_flops
+from .planning import costs
 
 Progress = Callable[[str, int, int], None]
+FLOAT_TYPE = {"float32": "fp32", "float16": "fp16"}
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PrefillRow:
     text_tokens: int
     image_tokens: int  # entering the LLM (after FasterVLM)
     ms: Figure
-    flops: float  # LLM layers, FastV's pruning counted
+    flops: float  # the LLM's matrix products (planning/costs.py), FastV's pruning counted
     tflops_per_s: float
 
 
@@ -108,7 +109,6 @@ def bench_bundle(
     host_memory = _HostMemory()
     with Pipeline.load(folder, backend, device) as pipeline:
         manifest, chain = pipeline.manifest, pipeline.chain
-        text = manifest.architecture["text"]
         tok = manifest.tokenizer
         pruning = manifest.pruning
         image = Image.new("RGB", (640, 480), (120, 160, 200))
@@ -145,7 +145,7 @@ def bench_bundle(
         text_ids = np.asarray([pipeline.prompts.encode(text_only, 0)], np.int64)
         no_image = np.zeros((1, pipeline.image_tokens, pipeline.hidden_size), pipeline.dtype)
 
-        d, m, layers = text["hidden_size"], text["intermediate_size"], text["num_layers"]
+        model = costs.Model.from_architecture(manifest.architecture)
         k = pruning["split_layer"] if manifest.has_fastv else 0
         after_fastv = pruning["image_tokens"].get("after_fastv") or entering
         result = BundleBench(
@@ -167,9 +167,8 @@ def bench_bundle(
             _check_context(p.shape[1] + 1, pipeline.max_context, f"a prompt of {length} text tokens")
             times = timed(f"prefill {length}", lambda p=p: chain.prefill(p, image_embeds, start))
             text_tokens = p.shape[1] - entering
-            flops = (
-                prefill_flops(layers, d, m, text_tokens, entering, entering, after_fastv, k).pruned * layers
-            )
+            flops = costs.prefill_flops(model, text_tokens, entering, after_fastv, k)
+
             ms = Figure.of(times)
             result.prefill.append(PrefillRow(text_tokens, entering, ms, flops, flops / ms.median / 1e9))
 
@@ -206,7 +205,7 @@ def bench_bundle(
             device_memory.sample()
             ms = Figure.of(per_step)
             pruned = entering - after_fastv if with_image else 0
-            read = weight_bytes + kv_cache_bytes(manifest, context, pruned)
+            read = weight_bytes + costs.kv_bytes(model, context, pruned, k, FLOAT_TYPE[manifest.dtype])
             result.decode.append(
                 DecodeRow(context, with_image, ms, 1000.0 / ms.median, read, read / ms.median / 1e6)
             )
@@ -222,15 +221,6 @@ def llm_weight_bytes(folder: Path, manifest) -> int:
         f for name, spec in manifest.graphs.items() if mg.GRAPHS[name].quantizable for f in spec.data_files
     }
     return sum((folder / f).stat().st_size for f in files)
-
-
-def kv_cache_bytes(manifest, context: int, pruned: int) -> int:
-    """The keys and values a decode step reads at `context` positions: layers below FastV's K hold
-    every position, layers from K all but the `pruned` image tokens."""
-    text = manifest.architecture["text"]
-    per_position = 2 * text["num_kv_heads"] * text["head_dim"] * np.dtype(manifest.dtype).itemsize
-    k = manifest.pruning["split_layer"] if manifest.has_fastv else 0
-    return per_position * (k * context + (text["num_layers"] - k) * (context - pruned))
 
 
 def _check_context(needed: int, max_context: int, what: str) -> None:

@@ -631,6 +631,154 @@ def _print_bench(results, runs: int) -> None:
 
 @app.command()
 @user_errors
+def plan(
+    source: Path = typer.Argument(
+        Path(DEFAULT_BUNDLE), help="A bundle, or a checkpoint folder with config.json (no weights needed)."
+    ),
+    device_name: Optional[str] = typer.Option(
+        None, "--device", help="A device of --list-devices, or cpu (this machine)."
+    ),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="fp16,fp8,int8,int4-awq (GPUs) or fp32 (cpu); default: all the device runs."
+    ),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="none | fastv | fastervlm; default: a grid of settings."
+    ),
+    ratio: Optional[str] = typer.Option(
+        None, "--ratio", help="Pruning ratios, e.g. 0.5,0.75 (with --method)."
+    ),
+    k: int = typer.Option(2, "--k", help="FastV's layer."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Default: the bundle's, or 2048."),
+    prompt_tokens: int = typer.Option(
+        64, "--prompt-tokens", help="Text tokens beside the image in the prompt."
+    ),
+    budget_ms: Optional[float] = typer.Option(
+        None, "--budget-ms", help="Time to the first token it must meet."
+    ),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="Memory it may take."),
+    bandwidth: Optional[float] = typer.Option(
+        None, "--bandwidth", help="Memory bandwidth, GB/s (a device of your own)."
+    ),
+    tflops: Optional[float] = typer.Option(
+        None, "--tflops", help="Dense fp16 TFLOP/s (a device of your own)."
+    ),
+    memory: Optional[float] = typer.Option(None, "--memory", help="Memory, GB (a device of your own)."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="List the devices and their figures."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Predict memory, time to first token and decode speed of every setting on a device, before building."""
+    import json
+
+    from .planning import devices
+    from .planning.plan import PRUNING_GRID, make_plan
+
+    if list_devices:
+        _print_devices(devices.DEVICES.values(), as_json)
+        return
+    if device_name is None and bandwidth is None:
+        raise MllmEdgeError("give --device NAME (see --list-devices) or --bandwidth, --tflops and --memory")
+    base = devices.device(device_name) if device_name else None
+    target = devices.custom(base, bandwidth, tflops, memory)
+    pruning = None
+    if method is not None or ratio is not None:
+        if method is None:
+            raise MllmEdgeError("--ratio needs --method")
+        ratios = [0.0] if method == "none" else [float(r) for r in _floats(ratio or "0.5", "--ratio")]
+        pruning = [(method, r) for r in ratios]
+        if method not in {m for m, _ in PRUNING_GRID}:
+            raise MllmEdgeError(f"unknown --method '{method}' (choose from none, fastv, fastervlm)")
+    precisions = [p.strip() for p in precision.split(",") if p.strip()] if precision else None
+    result = make_plan(
+        source, target, precisions, pruning, k, max_context, prompt_tokens, budget_ms, budget_gb
+    )
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    _print_plan(result)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MllmEdgeError(f"{what} must be numbers separated by commas, got '{text}'") from None
+
+
+def _print_devices(found, as_json: bool) -> None:
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [{k: v for k, v in asdict(d).items() if k != "efficiency"} for d in found]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("--device", "", "memory GB", "GB/s", "fp16 TFLOP/s", "int8 TOP/s", "fp8 TFLOP/s", "SM")
+    for r in rows:
+        show = lambda v: "-" if v is None else f"{v:g}"
+        table.add_row(
+            r["name"],
+            r["label"],
+            show(r["memory_gb"]),
+            show(r["bandwidth_gb_s"]),
+            show(r["fp16_tflops"]),
+            show(r["int8_tops"]),
+            show(r["fp8_tflops"]),
+            r["sm"] or "",
+        )
+    console = Console(soft_wrap=True)
+    console.print(table)
+    console.print(
+        "dense rates of the GPU alone; cpu: this machine, measured when planned. Sources: docs/plan.md",
+        highlight=False,
+    )
+
+
+def _print_plan(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    d = result.device
+    console = Console(soft_wrap=True)
+    console.print(
+        f"{result.source} on {d.label}: {d.available_gb:.1f} GB available, {d.bandwidth_gb_s:g} GB/s; "
+        f"max context {result.max_context}, prompt {result.prompt_tokens} text tokens + the image",
+        highlight=False,
+    )
+    table = Table(
+        "setting", "image tokens", "memory GB", "fits", "vision ms", "prefill ms", "TTFT ms", "decode tok/s"
+    )
+    for p in result.predictions:
+        s = p.setting
+        name = (
+            "none" if s["method"] == "none" else f"{s['method']} R={s['ratio']:g}"
+        ) + f", {s['precision']}"
+        mark = " <-" if p is result.chosen else ""
+        table.add_row(
+            name + mark,
+            f"{p.image_tokens['vision']} -> {p.image_tokens['llm']}",
+            f"{p.memory_gb['total']:.2f}",
+            "yes" if p.fits else "no",
+            f"{p.vision_ms:.1f}",
+            f"{p.prefill_ms:.1f}",
+            f"{p.ttft_ms:.1f}",
+            f"{p.decode_tokens_per_s:.1f}",
+        )
+    console.print(table)
+    for line in result.skipped:
+        console.print(f"not predicted: {line}", highlight=False)
+    if result.chosen is None:
+        console.print("no setting fits this device", highlight=False)
+    console.print(
+        "predicted by a roofline fitted to published Jetson figures; how well it holds: docs/plan.md",
+        highlight=False,
+    )
+
+
+@app.command()
+@user_errors
 def build(
     bundle: Path = typer.Argument(Path(DEFAULT_BUNDLE), help="Bundle folder made by `mllm-edge export`."),
     precision: Optional[str] = typer.Option(

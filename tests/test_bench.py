@@ -63,8 +63,10 @@ def test_bench_reports_every_figure_with_its_units(bundles):
     for row in b["prefill"]:
         figure(row["ms"])
         n_full, n_kept = row["text_tokens"] + 576, row["text_tokens"] + 288
-        c = lambda n: 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # the FastV paper's Eq. 5
-        assert row["flops"] == k * c(n_full) + (layers - k) * c(n_kept)
+        # 2 FLOPs per multiply-add: q, k, v, o (6 heads of 32 = d), gate, up, down; QK^T and AV over
+        # the n x n square; the LM head on the last token
+        c = lambda n: 2 * n * (4 * d * d + 3 * d * m) + 2 * 2 * n * n * d
+        assert row["flops"] == k * c(n_full) + (layers - k) * c(n_kept) + 2 * text["vocab_size"] * d
         assert row["tflops_per_s"] == pytest.approx(row["flops"] / row["ms"]["median"] / 1e9)
 
     weights = sum((fastv / f).stat().st_size for f in ("llm_head.onnx.data", "llm_tail.onnx.data"))

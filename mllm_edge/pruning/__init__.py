@@ -9,7 +9,17 @@ from .params import (
     check_ratio,
     keep_count,
 )
-from .select import fastervlm_select, fastv_select, gather_tokens, top_k_in_order
+
+_SELECT = ("fastervlm_select", "fastv_select", "gather_tokens", "top_k_in_order")  # torch: imported on use
+
+
+def __getattr__(name: str):
+    if name in _SELECT:
+        from . import select
+
+        return getattr(select, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS",

@@ -1,0 +1,145 @@
+"""Bytes and FLOPs of a LLaVA model's parts, counted from its architecture alone.
+
+The architecture is the manifest's `architecture` dict (what export writes: `vision`, `text`,
+`num_image_tokens`), or the same made from a checkpoint's config.json. Counts, not estimates: every
+weight matrix, norm and table the graphs hold, and the multiply-adds (2 FLOPs each) of every matrix
+product the graphs run. Pure Python: no torch, no numpy.
+
+Precisions are of the LLM's weight matrices (what `calibrate` quantizes); the embedding table, the
+LM head (calibrate leaves it out), the norms and the vision tower stay in the float type, and so do
+the KV cache and the activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOAT_BYTES = {"fp32": 4, "fp16": 2}
+INT4_BLOCK = 128  # calibrate's int4-awq block: one fp16 scale per 128 weights of a column
+PRECISIONS = ("fp32", "fp16", "fp8", "int8", "int4-awq")
+
+
+@dataclass(frozen=True)
+class Model:
+    """The numbers plan needs. text: hidden_size, intermediate_size, num_layers, num_heads,
+    num_kv_heads, head_dim, vocab_size, tie_word_embeddings; vision: image_size, patch_size,
+    hidden_size, intermediate_size, num_layers (those that run), has_cls."""
+
+    text: dict
+    vision: dict
+    image_tokens: int  # entering the LLM unpruned, per image
+    vision_has_cls: bool
+
+    @classmethod
+    def from_architecture(cls, architecture: dict) -> Model:
+        vision = architecture["vision"]
+        return cls(
+            text=architecture["text"],
+            vision=vision,
+            image_tokens=int(
+                architecture.get("num_image_tokens") or (vision["image_size"] // vision["patch_size"]) ** 2
+            ),
+            vision_has_cls=vision["arch"] == "clip_vision_model",
+        )
+
+
+def weight_bytes(columns: int, rows: int, precision: str, float_type: str) -> int:
+    """A [rows, columns] weight matrix (rows = its input dimension K) stored in `precision`, with the
+    scales calibrate writes: per output column for int8 and fp8, per block of 128 rows for int4-awq."""
+    scale = FLOAT_BYTES[float_type]
+    if precision in FLOAT_BYTES:
+        return columns * rows * FLOAT_BYTES[precision]
+    if precision in ("int8", "fp8"):
+        return columns * rows + columns * scale
+    if precision == "int4-awq":
+        return columns * rows // 2 + -(-rows // INT4_BLOCK) * columns * scale
+    raise ValueError(f"unknown precision {precision}")
+
+
+def layer_matrices(text: dict) -> list[tuple[int, int]]:
+    """(input K, output N) of each weight matrix of one decoder layer: q, k, v, o, gate, up, down."""
+    d, m, hd = text["hidden_size"], text["intermediate_size"], text["head_dim"]
+    q, kv = text["num_heads"] * hd, text["num_kv_heads"] * hd
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, m), (d, m), (m, d)]
+
+
+def layer_params(text: dict) -> int:
+    return sum(k * n for k, n in layer_matrices(text))
+
+
+def llm_bytes(model: Model, precision: str, float_type: str) -> dict[str, int]:
+    """The language model's bytes: its layers (matrices in `precision`, two norms each in the float
+    type), the final norm, the embedding table and the LM head (none when tied to the table)."""
+    t, f = model.text, FLOAT_BYTES[float_type]
+    per_layer = sum(weight_bytes(n, k, precision, float_type) for k, n in layer_matrices(t))
+    table = t["vocab_size"] * t["hidden_size"] * f
+    return {
+        "layers": t["num_layers"] * (per_layer + 2 * t["hidden_size"] * f) + t["hidden_size"] * f,
+        "embed": table,
+        "lm_head": 0 if t["tie_word_embeddings"] else table,
+    }
+
+
+def vision_params(model: Model) -> int:
+    """The tower's layers that run (attention and MLP with biases, two norms each), patch and
+    position embeddings, and the two-layer projector."""
+    v, d = model.vision, model.text["hidden_size"]
+    h, i = v["hidden_size"], v["intermediate_size"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+    embeddings = (
+        3 * v["patch_size"] ** 2 * h + (patches + model.vision_has_cls) * h + model.vision_has_cls * h
+    )
+    projector = h * d + d + d * d + d
+    return v["num_layers"] * per_layer + embeddings + 2 * h + projector
+
+
+def vision_flops(model: Model, kept: int) -> float:
+    """One image through the tower (every patch, and [CLS]) and the projector (the `kept` tokens)."""
+    v, d = model.vision, model.text["hidden_size"]
+    h, i = v["hidden_size"], v["intermediate_size"]
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + model.vision_has_cls
+    patch = 2 * (tokens - model.vision_has_cls) * 3 * v["patch_size"] ** 2 * h
+    return patch + v["num_layers"] * encoder_layer_flops(tokens, h, i) + 2 * kept * (h * d + d * d)
+
+
+def encoder_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:
+    """One ViT layer: q, k, v, o and a two-matrix MLP over every token, full attention."""
+    return 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 4 * tokens * tokens * hidden
+
+
+def llm_layer_flops(text: dict, n: int, past: int = 0) -> float:
+    """One decoder layer over n new tokens attending to past + n positions (the full square, as the
+    attention kernels compute it unless they skip masked blocks)."""
+    attention = 2 * 2 * n * (past + n) * text["num_heads"] * text["head_dim"]
+    return 2 * n * layer_params(text) + attention
+
+
+def prefill_flops(model: Model, text_tokens: int, vision_keep: int, llm_keep: int, k: int) -> float:
+    """The LLM's prefill: layers below FastV's K over the text and the image tokens leaving the
+    vision tower, the rest over the text and FastV's kept ones; the LM head on the last token."""
+    t = model.text
+    head = k * llm_layer_flops(t, text_tokens + vision_keep)
+    tail = (t["num_layers"] - k) * llm_layer_flops(t, text_tokens + llm_keep)
+    return head + tail + 2 * t["vocab_size"] * t["hidden_size"]
+
+
+def kv_bytes(model: Model, positions: int, pruned: int, k: int, float_type: str) -> int:
+    """Keys and values at `positions` (layers from FastV's K hold `pruned` fewer)."""
+    t = model.text
+    per_position = 2 * t["num_kv_heads"] * t["head_dim"] * FLOAT_BYTES[float_type]
+    return per_position * (k * positions + (t["num_layers"] - k) * (positions - pruned))
+
+
+def decode_bytes(model: Model, precision: str, float_type: str, context: int, pruned: int, k: int) -> int:
+    """What one decode step reads at least: every layer's weights, the final norm, the LM head (the
+    table when tied), one embedding row, and the KV cache at `context` positions."""
+    parts = llm_bytes(model, precision, float_type)
+    head = parts["lm_head"] or parts["embed"]
+    row = model.text["hidden_size"] * FLOAT_BYTES[float_type]
+    return parts["layers"] + head + row + kv_bytes(model, context, pruned, k, float_type)
+
+
+def decode_flops(model: Model, context: int) -> float:
+    t = model.text
+    return t["num_layers"] * llm_layer_flops(t, 1, context - 1) + 2 * t["vocab_size"] * t["hidden_size"]

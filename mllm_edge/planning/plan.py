@@ -1,0 +1,159 @@
+"""`mllm-edge plan`: every setting of a model on a device, side by side, and the one to take.
+
+The model comes from a bundle (its manifest) or a checkpoint folder's config.json (nothing else of
+it is read: plan before downloading the weights). Settings: the pruning methods at the ratios a
+user picks from (or the one given), times the precisions the device runs (or those given). The
+one to take: the least pruning, then the most bits, that fits the device and meets the budgets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MllmEdgeError
+from . import costs
+from .devices import Device
+from .predict import Prediction, Setting, predict
+
+PRUNING_GRID = (
+    [("none", 0.0)]
+    + [("fastv", r) for r in (0.5, 0.75, 0.9)]
+    + [("fastervlm", r) for r in (0.5, 0.75, 0.9, 0.95)]
+)
+PRECISION_ORDER = ("fp32", "fp16", "fp8", "int8", "int4-awq")  # most bits first
+METHOD_ORDER = ("none", "fastv", "fastervlm")  # at one ratio, FastV keeps every token in its first layers
+
+
+@dataclass
+class Plan:
+    source: str
+    device: Device
+    max_context: int
+    prompt_tokens: int
+    predictions: list[Prediction] = field(default_factory=list)
+    chosen: Prediction | None = None
+    skipped: list[str] = field(default_factory=list)  # precisions the device cannot be predicted in
+
+    def to_dict(self) -> dict:
+        top = self.chosen.to_dict() if self.chosen else {}
+        return {
+            "device": self.device.name,
+            "device_label": self.device.label,
+            "source": self.source,
+            "fits": bool(self.chosen and self.chosen.fits),
+            "memory_gb": top.get("memory_gb"),
+            "vision_ms": top.get("vision_ms"),
+            "prefill_ms": top.get("prefill_ms"),
+            "ttft_ms": top.get("ttft_ms"),
+            "decode_tokens_per_s": top.get("decode_tokens_per_s"),
+            "chosen": top.get("setting"),
+            "max_context": self.max_context,
+            "prompt_tokens": self.prompt_tokens,
+            "settings": [p.to_dict() for p in self.predictions],
+            "skipped": self.skipped,
+        }
+
+
+def load_model(source: Path) -> tuple[costs.Model, int, str]:
+    """(the model, the max context a bundle has or export would give, what it is)."""
+    source = Path(source)
+    if (source / "manifest.json").is_file():
+        from ..manifest import load_manifest
+
+        manifest = load_manifest(source, verify_files=False)
+        return costs.Model.from_architecture(manifest.architecture), manifest.max_context, f"bundle {source}"
+    if (source / "config.json").is_file():
+        try:
+            from ..models.config import load_llava_spec
+        except ImportError as e:
+            raise MllmEdgeError(
+                f"planning from a config.json reads it with transformers ({e}): pip install 'mllm-edge[export]'"
+            ) from None
+        spec = load_llava_spec(source)
+        architecture = {**spec.to_dict(), "num_image_tokens": spec.num_image_tokens}
+        return (
+            costs.Model.from_architecture(architecture),
+            min(2048, spec.text.max_position_embeddings),
+            f"checkpoint {source}",
+        )
+    if not source.exists():
+        raise MllmEdgeError(
+            f"{source} does not exist: give a bundle folder or a checkpoint folder with config.json"
+        )
+    raise MllmEdgeError(f"{source} holds neither a bundle's manifest.json nor a checkpoint's config.json")
+
+
+def make_plan(
+    source: Path,
+    device: Device,
+    precisions: list[str] | None = None,
+    pruning: list[tuple[str, float]] | None = None,
+    k: int = 2,
+    max_context: int | None = None,
+    prompt_tokens: int = 64,
+    budget_ms: float | None = None,
+    budget_gb: float | None = None,
+) -> Plan:
+    for value, what in ((budget_ms, "--budget-ms"), (budget_gb, "--budget-gb")):
+        if value is not None and value <= 0:
+            raise MllmEdgeError(f"{what} must be positive, got {value}")
+    if prompt_tokens < 0:
+        raise MllmEdgeError(f"--prompt-tokens must be >= 0, got {prompt_tokens}")
+    model, context, what = load_model(source)
+    if max_context is not None:
+        if max_context < 1:
+            raise MllmEdgeError(f"--max-context must be >= 1, got {max_context}")
+        context = max_context
+    if k < 1 or k >= model.text["num_layers"]:
+        raise MllmEdgeError(f"--k {k} must be between 1 and {model.text['num_layers'] - 1}")
+    chosen_precisions = list(precisions or [p for p in PRECISION_ORDER if device.min_sm_for(p) is None])
+    skipped = []
+    for p in chosen_precisions:
+        if p not in costs.PRECISIONS:
+            raise MllmEdgeError(f"unknown precision '{p}' (choose from {', '.join(costs.PRECISIONS)})")
+        why = device.min_sm_for(p)
+        if why:
+            raise MllmEdgeError(why)
+    for p in list(chosen_precisions):
+        if not device.can_predict(p):
+            skipped.append(f"{p}: {device.label} has no published {p} throughput")
+            chosen_precisions.remove(p)
+    if not chosen_precisions:
+        raise MllmEdgeError("; ".join(skipped))
+    plan = Plan(what, device, context, prompt_tokens, skipped=skipped)
+    for method, ratio in pruning or PRUNING_GRID:
+        for precision in chosen_precisions:
+            plan.predictions.append(
+                predict(model, device, Setting(method, ratio, precision, k), context, prompt_tokens)
+            )
+    plan.predictions.sort(key=_order)
+
+    def meets(p: Prediction) -> bool:
+        return (
+            p.fits
+            and (budget_ms is None or p.ttft_ms <= budget_ms)
+            and (budget_gb is None or p.memory_gb["total"] <= budget_gb)
+        )
+
+    plan.chosen = next((p for p in plan.predictions if meets(p)), None)
+    if plan.chosen is None and (budget_ms is not None or budget_gb is not None):
+        fastest = min(plan.predictions, key=lambda p: p.ttft_ms)
+        smallest = min(plan.predictions, key=lambda p: p.memory_gb["total"])
+        raise MllmEdgeError(
+            f"no setting meets the budget on {device.label}: the fastest is {_name(fastest)} "
+            f"({fastest.ttft_ms:.0f} ms to the first token), the smallest {_name(smallest)} "
+            f"({smallest.memory_gb['total']:.2f} GB of {device.available_gb:.2f} GB)"
+        )
+    return plan
+
+
+def _order(p: Prediction) -> tuple:
+    s = p.setting
+    return (s["ratio"], METHOD_ORDER.index(s["method"]), PRECISION_ORDER.index(s["precision"]))
+
+
+def _name(p: Prediction) -> str:
+    s = p.setting
+    pruning = "no pruning" if s["method"] == "none" else f"{s['method']} R={s['ratio']:g}"
+    return f"{pruning}, {s['precision']}"
