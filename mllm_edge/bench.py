@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,11 +241,13 @@ class _HostMemory:
             self.reset = False
 
     def peak_mb(self) -> float:
+        """MB of 10^6 bytes, as every byte figure of bench."""
         if self.reset:
             for line in Path("/proc/self/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024.0, 1)
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+                    return round(int(line.split()[1]) * 1024 / 1e6, 1)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+        return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e6, 1)
 
 
 class _DeviceMemory:
@@ -265,20 +268,26 @@ class _DeviceMemory:
         if self.runtime is None:
             return
         free, total = self.runtime.memGetInfo()
-        used = (total - free) / 2**20
+        used = (total - free) / 1e6
         self.peak_mb = round(max(self.peak_mb or 0.0, used), 1)
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise MllmEdgeError(f"--plot needs matplotlib ({e}): pip install matplotlib") from None
 
 
 def plot(results: list[BundleBench], path: Path) -> None:
     """Decode time against context (a line per bundle) and prefill time against the image tokens
     entering the LLM (a point per bundle, at the first prompt length)."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MllmEdgeError(f"--plot needs matplotlib ({e}): pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
         name = Path(r.bundle).name

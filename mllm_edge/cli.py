@@ -527,11 +527,12 @@ def eval_(
             console.print(f"  {escape(problem)}", highlight=False)
 
 
-def _numbers(text: str, what: str) -> tuple[int, ...]:
+def _numbers(text: str, what: str, kind=int) -> tuple:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise MllmEdgeError(f"{what} must be whole numbers separated by commas, got '{text}'") from None
+        numbers = "whole numbers" if kind is int else "numbers"
+        raise MllmEdgeError(f"{what} must be {numbers} separated by commas, got '{text}'") from None
 
 
 @app.command()
@@ -546,7 +547,9 @@ def bench(
         "32", "--prompt-lengths", help="Text tokens of the prefills timed (the image's come on top)."
     ),
     contexts: str = typer.Option(
-        "128,512", "--contexts", help="Contexts (tokens) of the decode steps timed."
+        "640,1024",
+        "--contexts",
+        help="Contexts (tokens) of the decode steps timed (shorter than the picture's prompt: a text-only chat).",
     ),
     runs: int = typer.Option(5, "--runs", min=1, help="Timed runs of each figure (its median is shown)."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs before them."),
@@ -564,8 +567,10 @@ def bench(
     from . import bench as benchmark
 
     lengths, ctxs = _numbers(prompt_lengths, "--prompt-lengths"), _numbers(contexts, "--contexts")
-    if plot_to is not None and not plot_to.parent.is_dir():
-        raise MllmEdgeError(f"--plot {plot_to}: its folder does not exist")
+    if plot_to is not None:
+        if not plot_to.parent.is_dir():
+            raise MllmEdgeError(f"--plot {plot_to}: its folder does not exist")
+        benchmark.require_matplotlib()  # before minutes of timing, not after
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with progress_bar(*columns) as progress:
@@ -683,7 +688,7 @@ def plan(
     if method is not None or ratio is not None:
         if method is None:
             raise MllmEdgeError("--ratio needs --method")
-        ratios = [0.0] if method == "none" else [float(r) for r in _floats(ratio or "0.5", "--ratio")]
+        ratios = [0.0] if method == "none" else list(_numbers(ratio or "0.5", "--ratio", float))
         pruning = [(method, r) for r in ratios]
         if method not in {m for m, _ in PRUNING_GRID}:
             raise MllmEdgeError(f"unknown --method '{method}' (choose from none, fastv, fastervlm)")
@@ -695,13 +700,6 @@ def plan(
         print(json.dumps(result.to_dict(), indent=2))
         return
     _print_plan(result)
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise MllmEdgeError(f"{what} must be numbers separated by commas, got '{text}'") from None
 
 
 def _print_devices(found, as_json: bool) -> None:
@@ -1129,8 +1127,9 @@ def serve(
     )
     typer.echo(f"serving {bundle} on http://{host}:{port}/v1 (/health is 503 until it has loaded)", err=True)
     # after its graceful shutdown uvicorn raises the signal again: ours makes that a clean exit 0
-    # (systemd's stop), not death by signal
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # (systemd's stop, Ctrl-C), not death by signal
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: sys.exit(0))
     run_server(application, host, port, shutdown_timeout)
 
 

@@ -14,11 +14,12 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from mllm_edge.calibration.modelopt import quiet, require_modelopt
 from mllm_edge.calibration.precisions import Precision
-from mllm_edge.calibration.record import RecordedReader
+from mllm_edge.calibration.record import load_call
 from mllm_edge.calibration.rewrite import gemms_to_matmuls, load_weights, save_graph
 from mllm_edge.errors import MllmEdgeError
 
@@ -87,3 +88,25 @@ def quantize_graph(
     del quantized
     shutil.rmtree(folder, ignore_errors=True)
     return {"weights": sorted(set(selected.values())), "library": f"nvidia-modelopt {version}"}
+
+
+class RecordedReader:
+    """The recorded inputs of one graph, in ONNX Runtime's CalibrationDataReader interface (what the
+    driver reads): get_next() until None, rewind(), get_first()."""
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise MllmEdgeError("no recorded calls to calibrate on")
+        self.files, self.position = list(files), 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.files):
+            return None
+        self.position += 1
+        return load_call(self.files[self.position - 1])[0]
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        return load_call(self.files[0])[0]
+
+    def rewind(self) -> None:
+        self.position = 0

@@ -5,12 +5,15 @@ quantized, one scale per output channel), as Model Optimizer's driver writes the
 Its driver (`modelopt.onnx.quantization.quantize`, which hands ONNX Runtime's `quantize_static` the
 whole graph) took 14 GB, 11.4x the largest graph, on the ~1B model's fp16 `llm_tail`, and converts
 every fp32 island of an fp16 graph (norms, softmax) to fp16 on the way. Here, in two steps that
-never hold the graph's weights beyond their mapped file:
+hold of the float weights only the one being quantized (the quantized ones, half or a quarter of
+their float bytes, stay until the graph is written):
 
 1. ranges: one unoptimised ONNX Runtime session over the source graph replays the recorded calls
    with the selected MatMuls' input activations as extra outputs, one call at a time; int8 feeds
    each call to ONNX Runtime's `HistogramCollector` (entropy, 128 bins, merged call by call, the
-   settings the driver gives it), fp8 keeps the largest magnitude;
+   settings the driver gives it: with as many quantized bins as bins, its search has one candidate
+   until a later call widens the histogram, so the range is close to the largest magnitude and
+   depends on the calls' order, as the driver's does), fp8 keeps the largest magnitude;
 2. write: per weight, read from its file, symmetric per-channel scales and values; the activation
    Q/DQ pairs before their MatMuls; unquantized weights copied from the source a few at a time.
 
@@ -36,7 +39,6 @@ from .rewrite import gemm_weight, gemms_to_matmuls, save_graph, weight_array
 
 Progress = Callable[[str, int, int], None]
 QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest quantized magnitude used
-ELEMENT = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
 ENTROPY_BINS = 128  # histogram and quantized bins: ONNX Runtime's entropy defaults, the driver's too
 
 
@@ -157,9 +159,11 @@ def quantize_weight(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
 def _scale(magnitude, kind: str, elem: int) -> np.ndarray:
     """The scale mapping +-magnitude onto the type's range, in the float type elem; 1 for an all-zero
     tensor or channel (its values quantize to 0 either way)."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
     r = np.asarray(magnitude, dtype=np.float64)
-    scale = np.where(r > 0, r / QMAX[kind], 1.0)
-    return scale.astype(helper.tensor_dtype_to_np_dtype(elem))
+    # a range too small for the type's smallest scale keeps that one (an fp16 scale must not round to 0)
+    scale = np.where(r > 0, np.maximum(r / QMAX[kind], np.finfo(dtype).smallest_subnormal), 1.0)
+    return scale.astype(dtype)
 
 
 def _zeros(name: str, kind: str, shape) -> TensorProto:

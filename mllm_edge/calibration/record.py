@@ -106,25 +106,3 @@ def replay(
             yield {name: inputs.get(name, value) for name, value in got.items()}
     finally:
         engine.close()
-
-
-class RecordedReader:
-    """The recorded inputs of one graph, in ONNX Runtime's CalibrationDataReader interface (what Model
-    Optimizer reads): get_next() until None, rewind(), get_first()."""
-
-    def __init__(self, files: list[Path]):
-        if not files:
-            raise MllmEdgeError("no recorded calls to calibrate on")
-        self.files, self.position = list(files), 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.files):
-            return None
-        self.position += 1
-        return load_call(self.files[self.position - 1])[0]
-
-    def get_first(self) -> dict[str, np.ndarray]:
-        return load_call(self.files[0])[0]
-
-    def rewind(self) -> None:
-        self.position = 0

@@ -39,7 +39,7 @@ class Model:
             image_tokens=int(
                 architecture.get("num_image_tokens") or (vision["image_size"] // vision["patch_size"]) ** 2
             ),
-            vision_has_cls=vision["arch"] == "clip_vision_model",
+            vision_has_cls=vision.get("has_cls", vision["arch"].startswith("clip")),  # SigLIP has no [CLS]
         )
 
 
@@ -63,6 +63,15 @@ def layer_matrices(text: dict) -> list[tuple[int, int]]:
     return [(d, q), (d, kv), (d, kv), (q, d), (d, m), (d, m), (m, d)]
 
 
+def layer_biases(text: dict) -> int:
+    """Bias values of one decoder layer, where the config has them (Qwen2: q, k, v)."""
+    (_, q), (_, kv), _, (_, o), (_, m), _, (_, down) = layer_matrices(text)
+    attention = (q + 2 * kv) if text.get("attention_bias") else 0
+    output = o if text.get("o_proj_bias", text.get("attention_bias")) else 0
+    mlp = (2 * m + down) if text.get("mlp_bias") else 0
+    return attention + output + mlp
+
+
 def layer_params(text: dict) -> int:
     return sum(k * n for k, n in layer_matrices(text))
 
@@ -72,6 +81,7 @@ def llm_bytes(model: Model, precision: str, float_type: str) -> dict[str, int]:
     type), the final norm, the embedding table and the LM head (none when tied to the table)."""
     t, f = model.text, FLOAT_BYTES[float_type]
     per_layer = sum(weight_bytes(n, k, precision, float_type) for k, n in layer_matrices(t))
+    per_layer += layer_biases(t) * f
     table = t["vocab_size"] * t["hidden_size"] * f
     return {
         "layers": t["num_layers"] * (per_layer + 2 * t["hidden_size"] * f) + t["hidden_size"] * f,

@@ -137,7 +137,15 @@ def make_plan(
         )
 
     plan.chosen = next((p for p in plan.predictions if meets(p)), None)
-    if plan.chosen is None and (budget_ms is not None or budget_gb is not None):
+    budgets = budget_ms is not None or budget_gb is not None
+    if plan.chosen is None and budgets and not any(p.fits for p in plan.predictions):
+        smallest = min(plan.predictions, key=lambda p: p.memory_gb["total"])
+        raise MllmEdgeError(
+            f"nothing fits in memory on {device.label}: the smallest is {_name(smallest)} "
+            f"({smallest.memory_gb['total']:.2f} GB of {device.available_gb:.2f} GB; a smaller --max-context "
+            "needs less cache)"
+        )
+    if plan.chosen is None and budgets:
         fastest = min(plan.predictions, key=lambda p: p.ttft_ms)
         smallest = min(plan.predictions, key=lambda p: p.memory_gb["total"])
         raise MllmEdgeError(

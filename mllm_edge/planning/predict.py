@@ -96,6 +96,8 @@ def predict(
         raise MllmEdgeError(f"unknown precision '{precision}' (choose from {', '.join(costs.PRECISIONS)})")
     if device.min_sm_for(precision) is not None:
         raise MllmEdgeError(device.min_sm_for(precision))
+    if setting.method == "fastervlm" and not model.vision_has_cls:
+        raise MllmEdgeError("FasterVLM ranks by the [CLS] token's attention: this vision tower has none")
     vision_keep, llm_keep = keep_counts(model, setting)
     k = setting.k if setting.method == "fastv" else 0
     prompt = text_tokens + vision_keep

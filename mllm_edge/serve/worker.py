@@ -74,19 +74,25 @@ class Worker:
         if running is not None:
             running.cut = True
             running.cancelled.set()
+        stopping = False
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not STOP:
+            if job is STOP:
+                stopping = True
+            else:
                 job.send("error", shutting_down())
+        if stopping:  # stop() had asked the loop to leave: it still must
+            self.jobs.put(STOP)
 
     def stop(self) -> None:
-        """Cut what is left, and leave."""
+        """Cut what is left, and leave (the running job ends at its next token; a prefill cannot be
+        interrupted, hence the wait)."""
         self.cut()
         self.jobs.put(STOP)
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
