@@ -1,0 +1,130 @@
+"""LLaVA-NeXT's "anyres" views of a picture, and the number of image tokens the model packs them into.
+
+Torch-free, equal to transformers' `LlavaNextImageProcessorPil` (the slow processor) and to
+`LlavaNextModel.pack_image_features`:
+
+views    the pinpoint resolution that keeps most of the picture and wastes least; the picture resized
+         into it keeping its aspect (the longer side fills it, the other rounded up), padded with
+         black around the centre, cut into tiles of the tower's image size in row-major order; the
+         whole picture squeezed to one tile goes first (the base view). Each view then goes through
+         the checkpoint's per-image preprocessing (runtime/image.py).
+tokens   the base view's patches, then the tiles' patch grids stitched into one grid, unpadded with
+         the model's rounding (`round(x, 7)`, then equal cuts from both sides), one newline token
+         after each row.
+
+Used by issue 18's LLaVA-NeXT support (the vision graph over views, the pruning per view) once it
+lands; on its own here with its tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import MllmEdgeError
+from .image import to_rgb
+
+
+@dataclass(frozen=True)
+class AnyRes:
+    pinpoints: tuple[tuple[int, int], ...]  # (height, width) resolutions, multiples of the tile
+    tile: int  # the vision tower's image size (336)
+    patch: int  # its patch size (14)
+
+    @classmethod
+    def from_config(cls, pinpoints, tile: int, patch: int) -> AnyRes:
+        try:
+            points = tuple((int(h), int(w)) for h, w in pinpoints)
+        except (TypeError, ValueError):
+            raise MllmEdgeError(
+                f"image_grid_pinpoints must be [height, width] pairs, got {pinpoints!r}"
+            ) from None
+        if not points:
+            raise MllmEdgeError("image_grid_pinpoints is empty")
+        bad = [p for p in points if p[0] <= 0 or p[1] <= 0 or p[0] % tile or p[1] % tile]
+        if bad:
+            raise MllmEdgeError(f"image_grid_pinpoints {bad[0]} is not a whole number of {tile}-pixel tiles")
+        return cls(points, int(tile), int(patch))
+
+    @property
+    def max_views(self) -> int:
+        return 1 + max(h * w for h, w in self.pinpoints) // (self.tile * self.tile)
+
+    def best_resolution(self, height: int, width: int) -> tuple[int, int]:
+        """The pinpoint that shows most of the picture at its own scale, then wastes least."""
+        best, most, waste = None, 0, math.inf
+        for h, w in self.pinpoints:
+            scale = min(w / width, h / height)
+            shown = min(int(width * scale) * int(height * scale), width * height)
+            wasted = w * h - shown
+            if shown > most or (shown == most and wasted < waste):
+                best, most, waste = (h, w), shown, wasted
+        return best
+
+    def views(self, image: Image.Image, resample=Image.Resampling.BICUBIC) -> list[Image.Image]:
+        """The base view, then the tiles in row-major order (RGB images of tile x tile)."""
+        width, height = image.size
+        target_h, target_w = self.best_resolution(height, width)
+        new_h, new_w = _fit(height, width, target_h, target_w)
+        canvas = Image.new("RGB", (target_w, target_h))  # black, as zero padding of the pixels
+        canvas.paste(
+            image.resize((new_w, new_h), resample=resample),
+            ((target_w - new_w) // 2, (target_h - new_h) // 2),
+        )
+        tiles = [
+            canvas.crop((left, top, left + self.tile, top + self.tile))
+            for top in range(0, target_h, self.tile)
+            for left in range(0, target_w, self.tile)
+        ]
+        return [image.resize((self.tile, self.tile), resample=resample), *tiles]
+
+    def packed_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the tiles' stitched patch grid after the model unpads it."""
+        target_h, target_w = self.best_resolution(height, width)
+        side = self.tile // self.patch
+        rows, cols = target_h // self.tile * side, target_w // self.tile * side
+        if width / height > cols / rows:
+            kept = int(round(height * (cols / width), 7))
+            rows -= 2 * ((rows - kept) // 2)
+        else:
+            kept = int(round(width * (rows / height), 7))
+            cols -= 2 * ((cols - kept) // 2)
+        return rows, cols
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Tokens the picture puts into the LLM unpruned: the base view's patches, then each row of
+        the unpadded grid and its newline token."""
+        rows, cols = self.packed_grid(height, width)
+        return (self.tile // self.patch) ** 2 + rows * (cols + 1)
+
+
+def _fit(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """The picture's size inside the target, aspect kept: the tighter side fills it, the other is
+    rounded up (never past the target)."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+NEXT_ONLY = ("image_grid_pinpoints", "do_pad")  # the processor's settings of the views themselves
+
+
+def view_config(cfg: dict) -> dict:
+    """A LlavaNextImageProcessor's settings as those of the CLIP processor each view goes through
+    (the same resize, crop, rescale and normalize), without the anyres ones."""
+    return {
+        **{k: v for k, v in cfg.items() if k not in NEXT_ONLY},
+        "image_processor_type": "CLIPImageProcessor",
+    }
+
+
+def preprocess_views(image: Image.Image, anyres: AnyRes, preprocess) -> tuple[np.ndarray, tuple[int, int]]:
+    """pixel_values [views, 3, tile, tile] (each view through `preprocess`, the checkpoint's
+    per-image steps) and the picture's (height, width), as the processor's `image_sizes`."""
+    image = to_rgb(image)  # as the processor's convert_rgb (transparency on white, high bit depths scaled)
+    views = anyres.views(image, preprocess.resample)
+    return np.concatenate([preprocess(v) for v in views]), (image.height, image.width)
