@@ -87,3 +87,55 @@ def test_bad_pinpoints_are_refused():
         AnyRes.from_config([], 336, 14)
     with pytest.raises(MllmEdgeError, match="pairs"):
         AnyRes.from_config([[336]], 336, 14)
+
+
+@pytest.fixture(scope="module")
+def tiny_next(tmp_path_factory):
+    """A tiny random LlavaNextForConditionalGeneration (56-pixel tiles of 14-pixel patches: 16 per
+    view), its processor saved beside it."""
+    from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava
+
+    spec = TinyLlavaSpec(
+        name="tiny_next",
+        image_size=56,
+        patch_size=14,
+        image_grid_pinpoints=((56, 112), (112, 56), (112, 112), (56, 168)),
+    )
+    return make_tiny_llava(tmp_path_factory.mktemp("next") / "ckpt", spec), spec
+
+
+NEXT_SIZES = [(56, 56), (40, 90), (90, 40), (3, 5), (200, 60), (57, 113), (300, 300)]
+
+
+def test_prompt_ids_and_views_equal_the_next_processors_and_fill_the_models_features(tiny_next):
+    """For square, wide, tall and tiny pictures: our prompt ids (the placeholder run as long as
+    AnyRes counts) equal the processor's, our views its pixel values, and the real model's packed
+    features are exactly that many."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from mllm_edge.runtime.prompt import PromptBuilder
+
+    folder, spec = tiny_next
+    processor = AutoProcessor.from_pretrained(str(folder))
+    model = LlavaNextForConditionalGeneration.from_pretrained(str(folder)).eval()
+    anyres = AnyRes.from_config(spec.image_grid_pinpoints, spec.image_size, spec.patch_size)
+    image_token_id = model.config.image_token_id
+    builder = PromptBuilder.from_folder(folder, None, "<image>", image_token_id, spec.num_image_tokens)
+    per_view = ImagePreprocessor.from_config(view_config(processor.image_processor.to_dict()))
+    rendered = builder.render("What is in the picture?")
+    for i, (h, w) in enumerate(NEXT_SIZES):
+        image = picture(h, w, i)
+        wanted = processor(images=[image], text=rendered, return_tensors="pt", do_pad=False)
+        n = anyres.image_tokens(h, w)
+        assert builder.encode(rendered, 1, image_tokens=n) == wanted["input_ids"][0].tolist(), (h, w)
+        pixels, size = preprocess_views(image, anyres, per_view)
+        np.testing.assert_allclose(pixels, wanted["pixel_values"][0].numpy(), atol=1e-6)
+        with torch.no_grad():
+            features = model.model.get_image_features(
+                wanted["pixel_values"],
+                wanted["image_sizes"],
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+            )
+        packed = features.pooler_output if hasattr(features, "pooler_output") else features
+        assert sum(f.shape[0] for f in packed) == n, (h, w)

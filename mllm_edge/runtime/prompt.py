@@ -260,18 +260,20 @@ class PromptBuilder:
         except jinja2.exceptions.TemplateError as e:
             raise MllmEdgeError(f"the chat template failed: {e}") from None
 
-    def encode(self, rendered: str, images: int = 1) -> list[int]:
-        """Ids as the HF processor gives them: each image token expanded to num_image_tokens copies,
+    def encode(self, rendered: str, images: int = 1, image_tokens: int | None = None) -> list[int]:
+        """Ids as the HF processor gives them: each image token expanded to its placeholders
+        (image_tokens, default num_image_tokens: LLaVA-NeXT's count depends on the picture's size),
         specials added. images: how many image tokens the rendered prompt must hold (0 or 1)."""
         count = rendered.count(self.image_token)
         if count != images:
             raise MllmEdgeError(
                 f"the rendered prompt holds {count} image tokens {self.image_token!r}, expected {images}"
             )
+        n = self.num_image_tokens if image_tokens is None else int(image_tokens)
         # Expand in the text and tokenize that, as the processor does.
-        text = rendered.replace(self.image_token, self.image_token * self.num_image_tokens)
+        text = rendered.replace(self.image_token, self.image_token * n)
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
-        if ids.count(self.image_token_id) != self.num_image_tokens * images:
+        if ids.count(self.image_token_id) != n * images:
             raise MllmEdgeError(
                 f"the image token {self.image_token!r} is not the single token {self.image_token_id} in tokenizer.json"
             )

@@ -54,6 +54,8 @@ class TinyLlavaSpec:
     vision_feature_layer: int = -2
     vision_arch: str = "clip"  # "clip" (LLaVA-1.5) or "siglip" (llava-interleave: no CLS, all patches)
     chat_style: str = "llava"  # "llava" (USER: ... ASSISTANT:) or "chatml" (<|im_start|>...)
+    # LLaVA-NeXT: its anyres resolutions, (height, width) multiples of image_size; None: LLaVA-1.5
+    image_grid_pinpoints: tuple | None = None
     # 10x the usual 0.02. With hidden size 64 the logits then have a spread of ~1.6, so the top-1 /
     # top-2 gap is typically 0.1-1 instead of ~0.01, while hidden states stay below ~40 (fp16-safe).
     initializer_range: float = 0.2
@@ -305,6 +307,20 @@ def _build_config(spec: TinyLlavaSpec, tokenizer):
         )
     else:
         raise ValueError(f"unknown vision_arch {spec.vision_arch!r} (expected 'clip' or 'siglip')")
+    if spec.image_grid_pinpoints is not None:
+        from transformers import LlavaNextConfig
+
+        return LlavaNextConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
+            vision_feature_layer=spec.vision_feature_layer,
+            vision_feature_select_strategy=_select_strategy(spec),
+            projector_hidden_act="gelu",
+            tie_word_embeddings=spec.tie_word_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -351,12 +367,17 @@ def _quiet_special_tokens(model, token_ids: list[int]) -> None:
 
 def _build_model(spec: TinyLlavaSpec, config, tokenizer):
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    kind = (
+        LlavaForConditionalGeneration
+        if spec.image_grid_pinpoints is None
+        else LlavaNextForConditionalGeneration
+    )
     # Seed a forked RNG so that building a checkpoint leaves the caller's random state alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+        model = kind(config).to(torch.float32).eval()
     _randomize_constant_parameters(model, torch.Generator().manual_seed(spec.seed))
     special_ids = sorted(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     _quiet_special_tokens(model, special_ids)
@@ -420,6 +441,25 @@ def _build_processor(spec: TinyLlavaSpec, tokenizer):
         # The CLIP tower outputs a CLS token on top of the patches; "default" drops it again, so
         # one <image> expands to exactly (image_size // patch_size) ** 2 placeholders.
         additional_tokens = 1
+    if spec.image_grid_pinpoints is not None:  # LLaVA-NeXT: the same CLIP steps on each anyres view
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": spec.image_size},
+            crop_size={"height": spec.image_size, "width": spec.image_size},
+            resample=3,
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+            image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
+        )
+        return transformers.LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=spec.patch_size,
+            vision_feature_select_strategy=_select_strategy(spec),
+            num_additional_image_tokens=additional_tokens,
+            chat_template=CHAT_TEMPLATES[spec.chat_style],
+        )
     return transformers.LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
