@@ -95,7 +95,10 @@ def bench_bundle(
     warmup: int = 1,
     decode_tokens: int = 16,
     progress: Progress = lambda stage, done, total: None,
+    low_memory: bool = False,
 ) -> BundleBench:
+    """low_memory: ONNX Runtime sessions over the mapped weights (Pipeline.load's)."""
+    folder = Path(folder)
     from PIL import Image
 
     from .runtime.chain import place_image_tokens
@@ -108,7 +111,7 @@ def bench_bundle(
         raise MllmEdgeError("prompt lengths must be >= 0 and contexts >= 1")
     device_memory = _DeviceMemory(device)
     host_memory = _HostMemory()
-    with Pipeline.load(folder, backend, device) as pipeline:
+    with Pipeline.load(folder, backend, device, low_memory=low_memory) as pipeline:
         manifest, chain = pipeline.manifest, pipeline.chain
         tok = manifest.tokenizer
         pruning = manifest.pruning

@@ -97,6 +97,20 @@ def still_serves(server, seed: int) -> None:
     assert got.choices[0].message.content is not None
 
 
+def wait_until_healthy(url: str, seconds: int, failure: str) -> None:
+    """Until GET url (a /health) answers 200; a test failure after `seconds`. Before, nothing may
+    listen yet, or (Ray's proxy while the replicas start) something that does not answer JSON."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if http(url)[0] == 200:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    pytest.fail(failure)
+
+
 def data_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -456,16 +470,7 @@ def test_sigterm_stops_the_server_cleanly(bundle):
         text=True,
     )
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not come up")
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", 120, "the server did not come up")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
     finally:
@@ -539,16 +544,7 @@ def test_sigterm_lets_running_answers_finish_cuts_them_at_the_timeout_and_exits_
         return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
 
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not come up")
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", 120, "the server did not come up")
         running = stream(4)
         first = [running.readline(), running.readline()]  # the role chunk: it is generating
         behind = stream(1000)  # waits in the queue for the worker
@@ -610,14 +606,7 @@ def test_two_replicas_on_ray_serve_answer_as_one(bundle):
     try:
         replicas.run(app, "127.0.0.1", port, num_cpus=2, blocking=False)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if http(url + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
+        wait_until_healthy(url + "/health", 120, "the replicas did not come up")
         states = serve.status().applications["default"].deployments["mllm-edge"].replica_states
         assert states.get("RUNNING") == 2, states
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -659,16 +648,7 @@ def test_serve_replicas_from_the_command_line_answers_and_exits_0_on_sigterm(bun
     command = [sys.executable, "-m", "mllm_edge.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
     process = subprocess.Popen([*command, "--replicas", "2"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the replicas did not come up")
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", 180, "the replicas did not come up")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         got = client.chat.completions.create(model="fastv", messages=[image_turn(item)], max_tokens=TOKENS)
         assert got.choices[0].message.content == wanted

@@ -441,26 +441,20 @@ def _build_processor(spec: TinyLlavaSpec, tokenizer):
         # The CLIP tower outputs a CLS token on top of the patches; "default" drops it again, so
         # one <image> expands to exactly (image_size // patch_size) ** 2 placeholders.
         additional_tokens = 1
+    processor_cls = transformers.LlavaProcessor
     if spec.image_grid_pinpoints is not None:  # LLaVA-NeXT: the same CLIP steps on each anyres view
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": spec.image_size},
-            crop_size={"height": spec.image_size, "width": spec.image_size},
-            resample=3,
-            image_mean=list(CLIP_MEAN),
-            image_std=list(CLIP_STD),
+            **{
+                k: v
+                for k, v in image_processor.to_dict().items()
+                if k in ("size", "crop_size", "resample", "image_mean", "image_std")
+            },
             image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
         )
-        return transformers.LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=spec.patch_size,
-            vision_feature_select_strategy=_select_strategy(spec),
-            num_additional_image_tokens=additional_tokens,
-            chat_template=CHAT_TEMPLATES[spec.chat_style],
-        )
-    return transformers.LlavaProcessor(
+        processor_cls = transformers.LlavaNextProcessor
+    return processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
