@@ -101,11 +101,8 @@ def test_bench_runs_the_steps_it_times_at_the_positions_it_names(bundles, monkey
 
     monkeypatch.setattr(Chain, "prefill", prefill)
     monkeypatch.setattr(Chain, "decode_step", decode_step)
-    result = bench.bench_bundle(
-        str(
-            bundles["fastervlm"]
-        ),  # a folder's name as text, as Pipeline.load takes it prompt_lengths=(), contexts=(300,), runs=2, warmup=1, decode_tokens=4
-    )
+    folder = str(bundles["fastervlm"])  # a folder's name as text, as Pipeline.load takes it
+    result = bench.bench_bundle(folder, prompt_lengths=(), contexts=(300,), runs=2, warmup=1, decode_tokens=4)
     assert result.image_tokens["llm"] == 144  # FasterVLM R=0.75 keeps 144 of 576 before the LLM
     first = 300 - 2  # the middle of the 4 steps falls on the context
     assert prefills == [first] * 3
