@@ -16,6 +16,7 @@ from .errors import MllmEdgeError
 from .manifest import DEFAULT_BUNDLE
 from .runtime.image import MAX_IMAGE_PIXELS
 
+LOW_MEMORY_HELP = "ONNX Runtime on the CPU: sessions over the mapped weights, no optimised copies (less memory, a little slower)."
 MAX_PIXELS_HELP = "Refuse images with more pixels than this (a guard against decompression bombs)."
 
 app = typer.Typer(
@@ -554,6 +555,7 @@ def bench(
     runs: int = typer.Option(5, "--runs", min=1, help="Timed runs of each figure (its median is shown)."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs before them."),
     decode_tokens: int = typer.Option(16, "--decode-tokens", min=1, help="Decode steps per timed run."),
+    low_memory: bool = typer.Option(False, "--low-memory", help=LOW_MEMORY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     plot_to: Optional[Path] = typer.Option(
         None, "--plot", help="Write a PNG: decode time against context, prefill against image tokens kept."
@@ -581,7 +583,7 @@ def bench(
             )
             results.append(
                 benchmark.bench_bundle(
-                    folder, backend, device, lengths, ctxs, runs, warmup, decode_tokens, show
+                    folder, backend, device, lengths, ctxs, runs, warmup, decode_tokens, show, low_memory
                 )
             )
     if plot_to is not None:
@@ -873,6 +875,7 @@ def run(
         None, "--show-pruning", help="Write the image with pruned patches dimmed, kept ones outlined (PNG)."
     ),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+    low_memory: bool = typer.Option(False, "--low-memory", help=LOW_MEMORY_HELP),
 ) -> None:
     """Answer a question about an image with an exported bundle (streams the answer; figures on stderr)."""
     import json
@@ -889,7 +892,7 @@ def run(
             raise MllmEdgeError(f"cannot write {show_pruning}: give it an image file extension, such as .png")
     from .runtime.image import load_image
 
-    pipeline = Pipeline.load(bundle, backend, device)
+    pipeline = Pipeline.load(bundle, backend, device, low_memory=low_memory)
     picture = load_image(image, max_image_pixels)
     generation = pipeline.stream(
         picture, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
@@ -962,6 +965,7 @@ def chat(
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable answers."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+    low_memory: bool = typer.Option(False, "--low-memory", help=LOW_MEMORY_HELP),
 ) -> None:
     """Talk with a bundle about a picture, turn after turn: each answer streams, its figures follow
     on stderr; a follow-up reuses what the last turn computed."""
@@ -970,7 +974,7 @@ def chat(
     from .runtime.pipeline import Pipeline
 
     picture = load_image(image, max_image_pixels) if image is not None else None  # a bad file: exit now
-    with Pipeline.load(bundle, backend, device) as pipeline:
+    with Pipeline.load(bundle, backend, device, low_memory=low_memory) as pipeline:
         conversation = Conversation(pipeline, system)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         typer.echo(CHAT_HELP, err=True)
@@ -1060,6 +1064,7 @@ def serve(
     ),
     max_image_bytes: int = typer.Option(20 << 20, "--max-image-bytes", min=1, help="Larger images get 413."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
+    low_memory: bool = typer.Option(False, "--low-memory", help=LOW_MEMORY_HELP),
     metrics: bool = typer.Option(False, "--metrics", help="GET /metrics in Prometheus's format."),
     shutdown_timeout: float = typer.Option(
         30.0,
@@ -1123,7 +1128,9 @@ def serve(
         ray_replicas.run(on_ray, host, port)  # until SIGTERM or Ctrl-C: the replicas stop, exit 0
         return
     application = create_app(
-        lambda: Pipeline.load(bundle, backend, device), settings, name=bundle.resolve().name
+        lambda: Pipeline.load(bundle, backend, device, low_memory=low_memory),
+        settings,
+        name=bundle.resolve().name,
     )
     typer.echo(f"serving {bundle} on http://{host}:{port}/v1 (/health is 503 until it has loaded)", err=True)
     # after its graceful shutdown uvicorn raises the signal again: ours makes that a clean exit 0

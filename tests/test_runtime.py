@@ -227,6 +227,25 @@ def test_cli_streams_and_reports(export_cache, image_file):
     assert result["backend"] == "onnxruntime" and result["device"] == "cpu"
     assert result["kept_image_tokens"]["vision"] is None and len(result["kept_image_tokens"]["llm"]) == 32
 
+    args = [
+        "run",
+        str(image_file),
+        "--prompt",
+        PROMPT,
+        "--bundle",
+        str(folder),
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
+    low = runner.invoke(app, [*args, "--low-memory"])  # sessions over the mapped weights: the same answer
+    assert low.exit_code == 0, low.output + low.stderr
+    assert json.loads(low.stdout)["token_ids"] == result["token_ids"]
+    refused = runner.invoke(app, [*args, "--low-memory", "--backend", "tensorrt"])
+    assert (
+        refused.exit_code == 1 and "low-memory sessions are ONNX Runtime's" in refused.stderr + refused.output
+    )
+
 
 def _run_error(args):
     result = runner.invoke(app, ["run", *args])
