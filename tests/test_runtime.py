@@ -194,20 +194,18 @@ def test_cli_streams_and_reports(export_cache, image_file):
     )
     assert text.exit_code == 0, text.output + text.stderr
     assert "image tokens 64 -> 64 -> 32" in text.stderr and "tokens/s" in text.stderr
-    as_json = runner.invoke(
-        app,
-        [
-            "run",
-            str(image_file),
-            "--prompt",
-            PROMPT,
-            "--bundle",
-            str(folder),
-            "--max-new-tokens",
-            "6",
-            "--json",
-        ],
-    )
+    args = [
+        "run",
+        str(image_file),
+        "--prompt",
+        PROMPT,
+        "--bundle",
+        str(folder),
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
+    as_json = runner.invoke(app, args)
     assert as_json.exit_code == 0, as_json.output + as_json.stderr
     result = json.loads(as_json.stdout)
     assert result["text"] == text.stdout.rstrip("\n")
@@ -227,18 +225,7 @@ def test_cli_streams_and_reports(export_cache, image_file):
     assert result["backend"] == "onnxruntime" and result["device"] == "cpu"
     assert result["kept_image_tokens"]["vision"] is None and len(result["kept_image_tokens"]["llm"]) == 32
 
-    args = [
-        "run",
-        str(image_file),
-        "--prompt",
-        PROMPT,
-        "--bundle",
-        str(folder),
-        "--max-new-tokens",
-        "6",
-        "--json",
-    ]
-    low = runner.invoke(app, [*args, "--low-memory"])  # sessions over the mapped weights: the same answer
+    low = runner.invoke(app, [*args, "--low-memory"])  # unoptimised sessions: the same answer
     assert low.exit_code == 0, low.output + low.stderr
     assert json.loads(low.stdout)["token_ids"] == result["token_ids"]
     refused = runner.invoke(app, [*args, "--low-memory", "--backend", "tensorrt"])

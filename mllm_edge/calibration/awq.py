@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import MllmEdgeError
 from .record import replay
-from .rewrite import gemm_weight, gemms_to_matmuls, save_graph, weight_array
+from .rewrite import gemms_to_matmuls, save_graph, selected_gemms, weight_array
 
 MAX_TOKENS = 64  # rows of each weight's input the clip search reads (Model Optimizer's default)
 OPSET = 21  # blocked DequantizeLinear and INT4
@@ -58,14 +58,10 @@ def quantize_graph(
     if not calls:
         raise MllmEdgeError(f"no recorded calls of the {name} graph to calibrate on")
     model = onnx.load(str(source / f"{name}.onnx"), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
+    inits, gemms = selected_gemms(model, name, select)
     inputs = {}  # weight -> the activation it multiplies (its first Gemm's, if several share it)
-    for node in model.graph.node:
-        weight = gemm_weight(node, inits)
-        if weight and select(weight):
-            inputs.setdefault(weight, node.input[0])
-    if not inputs:
-        raise MllmEdgeError(f"the {name} graph has no weight matrix to quantize (all excluded?)")
+    for x, weight in gemms:
+        inputs.setdefault(weight, x)
 
     # [N, K] weights: each activation's K, and its type (a Gemm's A and B have one)
     types = {x: (inits[w].dims[1], inits[w].data_type) for w, x in inputs.items()}

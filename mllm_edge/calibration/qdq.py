@@ -35,7 +35,7 @@ from ..errors import MllmEdgeError
 from .modelopt import quiet
 from .precisions import Precision
 from .record import replay
-from .rewrite import gemm_weight, gemms_to_matmuls, save_graph, weight_array
+from .rewrite import gemms_to_matmuls, save_graph, selected_gemms, weight_array
 
 Progress = Callable[[str, int, int], None]
 QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest quantized magnitude used
@@ -58,16 +58,10 @@ def quantize_graph(
     if not calls:
         raise MllmEdgeError(f"no recorded calls of the {name} graph to calibrate on")
     model = onnx.load(str(source / f"{name}.onnx"), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    activations = {}  # activation -> its ONNX element type, for every selected Gemm's input
-    weights = set()
-    for node in model.graph.node:
-        weight = gemm_weight(node, inits)
-        if weight and select(weight):
-            weights.add(weight)
-            activations[node.input[0]] = inits[weight].data_type  # a Gemm's A and B have one type
-    if not weights:
-        raise MllmEdgeError(f"the {name} graph has no weight matrix to quantize (all excluded?)")
+    inits, gemms = selected_gemms(model, name, select)
+    weights = {weight for _, weight in gemms}
+    # activation -> its ONNX element type, for every selected Gemm's input (a Gemm's A and B have one)
+    activations = {x: inits[weight].data_type for x, weight in gemms}
 
     found = activation_ranges(
         model,

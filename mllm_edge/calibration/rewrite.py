@@ -41,6 +41,22 @@ def gemm_weight(node: onnx.NodeProto, inits) -> str | None:
     return None
 
 
+def selected_gemms(model: onnx.ModelProto, name: str, select: Callable[[str], bool]):
+    """(initializers by name, [(activation, weight)] of every plain Gemm whose weight `select`
+    accepts, in graph order); an error naming the graph when there is none."""
+    from ..errors import MllmEdgeError
+
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        weight = gemm_weight(node, inits)
+        if weight and select(weight):
+            found.append((node.input[0], weight))
+    if not found:
+        raise MllmEdgeError(f"the {name} graph has no weight matrix to quantize (all excluded?)")
+    return inits, found
+
+
 def _plain(node: onnx.NodeProto) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return (
