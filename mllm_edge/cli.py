@@ -112,7 +112,7 @@ def reference(
     llava = load_llava(folder)
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     input_ids, pixel_values, _ = prepare_inputs(folder, picture, prompt)
-    limit = llava.spec.text.max_position_embeddings  # as `run` checks its max context
+    limit = llava.spec.text.max_context  # as `run` checks its max context
     if input_ids.shape[1] + max_new_tokens > limit:
         raise MllmEdgeError(
             f"the prompt takes {input_ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} more; "

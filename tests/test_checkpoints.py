@@ -290,3 +290,59 @@ def test_sample_image_is_deterministic_and_not_square():
     assert (
         len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 10
     )  # shapes on a gradient, not a flat fill
+
+
+SENTENCEPIECE_TEXTS = [
+    QUESTION,
+    "USER: What colour is the circle? ASSISTANT:",
+    "Describe the picture.\nThere are 12 shapes,  two of them red.",
+    " leading space and trailing ",
+    "a\n\nb\tc",
+    "Ünïcödé ∑ 漢字 🙂 are byte fallback",
+]
+
+
+def test_sentencepiece_tokenizer_is_its_model_and_padding_rows_are_quiet(tmp_path):
+    """The llava-hf kind of tokenizer (tokenizer.model beside tokenizer.json, what llama.cpp's converter
+    reads): transformers' fast tokenizer gives SentencePiece's own ids; rows past the tokenizer
+    (vocab_size 700 > its ~640) exist and are shrunk as the specials' are, so greedy never picks them."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from mllm_edge.runtime.prompt import PromptBuilder
+
+    spec = TinyLlavaSpec(
+        name="spm", tokenizer="sentencepiece", vocab_size=700, num_layers=2, image_size=64, patch_size=16
+    )
+    path = make_tiny_llava(tmp_path / spec.name, spec)
+    model, processor = load(path)
+    tokenizer = processor.tokenizer
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    assert spm.get_piece_size() < len(tokenizer) < 700 == model.config.text_config.vocab_size
+    assert (spm.bos_id(), spm.eos_id(), spm.unk_id()) == (tokenizer.bos_token_id, tokenizer.eos_token_id, 0)
+    for text in SENTENCEPIECE_TEXTS:
+        assert tokenizer(text, add_special_tokens=False).input_ids == spm.encode(text), text
+        assert tokenizer(text).input_ids == [spm.bos_id()] + spm.encode(text)
+        assert tokenizer.decode(spm.encode(text)) == spm.decode(spm.encode(text))
+
+    # our runtime's ids for the whole prompt are the processor's
+    prompt = processor.apply_chat_template(IMAGE_TURN, add_generation_prompt=True)
+    builder = PromptBuilder.from_folder(
+        path, None, "<image>", model.config.image_token_id, spec.num_image_tokens
+    )
+    assert builder.encode(builder.render(QUESTION)) == model_inputs(processor)["input_ids"][0].tolist()
+    assert builder.render(QUESTION) == prompt
+
+    head = model.get_output_embeddings().weight.detach()
+    norms = head.norm(dim=1)
+    padding = norms[len(tokenizer) :]
+    assert len(padding) == 700 - len(tokenizer)
+    assert padding.max() < 0.2 * norms[3 : spm.get_piece_size()].median()
+    with torch.no_grad():
+        out = model.generate(**model_inputs(processor), max_new_tokens=8, do_sample=False)
+    assert (out[0, -8:] < spm.get_piece_size()).all()
+
+
+def test_vocab_size_below_the_tokenizer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="below the tokenizer"):
+        make_tiny_llava(
+            tmp_path / "x", TinyLlavaSpec(name="x", vocab_size=10, num_layers=2, image_size=32, patch_size=16)
+        )

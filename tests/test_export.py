@@ -32,7 +32,7 @@ from mllm_edge.manifest import load_manifest  # noqa: E402
 from mllm_edge.models import generate, load_llava  # noqa: E402
 from mllm_edge.pruning import PruningConfig, keep_count  # noqa: E402
 
-FIXTURES = ("llama_mha", "llama_gqa", "qwen2")
+FIXTURES = ("llama_mha", "llama_gqa", "qwen2", "mistral")
 METHODS = ("none", "fastv", "fastervlm")
 DTYPES = ("fp32", "fp16")
 RATIO = 0.5
@@ -164,7 +164,8 @@ def test_manifest_describes_the_bundle(name, method, export_cache, tiny_checkpoi
     assert manifest.architecture["text"]["num_layers"] == spec.text.num_layers
     assert manifest.tokenizer["image_token_id"] == spec.image_token_id
     assert manifest.tokenizer["chat_template"] and manifest.tokenizer["eos_token_ids"]
-    assert manifest.preprocessing["image_mean"] and manifest.max_context == 2048
+    # the default: 2048, or less where the model holds fewer (Mistral's window here: 1024)
+    assert manifest.preprocessing["image_mean"] and manifest.max_context == min(2048, spec.text.max_context)
     assert set(manifest.files) == {
         p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
     } - {"manifest.json"}

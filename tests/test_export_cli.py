@@ -71,7 +71,7 @@ def _export_error(args: list[str]):
         (["--quantize", "int3"], "unknown --precision 'int3' for --target onnxruntime"),
         (["--quantize", "int8", "--dtype", "fp16"], "--quantize int8 needs --dtype fp32"),
         (["--max-context", "10"], "max context must hold the 64 image tokens"),
-        (["--max-context", "99999"], "at most the model's 2048 positions"),
+        (["--max-context", "99999"], "stay within the model's 2048 positions"),
     ],
 )
 def test_bad_settings_get_a_clear_error(extra, message, tiny_checkpoints, tmp_path):

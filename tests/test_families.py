@@ -12,7 +12,7 @@ from mllm_edge.models.families import ModelFamily, TextFamily, VisionFamily
 
 
 def test_the_shipped_families_are_found():
-    assert families.supported(TextFamily) == ["llama", "qwen2"]
+    assert families.supported(TextFamily) == ["llama", "mistral", "qwen2"]
     assert families.supported(VisionFamily) == ["clip_vision_model", "siglip_vision_model"]
     assert families.supported(ModelFamily) == ["llava"]
     with pytest.raises(UnsupportedModelError, match="language model 'gemma' is not supported"):
@@ -43,3 +43,37 @@ def test_each_text_family_gives_its_own_bias_rules(tiny_checkpoints):
     llama = load_llava_spec(tiny_checkpoints["llama_gqa"]).text
     assert (qwen.arch, qwen.attention_bias, qwen.mlp_bias, qwen.o_proj_bias) == ("qwen2", True, False, False)
     assert llama.arch == "llama" and llama.o_proj_bias == llama.attention_bias
+
+
+def test_mistral_keeps_every_context_within_its_sliding_window(tiny_checkpoints, tmp_path):
+    """Within the window full causal attention is what Mistral computes, so a bundle may hold at most
+    `sliding_window` positions: the default max context and export's check follow it, with a message
+    that names the window; a window that is not a positive count is refused."""
+    import json
+
+    from mllm_edge.export.bundle import check_max_context
+    from mllm_edge.models.config import load_llava_spec
+    from mllm_edge.testing.checkpoints import FIXTURE_SPECS
+
+    spec = load_llava_spec(tiny_checkpoints["mistral"])
+    window = FIXTURE_SPECS["mistral"].sliding_window
+    assert window < spec.text.max_position_embeddings
+    assert (spec.text.arch, spec.text.sliding_window, spec.text.max_context) == ("mistral", window, window)
+    assert (spec.text.attention_bias, spec.text.mlp_bias, spec.text.o_proj_bias) == (False, False, False)
+    assert check_max_context(None, spec) == window
+    assert check_max_context(window, spec) == window
+    with pytest.raises(Exception, match=f"sliding window of {window} tokens"):
+        check_max_context(window + 1, spec)
+
+    config = json.loads((tiny_checkpoints["mistral"] / "config.json").read_text())
+    for value, allowed in ((None, True), (10**6, True), (0, False), ("all", False)):
+        folder = tmp_path / str(value)
+        folder.mkdir()
+        config["text_config"]["sliding_window"] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        if allowed:
+            text = load_llava_spec(folder).text
+            assert text.max_context == text.max_position_embeddings
+        else:
+            with pytest.raises(UnsupportedModelError, match="sliding_window"):
+                load_llava_spec(folder)

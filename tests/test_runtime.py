@@ -38,6 +38,7 @@ CASES = [
     ("llama_mha", "fastv"),
     ("qwen2", "fastv"),
     ("qwen2", "fastervlm"),
+    ("mistral", "fastv"),
 ]
 
 
@@ -286,6 +287,27 @@ def test_damaged_bundles_are_named(export_cache, image_file, tmp_path):
         manifest["schema_version"] = 0
         (folder / "manifest.json").write_text(json.dumps(manifest))
         Pipeline.load(folder)
+
+
+def test_a_graph_that_fails_to_open_names_itself_and_closes_the_others(export_cache, tmp_path, monkeypatch):
+    """The graphs open side by side: one that ONNX Runtime cannot load gives its own error, and the
+    sessions already made are closed, not left behind."""
+    from mllm_edge.manifest import load_manifest
+    from mllm_edge.runtime.backends import onnxruntime as ort_backend
+
+    source, _ = export_cache("llama_gqa", "fastv")
+    folder = tmp_path / "bundle"
+    shutil.copytree(source, folder)
+    (folder / "llm_tail.onnx").write_bytes(b"not a graph")
+    closed = []
+    real_close = ort_backend.OnnxRuntimeEngine.close
+    monkeypatch.setattr(
+        ort_backend.OnnxRuntimeEngine, "close", lambda self: closed.append(self.name) or real_close(self)
+    )
+    manifest = load_manifest(folder, verify_files=False)
+    with pytest.raises(MllmEdgeError, match="ONNX Runtime cannot load llm_tail.onnx"):
+        ort_backend.OnnxRuntimeBackend(folder, manifest)
+    assert sorted(closed) == sorted(set(manifest.graphs) - {"llm_tail"})
 
 
 def test_cuda_without_onnxruntime_gpu_is_refused(export_cache, image_file):

@@ -88,12 +88,17 @@ def check_destination(out: Path, force: bool) -> None:
 
 
 def check_max_context(max_context: int | None, spec) -> int:
-    limit = spec.text.max_position_embeddings
+    limit = spec.text.max_context
     value = min(DEFAULT_MAX_CONTEXT, limit) if max_context is None else max_context
     if not isinstance(value, int) or value <= spec.num_image_tokens or value > limit:
+        within = (
+            f"its sliding window of {limit} tokens (beyond it the model attends to fewer tokens than a full cache holds)"
+            if limit < spec.text.max_position_embeddings
+            else f"the model's {limit} positions"
+        )
         raise MllmEdgeError(
-            f"max context must hold the {spec.num_image_tokens} image tokens and the text, and at most the model's "
-            f"{limit} positions: {spec.num_image_tokens} < N <= {limit}, got {value!r}"
+            f"max context must hold the {spec.num_image_tokens} image tokens and the text, and stay within "
+            f"{within}: {spec.num_image_tokens} < N <= {limit}, got {value!r}"
         )
     return value
 

@@ -62,6 +62,15 @@ class TextSpec:
     max_position_embeddings: int
     rope_parameters: dict = field(default_factory=dict)
     o_proj_bias: bool = False  # the attention output projection (Llama: as attention_bias; Qwen2: never)
+    sliding_window: int | None = None  # Mistral: how far back a token attends (contexts stay within it)
+
+    @property
+    def max_context(self) -> int:
+        """The most positions a bundle may hold: the model's, and within a sliding window, where full
+        causal attention is what the model computes."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)
 
 
 @dataclass(frozen=True)
@@ -139,9 +148,9 @@ def _rope_parameters(cfg) -> dict:
     return params
 
 
-def read_text_spec(cfg, **family: bool) -> TextSpec:
+def read_text_spec(cfg, **family) -> TextSpec:
     """The numbers of a language model's HF config that every family reads alike; the family gives
-    its own rules (attention_bias, mlp_bias, o_proj_bias)."""
+    its own rules (attention_bias, mlp_bias, o_proj_bias, sliding_window)."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return TextSpec(
         arch=cfg.model_type,
@@ -185,9 +194,10 @@ def load_llava_spec(model_dir: str | Path) -> LlavaSpec:
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}, e.g. llava-hf/llava-1.5-7b-hf") from None
     import transformers
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 checks fields' types with it
 
     try:
         cfg = getattr(transformers, family.config_class).from_pretrained(str(model_dir))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise UnsupportedModelError(f"{path}: transformers cannot read this config: {e}") from None
     return family.spec(cfg)

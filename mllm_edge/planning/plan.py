@@ -74,7 +74,7 @@ def load_model(source: Path) -> tuple[costs.Model, int, str]:
         architecture = {**spec.to_dict(), "num_image_tokens": spec.num_image_tokens}
         return (
             costs.Model.from_architecture(architecture),
-            min(2048, spec.text.max_position_embeddings),
+            min(2048, spec.text.max_context),
             f"checkpoint {source}",
         )
     if not source.exists():

@@ -35,7 +35,8 @@ class TinyLlavaSpec:
     """Architecture of one tiny checkpoint. Same spec -> same files, byte for byte in the tensors."""
 
     name: str
-    text_arch: str = "llama"  # "llama" (LlamaConfig) or "qwen2" (Qwen2Config)
+    text_arch: str = "llama"  # "llama" (LlamaConfig), "qwen2" (Qwen2Config) or "mistral" (MistralConfig)
+    sliding_window: int | None = None  # mistral only: its attention window
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 4
@@ -54,6 +55,11 @@ class TinyLlavaSpec:
     vision_feature_layer: int = -2
     vision_arch: str = "clip"  # "clip" (LLaVA-1.5) or "siglip" (llava-interleave: no CLS, all patches)
     chat_style: str = "llava"  # "llava" (USER: ... ASSISTANT:) or "chatml" (<|im_start|>...)
+    # "bpe": trained with `tokenizers`; "sentencepiece" (llava style only): Llama-2's own kind, a
+    # SentencePiece BPE model with byte fallback saved as tokenizer.model beside tokenizer.json, as in
+    # llava-hf/llava-1.5-* (what llama.cpp's converter reads). Needs the sentencepiece package.
+    tokenizer: str = "bpe"
+    vocab_size: int | None = None  # rows of the embedding tables; None: the tokenizer's size
     # LLaVA-NeXT: its anyres resolutions, (height, width) multiples of image_size; None: LLaVA-1.5
     image_grid_pinpoints: tuple | None = None
     # 10x the usual 0.02. With hidden size 64 the logits then have a spread of ~1.6, so the top-1 /
@@ -104,6 +110,17 @@ FIXTURE_SPECS: dict[str, TinyLlavaSpec] = {
             vision_feature_layer=-1,
             chat_style="chatml",
             seed=3,
+        ),
+        # Mistral language model (LLaVA-NeXT's llava-v1.6-mistral): no biases, GQA, a sliding window
+        # shorter than its positions (bundles keep within it); 96 px / 16 px patches = 36 tokens.
+        TinyLlavaSpec(
+            name="mistral",
+            text_arch="mistral",
+            num_kv_heads=2,
+            sliding_window=1024,
+            image_size=96,
+            patch_size=16,
+            seed=1,
         ),
     )
 }
@@ -194,11 +211,73 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(chat_style: str, model_max_length: int):
+def train_sentencepiece() -> bytes:
+    """A SentencePiece BPE model of the corpus with Llama-2's settings: byte fallback, split digits,
+    a dummy prefix, no normalisation; <unk>=0 <s>=1 </s>=2. Deterministic (one thread)."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=640,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _build_sentencepiece_tokenizer(model_max_length: int):
+    """transformers' Llama tokenizer converted from `train_sentencepiece`'s model, the llava-hf specials added."""
+    import tempfile
+
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "tokenizer.model").write_bytes(train_sentencepiece())
+        tokenizer = LlamaTokenizer.from_pretrained(
+            folder,
+            legacy=False,
+            add_prefix_space=False,
+            add_bos_token=True,
+            add_eos_token=False,
+            padding_side="left",
+            model_max_length=model_max_length,
+            chat_template=CHAT_TEMPLATES["llava"],
+            pad_token=LLAMA_SPECIALS["pad"],
+        )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(IMAGE_TOKEN, special=True, normalized=False)]}
+    )
+    return tokenizer
+
+
+def _build_tokenizer(chat_style: str, model_max_length: int, kind: str = "bpe"):
     """A small BPE tokenizer shaped like Llama's ("llava") or Qwen2's ("chatml")."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "sentencepiece":
+        if chat_style != "llava":
+            raise ValueError("a sentencepiece tokenizer is Llama's: it needs chat_style 'llava'")
+        return _build_sentencepiece_tokenizer(model_max_length)
+    if kind != "bpe":
+        raise ValueError(f"unknown tokenizer {kind!r} (expected 'bpe' or 'sentencepiece')")
     if chat_style == "llava":
         # SentencePiece-like: "▁" marks word starts, <unk>=0 <s>=1 </s>=2, BOS added by the post-processor.
         specials = [LLAMA_SPECIALS["unk"], LLAMA_SPECIALS["bos"], LLAMA_SPECIALS["eos"]]
@@ -260,11 +339,18 @@ def _build_tokenizer(chat_style: str, model_max_length: int):
 
 
 def _build_config(spec: TinyLlavaSpec, tokenizer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        MistralConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     rope_parameters = {"rope_type": "default", **(spec.rope_scaling or {}), "rope_theta": spec.rope_theta}
     text_kwargs = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=_vocab_size(spec, tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
@@ -283,8 +369,10 @@ def _build_config(spec: TinyLlavaSpec, tokenizer):
     elif spec.text_arch == "qwen2":
         # Qwen2 always has q/k/v biases; sliding windows are off in every released Qwen2 LLaVA.
         text_config = Qwen2Config(**text_kwargs, use_sliding_window=False)
+    elif spec.text_arch == "mistral":
+        text_config = MistralConfig(**text_kwargs, sliding_window=spec.sliding_window)
     else:
-        raise ValueError(f"unknown text_arch {spec.text_arch!r} (expected 'llama' or 'qwen2')")
+        raise ValueError(f"unknown text_arch {spec.text_arch!r} (expected 'llama', 'qwen2' or 'mistral')")
 
     vision_kwargs = dict(
         hidden_size=spec.vision_hidden_size,
@@ -334,6 +422,14 @@ def _build_config(spec: TinyLlavaSpec, tokenizer):
     )
 
 
+def _vocab_size(spec: TinyLlavaSpec, tokenizer) -> int:
+    if spec.vocab_size is None:
+        return len(tokenizer)
+    if spec.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {spec.vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
+    return spec.vocab_size
+
+
 def _randomize_constant_parameters(model, generator) -> None:
     """Make the parameters that transformers initialises to constants random too.
 
@@ -380,7 +476,9 @@ def _build_model(spec: TinyLlavaSpec, config, tokenizer):
         model = kind(config).to(torch.float32).eval()
     _randomize_constant_parameters(model, torch.Generator().manual_seed(spec.seed))
     special_ids = sorted(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
-    _quiet_special_tokens(model, special_ids)
+    # Rows past the tokenizer (a vocab_size above it, as llava-hf's 32064) decode to nothing: quiet too.
+    padding_ids = list(range(len(tokenizer), config.text_config.vocab_size))
+    _quiet_special_tokens(model, special_ids + padding_ids)
     return model
 
 
@@ -511,7 +609,7 @@ def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, *, hub_weight_name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(spec.chat_style, model_max_length=spec.max_position_embeddings)
+    tokenizer = _build_tokenizer(spec.chat_style, spec.max_position_embeddings, spec.tokenizer)
     config = _build_config(spec, tokenizer)
     model = _build_model(spec, config, tokenizer)
     model.generation_config = GenerationConfig(
@@ -523,5 +621,7 @@ def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, *, hub_weight_name
     if hub_weight_names:
         _write_hub_weight_names(out / "model.safetensors")
     _save_processor(_build_processor(spec, tokenizer), out)
+    if spec.tokenizer == "sentencepiece":
+        (out / "tokenizer.model").write_bytes(train_sentencepiece())
     _write_json(out / "tiny_llava_spec.json", asdict(spec))
     return out

@@ -9,6 +9,8 @@ runtime.device_cache), so a decode step neither uploads the past nor downloads t
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,12 +139,24 @@ class OnnxRuntimeBackend(BackendResources):
     def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu", low_memory: bool = False):
         super().__init__()
         self.device, self.max_context = device, manifest.max_context
-        try:
-            for graph, spec in manifest.graphs.items():
-                self.engines[graph] = OnnxRuntimeEngine(folder / spec.file, device, low_memory)
-        except BaseException:
+        # Opening a session reads its weights into memory and prepacks them, about a second per GB
+        # here, with the GIL released: the graphs open side by side (an fp32 ~0.8B bundle: 2.2 s
+        # instead of 3.3 s on 2 cores). Low-memory sessions open one at a time, to keep the peak low.
+        workers = 1 if low_memory else min(len(manifest.graphs), os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            opening = {
+                graph: pool.submit(OnnxRuntimeEngine, folder / spec.file, device, low_memory)
+                for graph, spec in manifest.graphs.items()
+            }
+        failed = None
+        for graph, future in opening.items():
+            try:
+                self.engines[graph] = future.result()
+            except BaseException as e:
+                failed = failed or e
+        if failed is not None:
             self.close()
-            raise
+            raise failed
         self.memory = OrtDeviceMemory(device) if device == "cuda" else None
 
     @staticmethod
