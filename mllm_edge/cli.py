@@ -103,12 +103,15 @@ def reference(
     require_export_extra()
     from .models import generate, load_llava
     from .models.checkpoint import resolve_checkpoint
+    from .models.config import load_llava_spec
+    from .models.families import require_complete
     from .models.inputs import load_image, prepare_inputs
     from .pruning import PruningConfig
 
     pruning = PruningConfig.from_method(method, ratio, k, vision_ratio)
     picture = load_image(image, max_image_pixels)
     folder = resolve_checkpoint(model)
+    require_complete(load_llava_spec(folder).model_type, "reference")
     llava = load_llava(folder)
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     input_ids, pixel_values, _ = prepare_inputs(folder, picture, prompt)

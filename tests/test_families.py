@@ -14,7 +14,7 @@ from mllm_edge.models.families import ModelFamily, TextFamily, VisionFamily
 def test_the_shipped_families_are_found():
     assert families.supported(TextFamily) == ["llama", "mistral", "qwen2"]
     assert families.supported(VisionFamily) == ["clip_vision_model", "siglip_vision_model"]
-    assert families.supported(ModelFamily) == ["llava"]
+    assert families.supported(ModelFamily) == ["llava", "llava_next"]
     with pytest.raises(UnsupportedModelError, match="language model 'gemma' is not supported"):
         families.text_family("gemma")
 

@@ -111,11 +111,11 @@ def test_missing_weight_is_named(tiny_checkpoints, tmp_path):
     "edit, message",
     [
         (
-            lambda c: c["text_config"].update(model_type="mistral"),
-            "language model 'mistral' is not supported",
+            lambda c: c["text_config"].update(model_type="gemma"),
+            "language model 'gemma' is not supported",
         ),
         (lambda c: c["vision_config"].update(model_type="dinov2"), "vision tower 'dinov2' is not supported"),
-        (lambda c: c.update(model_type="llava_next"), "model type 'llava_next' is not supported"),
+        (lambda c: c.update(model_type="idefics3"), "model type 'idefics3' is not supported"),
         (lambda c: c.update(vision_feature_select_strategy="full"), "only 'default'"),
         (
             lambda c: c["text_config"].update(

@@ -26,6 +26,7 @@ from ..errors import MllmEdgeError
 from ..manifest import FLOAT_SCHEMA_VERSION, MANIFEST_NAME, Manifest, write_manifest
 from ..models.checkpoint import resolve_checkpoint
 from ..models.config import load_llava_spec
+from ..models.families import require_complete
 from ..models.llava import Llava, load_llava
 from ..pruning import PruningConfig
 from ..pruning.flops import PrefillFlops, prefill_flops
@@ -128,6 +129,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     on_stage("load")
     folder = resolve_checkpoint(config.model)
     spec = load_llava_spec(folder)
+    require_complete(spec.model_type, "export")
     pruning = config.pruning
     pruning.validate(spec.text.num_layers, spec.vision.has_cls)
     max_context = check_max_context(config.max_context, spec)

@@ -81,6 +81,8 @@ class LlavaSpec:
     projector_hidden_act: str
     projector_bias: bool
     model_type: str = "llava"  # the family (models/families) that reads and runs it
+    # LLaVA-NeXT: the (height, width) resolutions its anyres views tile; () for one view (LLaVA-1.5)
+    image_grid_pinpoints: tuple = ()
 
     @property
     def num_image_tokens(self) -> int:

@@ -71,11 +71,11 @@ class GenerationResult:
     steps_logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] per generated token
 
 
-def encode_image(llava: Llava, pixel_values: torch.Tensor, pruning: PruningConfig):
-    """-> projected image embeddings [B, n, C] and FasterVLM's kept patch indices (or None)."""
+def encode_image(llava: Llava, pixel_values: torch.Tensor, pruning: PruningConfig, image_sizes=None):
+    """-> projected image embeddings [B, n, C] and FasterVLM's kept patch indices (or None).
+    image_sizes: each picture's (height, width), for LLaVA-NeXT's views."""
     if pruning.fastervlm is None:
-        features, _ = llava.image_features(pixel_values)
-        return llava.projector(features), None
+        return llava.image_embeds(pixel_values, image_sizes), None
     features, cls_row = llava.image_features(pixel_values, want_cls_row=True)
     keep, _ = pruning.keep_counts(features.shape[1])
     kept = fastervlm_select(cls_row, keep)
@@ -83,17 +83,16 @@ def encode_image(llava: Llava, pixel_values: torch.Tensor, pruning: PruningConfi
     return llava.projector(gather_tokens(features, kept)), kept
 
 
-def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch.Tensor):
+def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_sizes=None):
     """Embed the prompt with the image span replaced by image_embeds.
 
     input_ids holds the unpruned placeholder run (as the HF processor gives it); when FasterVLM kept
     fewer tokens the run is shortened to match. Returns (embeddings [B, T, C], image_start).
     """
     start, n = llava.image_span(input_ids)
-    if n != llava.spec.num_image_tokens:
-        raise MllmEdgeError(
-            f"the prompt holds {n} image tokens; this model puts {llava.spec.num_image_tokens}"
-        )
+    expected = llava.unpruned_image_tokens(image_sizes)
+    if n != expected:
+        raise MllmEdgeError(f"the prompt holds {n} image tokens; this model puts {expected}")
     text = llava.decoder.embed(input_ids)
     embeds = torch.cat((text[:, :start], image_embeds.to(text.dtype), text[:, start + n :]), dim=1)
     return embeds, start
@@ -106,12 +105,14 @@ def prefill(
     pixel_values: torch.Tensor,
     pruning: PruningConfig,
     cache: ReferenceCache,
+    image_sizes=None,
 ) -> Prefill:
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
+    llava.check_pruning(pruning)
     decoder = llava.decoder
     num_layers = llava.spec.text.num_layers
-    image_embeds, kept_vision = encode_image(llava, pixel_values, pruning)
-    hidden, image_start = prompt_embeddings(llava, input_ids, image_embeds)
+    image_embeds, kept_vision = encode_image(llava, pixel_values, pruning, image_sizes)
+    hidden, image_start = prompt_embeddings(llava, input_ids, image_embeds, image_sizes)
     b, t, _ = hidden.shape
     positions = torch.arange(t, device=hidden.device).expand(b, t)
     kept_llm = kept_positions = None
@@ -157,6 +158,7 @@ def generate_steps(
     pruning: PruningConfig = PruningConfig(),
     max_new_tokens: int = 16,
     max_context: int | None = None,
+    image_sizes=None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Prefill]]:
     """Yield (next token ids [B], logits [B, V], prefill info) greedily, one step at a time."""
     if max_new_tokens < 1:
@@ -164,7 +166,7 @@ def generate_steps(
     max_len = max_context or input_ids.shape[1] + max_new_tokens
     dtype = next(llava.parameters()).dtype
     cache = ReferenceCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)
-    first = prefill(llava, input_ids, pixel_values, pruning, cache)
+    first = prefill(llava, input_ids, pixel_values, pruning, cache, image_sizes)
     split = pruning.split_layer
     logits = first.logits
     for step in range(max_new_tokens):
@@ -181,17 +183,19 @@ def generate(
     pruning: PruningConfig = PruningConfig(),
     max_new_tokens: int = 16,
     eos_token_id: int | list[int] | None = None,
+    image_sizes=None,
 ) -> GenerationResult:
     """Greedy generation; a sequence stops at an end token (included), the batch when all have.
 
-    eos_token_id may be one id or several, as Hugging Face generation configs give it.
+    eos_token_id may be one id or several, as Hugging Face generation configs give it. image_sizes:
+    each picture's (height, width), which LLaVA-NeXT's views need (the processor's `image_sizes`).
     """
     stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     done = [False] * len(tokens)
     all_logits, first = [], None
     for token, logits, first in generate_steps(  # noqa: B007 (first is read after the loop)
-        llava, input_ids, pixel_values, pruning, max_new_tokens
+        llava, input_ids, pixel_values, pruning, max_new_tokens, image_sizes=image_sizes
     ):
         all_logits.append(logits)
         for i, tok in enumerate(token.tolist()):

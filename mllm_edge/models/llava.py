@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MllmEdgeError
+from ..errors import MllmEdgeError, UnsupportedModelError
 from .checkpoint import iter_weights, resolve_checkpoint
 from .config import LlavaSpec, load_llava_spec
 from .decoder import Decoder
@@ -27,6 +27,18 @@ class Llava(nn.Module):
         """-> unprojected patch features [B, N, Cv] and the [CLS] row [B, N] (or None)."""
         return self.vision(pixel_values, want_cls_row)
 
+    def image_embeds(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """-> the unpruned image span's embeddings [B, n, C] as they enter the LLM."""
+        features, _ = self.image_features(pixel_values)
+        return self.projector(features)
+
+    def unpruned_image_tokens(self, image_sizes=None) -> int:
+        """How many placeholder tokens the processor puts in the prompt for the picture."""
+        return self.spec.num_image_tokens
+
+    def check_pruning(self, pruning) -> None:
+        """Refuse pruning this model cannot do (LLaVA: none; it runs every method)."""
+
     def image_span(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(start, length) of the image placeholder run; the same in every row of the batch."""
         is_image = input_ids == self.spec.image_token_id
@@ -43,6 +55,64 @@ class Llava(nn.Module):
                 "image placeholder tokens must form one run at the same place in every prompt"
             )
         return start, n
+
+
+class LlavaNext(Llava):
+    """LLaVA-NeXT: each picture as its anyres views (base view, then tiles), packed as transformers'
+    LlavaNextModel.pack_image_features packs them: the base view's patches, then the tiles' patch
+    grid stitched, unpadded (runtime/anyres.py's arithmetic) and one image_newline after each row."""
+
+    def __init__(self, spec: LlavaSpec):
+        from ..runtime.anyres import AnyRes
+
+        super().__init__(spec)
+        self.image_newline = nn.Parameter(torch.empty(spec.text.hidden_size))
+        self.anyres = AnyRes.from_config(
+            spec.image_grid_pinpoints, spec.vision.image_size, spec.vision.patch_size
+        )
+
+    def image_embeds(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """pixel_values [B, V, 3, S, S] (the processor's, views padded to the most), image_sizes
+        [B, 2] (height, width) -> [B, n, C]; every picture of a batch must give the same n."""
+        if image_sizes is None or pixel_values.dim() != 5:
+            raise MllmEdgeError(
+                "LLaVA-NeXT needs its views [B, V, 3, S, S] and each picture's (height, width)"
+            )
+        packed = []
+        for views, (height, width) in zip(pixel_values, [tuple(map(int, s)) for s in image_sizes]):
+            rows, cols = self.anyres.best_resolution(height, width)
+            tiles = (rows // self.anyres.tile) * (cols // self.anyres.tile)
+            features, _ = self.vision(views[: 1 + tiles])
+            packed.append(self._pack(self.projector(features), height, width))
+        if len({p.shape[0] for p in packed}) != 1:
+            raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
+        return torch.stack(packed)
+
+    def _pack(self, embeds: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        side, tile = self.spec.vision.grid, self.anyres.tile
+        target_h, target_w = self.anyres.best_resolution(height, width)
+        tiles_h, tiles_w = target_h // tile, target_w // tile
+        c = embeds.shape[-1]
+        grid = embeds[1:].reshape(tiles_h, tiles_w, side, side, c).permute(4, 0, 2, 1, 3)
+        grid = grid.reshape(c, tiles_h * side, tiles_w * side)  # the stitched patch grid, row-major
+        rows, cols = self.anyres.packed_grid(height, width)
+        top, left = (tiles_h * side - rows) // 2, (tiles_w * side - cols) // 2
+        grid = grid[:, top : top + rows, left : left + cols]
+        newline = self.image_newline.to(grid.dtype)[:, None, None].expand(c, rows, 1)
+        grid = torch.cat((grid, newline), dim=2).reshape(c, rows * (cols + 1)).T
+        return torch.cat((embeds[0], grid))
+
+    def unpruned_image_tokens(self, image_sizes=None) -> int:
+        counts = {self.anyres.image_tokens(int(h), int(w)) for h, w in image_sizes}
+        if len(counts) != 1:
+            raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
+        return counts.pop()
+
+    def check_pruning(self, pruning) -> None:
+        if pruning.fastv or pruning.fastervlm:
+            raise UnsupportedModelError(
+                "pruning LLaVA-NeXT (FasterVLM per view, FastV over the span) is not supported yet"
+            )
 
 
 def load_llava(model: str | Path, dtype: torch.dtype = torch.float32) -> Llava:

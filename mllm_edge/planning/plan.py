@@ -70,7 +70,10 @@ def load_model(source: Path) -> tuple[costs.Model, int, str]:
             raise MllmEdgeError(
                 f"planning from a config.json reads it with transformers ({e}): pip install 'mllm-edge[export]'"
             ) from None
+        from ..models.families import require_complete
+
         spec = load_llava_spec(source)
+        require_complete(spec.model_type, "planning")
         architecture = {**spec.to_dict(), "num_image_tokens": spec.num_image_tokens}
         return (
             costs.Model.from_architecture(architecture),

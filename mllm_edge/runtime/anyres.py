@@ -12,8 +12,8 @@ tokens   the base view's patches, then the tiles' patch grids stitched into one 
          the model's rounding (`round(x, 7)`, then equal cuts from both sides), one newline token
          after each row.
 
-Used by issue 18's LLaVA-NeXT support (the vision graph over views, the pruning per view) once it
-lands; on its own here with its tests.
+models/llava.py's LlavaNext packs its features by this arithmetic; the runtime's views (the vision
+graph over views, pruning per view) are issue 18's next steps.
 """
 
 from __future__ import annotations

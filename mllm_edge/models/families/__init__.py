@@ -40,7 +40,10 @@ class ModelFamily:
     build: Callable  # LlavaSpec -> the torch modules (made on whatever device is current)
     canonical_key: Callable[[str], str]  # checkpoint key -> our parameter name (idempotent)
     unused_weight: Callable  # (canonical key, spec) -> whether the checkpoint's weight never runs
-    image_tokens: Callable  # (spec, views=1) -> image tokens the unpruned model puts into the LLM
+    image_tokens: (
+        Callable  # spec -> image tokens the unpruned model puts into the LLM (the most, if it varies)
+    )
+    not_yet: str | None = None  # what export, reference and plan cannot do with it yet (None: all of it)
 
 
 _REGISTRY: dict[type, dict[str, object]] | None = None
@@ -85,3 +88,12 @@ def model_family(model_type: str | None) -> ModelFamily:
         expected = " or ".join(f"'{m}'" for m in supported(ModelFamily))
         raise UnsupportedModelError(f"model type '{model_type}' is not supported (expected {expected})")
     return family
+
+
+def require_complete(model_type: str, command: str) -> None:
+    """Refuse a family whose support is still partial, naming what is missing (UnsupportedModelError)."""
+    family = model_family(model_type)
+    if family.not_yet:
+        raise UnsupportedModelError(
+            f"{command} of {model_type} checkpoints is not supported yet: {family.not_yet}"
+        )

@@ -66,9 +66,9 @@ def build(spec: LlavaSpec):
     return Llava(spec)
 
 
-def image_tokens(spec: LlavaSpec, views: int = 1) -> int:
-    """One token per patch of each view (LLaVA-1.5: one view of the whole image)."""
-    return views * spec.vision.num_patches
+def image_tokens(spec: LlavaSpec) -> int:
+    """One token per patch of the one view of the whole image."""
+    return spec.vision.num_patches
 
 
 FAMILY = ModelFamily(

@@ -1,0 +1,195 @@
+"""LLaVA-NeXT in our PyTorch modules against transformers' LlavaNextForConditionalGeneration: the packed
+image span, the logits and greedy tokens, on pictures of many shapes; and what is refused until the
+views are exported (issue 18)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from mllm_edge.errors import MllmEdgeError, UnsupportedModelError  # noqa: E402
+from mllm_edge.models import generate, load_llava  # noqa: E402
+from mllm_edge.models.config import load_llava_spec  # noqa: E402
+from mllm_edge.pruning import PruningConfig  # noqa: E402
+from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava  # noqa: E402
+
+TOL = 1e-4
+SPECS = {
+    # Llama, 56-pixel tiles of 14-pixel patches (16 per view), llava-v1.6's kind of pinpoints
+    "llama": TinyLlavaSpec(
+        name="next_llama",
+        image_size=56,
+        patch_size=14,
+        image_grid_pinpoints=((56, 112), (112, 56), (112, 112), (168, 56), (56, 168)),
+    ),
+    # Mistral with grouped-query attention, 48-pixel tiles of 16-pixel patches (9 per view), 3x3 tiles
+    "mistral": TinyLlavaSpec(
+        name="next_mistral",
+        text_arch="mistral",
+        num_kv_heads=2,
+        image_size=48,
+        patch_size=16,
+        image_grid_pinpoints=((48, 48), (48, 144), (144, 48), (144, 144), (96, 144)),
+        seed=1,
+    ),
+}
+SIZES = [(56, 56), (40, 90), (90, 40), (3, 5), (200, 60), (57, 113), (300, 300), (1, 400)]
+QUESTION = "What colour is the circle?"
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def next_checkpoint(request, tmp_path_factory):
+    spec = SPECS[request.param]
+    return make_tiny_llava(tmp_path_factory.mktemp("next") / spec.name, spec), spec
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hf_inputs(processor, image):
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
+    )
+    return processor(images=[image], text=prompt, return_tensors="pt")
+
+
+def close(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def test_packed_span_and_logits_equal_transformers(next_checkpoint):
+    """For square, wide, tall, tiny and odd pictures: our packed image span (base view, unpadded tile
+    grid, a newline per row) equals transformers' image features, and the last-token logits match."""
+    path, spec = next_checkpoint
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    ours = load_llava(path)
+    assert type(ours).__name__ == "LlavaNext" and ours.spec.model_type == "llava_next"
+    for i, (h, w) in enumerate(SIZES):
+        batch = hf_inputs(processor, picture(h, w, i))
+        with torch.no_grad():
+            features = hf.model.get_image_features(
+                pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"]
+            )
+            features = features.pooler_output if hasattr(features, "pooler_output") else features
+            expected = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+            hf_logits = hf(**batch).logits[:, -1]
+            span = ours.image_embeds(batch["pixel_values"], batch["image_sizes"])
+        assert span.shape[1] == ours.unpruned_image_tokens(batch["image_sizes"].tolist()), (h, w)
+        assert span.shape[1] == int((batch["input_ids"] == ours.spec.image_token_id).sum()), (h, w)
+        assert span[0].shape == expected.shape, (h, w)
+        assert close(span[0], expected) < TOL, (h, w)
+        result = generate(
+            ours,
+            batch["input_ids"],
+            batch["pixel_values"],
+            max_new_tokens=1,
+            image_sizes=batch["image_sizes"],
+        )
+        assert close(result.prefill.logits, hf_logits) < TOL, (h, w)
+
+
+def test_greedy_tokens_equal_transformers_generate(next_checkpoint):
+    path, _ = next_checkpoint
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    ours = load_llava(path)
+    for i, (h, w) in enumerate([(90, 40), (57, 113)]):
+        batch = hf_inputs(processor, picture(h, w, 10 + i))
+        with torch.no_grad():
+            expected = hf.generate(**batch, max_new_tokens=12, do_sample=False)
+        expected = expected[0, batch["input_ids"].shape[1] :].tolist()
+        result = generate(
+            ours,
+            batch["input_ids"],
+            batch["pixel_values"],
+            max_new_tokens=12,
+            eos_token_id=hf.generation_config.eos_token_id,
+            image_sizes=batch["image_sizes"],
+        )
+        assert len(expected) >= 8
+        assert result.token_ids[0] == expected, (h, w)
+
+
+def test_the_spec_counts_the_largest_picture():
+    """num_image_tokens is the most a picture can give (what a bundle's max context must hold): for
+    LLaVA-1.6's CLIP-L/336 and its five pinpoints, 576 base tokens + 48 rows of 48 patches and a
+    newline (672 x 672) = 2928."""
+    from mllm_edge.models.config import spec_from_hf_config
+
+    cfg = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
+        text_config=transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32),
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    spec = spec_from_hf_config(cfg)
+    assert spec.model_type == "llava_next"
+    assert spec.image_grid_pinpoints == ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    assert spec.num_image_tokens == 576 + 48 * 49 == 2928
+
+
+def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from mllm_edge.cli import app
+    from mllm_edge.export.bundle import ExportConfig, export_bundle
+
+    path, _ = next_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    for key, value, message in [
+        ("mm_patch_merge_type", "flat", "mm_patch_merge_type='flat'"),
+        ("vision_feature_select_strategy", "full", "vision_feature_select_strategy='full'"),
+        ("image_grid_pinpoints", [[50, 70]], "not a whole number"),
+    ]:
+        folder = tmp_path / key
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(UnsupportedModelError, match=message):
+            load_llava_spec(folder)
+
+    ours = load_llava(path)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    batch = hf_inputs(processor, picture(40, 90, 0))
+    for method in ("fastv", "fastervlm"):
+        with pytest.raises(UnsupportedModelError, match="pruning LLaVA-NeXT"):
+            generate(
+                ours,
+                batch["input_ids"],
+                batch["pixel_values"],
+                PruningConfig.from_method(method, 0.5),
+                image_sizes=batch["image_sizes"],
+            )
+    with pytest.raises(MllmEdgeError, match="views"):
+        ours.image_embeds(batch["pixel_values"][:, 0])  # one view, no sizes
+    with pytest.raises(UnsupportedModelError, match="export of llava_next checkpoints is not supported yet"):
+        export_bundle(ExportConfig(str(path), tmp_path / "bundle", PruningConfig(), "fp32"))
+    assert not (tmp_path / "bundle").exists()
+    image = tmp_path / "picture.png"
+    picture(40, 90, 0).save(image)
+    runner = CliRunner()
+    for args, command in [
+        (["reference", str(image), "--model", str(path)], "reference"),
+        (["plan", str(path), "--device", "orin-nano-8gb"], "planning"),
+    ]:
+        got = runner.invoke(app, args)
+        assert got.exit_code == 1, got.output
+        assert f"{command} of llava_next checkpoints is not supported yet" in got.output
