@@ -508,7 +508,7 @@ def main() -> None:
             "model": {
                 "params": reference["params"],
                 **sizes,
-                "vision": "CLIP-L/336 (24 layers, 1024 wide)",
+                "vision": f"CLIP-L/336 shape ({args.vision_layers} layers, 1024 wide)",
                 "vocab": 32064,
             },
             "tokens": args.tokens,

@@ -110,16 +110,21 @@ def reference(
 
     pruning = PruningConfig.from_method(method, ratio, k, vision_ratio)
     picture = load_image(image, max_image_pixels)
-    folder = resolve_checkpoint(model)
-    require_complete(load_llava_spec(folder).model_type, "reference")
+    folder = resolve_checkpoint(
+        model, check=lambda f: require_complete(load_llava_spec(f).model_type, "reference")
+    )
     llava = load_llava(folder)
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
     input_ids, pixel_values, _ = prepare_inputs(folder, picture, prompt)
     limit = llava.spec.text.max_context  # as `run` checks its max context
     if input_ids.shape[1] + max_new_tokens > limit:
+        holds = (
+            f"its sliding window is {limit} tokens"
+            if limit < llava.spec.text.max_position_embeddings
+            else f"the model holds {limit} positions"
+        )
         raise MllmEdgeError(
-            f"the prompt takes {input_ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} more; "
-            f"the model holds {limit} positions"
+            f"the prompt takes {input_ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} more; {holds}"
         )
     from transformers import AutoTokenizer
 

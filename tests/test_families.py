@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mllm_edge.errors import UnsupportedModelError
+from mllm_edge.errors import MllmEdgeError, UnsupportedModelError
 from mllm_edge.models import families
 from mllm_edge.models.families import ModelFamily, TextFamily, VisionFamily
 
@@ -62,7 +62,7 @@ def test_mistral_keeps_every_context_within_its_sliding_window(tiny_checkpoints,
     assert (spec.text.attention_bias, spec.text.mlp_bias, spec.text.o_proj_bias) == (False, False, False)
     assert check_max_context(None, spec) == window
     assert check_max_context(window, spec) == window
-    with pytest.raises(Exception, match=f"sliding window of {window} tokens"):
+    with pytest.raises(MllmEdgeError, match=f"sliding window of {window} tokens"):
         check_max_context(window + 1, spec)
 
     config = json.loads((tiny_checkpoints["mistral"] / "config.json").read_text())

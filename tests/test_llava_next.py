@@ -180,6 +180,10 @@ def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpo
             )
     with pytest.raises(MllmEdgeError, match="views"):
         ours.image_embeds(batch["pixel_values"][:, 0])  # one view, no sizes
+    with pytest.raises(MllmEdgeError, match="views"):
+        ours.image_embeds(batch["pixel_values"], [])  # sizes for fewer pictures than the batch
+    with pytest.raises(MllmEdgeError, match="views"):
+        ours.unpruned_image_tokens(None)
     with pytest.raises(UnsupportedModelError, match="export of llava_next checkpoints is not supported yet"):
         export_bundle(ExportConfig(str(path), tmp_path / "bundle", PruningConfig(), "fp32"))
     assert not (tmp_path / "bundle").exists()
@@ -193,3 +197,32 @@ def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpo
         got = runner.invoke(app, args)
         assert got.exit_code == 1, got.output
         assert f"{command} of llava_next checkpoints is not supported yet" in got.output
+
+
+def test_a_refused_hub_checkpoint_downloads_no_weights(next_checkpoint, tmp_path, monkeypatch):
+    """A hub id is checked on its config and tokenizer files before any weight is asked for: a NeXT
+    checkpoint that export refuses costs kilobytes, not 14 GB. (The hub is replaced by a local copy.)"""
+    import shutil
+
+    import huggingface_hub
+
+    from mllm_edge.export.bundle import ExportConfig, export_bundle
+
+    path, _ = next_checkpoint
+    small = tmp_path / "hub"
+    small.mkdir()
+    for f in path.iterdir():
+        if f.suffix in (".json", ".jinja", ".model"):
+            shutil.copy(f, small / f.name)
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append(list(allow_patterns))
+        return str(small)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(UnsupportedModelError, match="export of llava_next"):
+        export_bundle(
+            ExportConfig("llava-hf/llava-v1.6-vicuna-7b-hf", tmp_path / "out", PruningConfig(), "fp32")
+        )
+    assert asked and all("*.safetensors" not in patterns for patterns in asked)

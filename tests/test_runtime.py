@@ -290,24 +290,30 @@ def test_damaged_bundles_are_named(export_cache, image_file, tmp_path):
 
 
 def test_a_graph_that_fails_to_open_names_itself_and_closes_the_others(export_cache, tmp_path, monkeypatch):
-    """The graphs open side by side: one that ONNX Runtime cannot load gives its own error, and the
-    sessions already made are closed, not left behind."""
+    """The graphs open side by side: one that ONNX Runtime cannot load gives its own error, and every
+    session that did open is closed, not left behind (those not started yet are not opened)."""
     from mllm_edge.manifest import load_manifest
     from mllm_edge.runtime.backends import onnxruntime as ort_backend
 
     source, _ = export_cache("llama_gqa", "fastv")
     folder = tmp_path / "bundle"
     shutil.copytree(source, folder)
-    (folder / "llm_tail.onnx").write_bytes(b"not a graph")
-    closed = []
-    real_close = ort_backend.OnnxRuntimeEngine.close
-    monkeypatch.setattr(
-        ort_backend.OnnxRuntimeEngine, "close", lambda self: closed.append(self.name) or real_close(self)
-    )
+    (folder / "llm_head.onnx").write_bytes(b"not a graph")
+    opened, closed = [], []
+    engine = ort_backend.OnnxRuntimeEngine
+    real_init, real_close = engine.__init__, engine.close
+
+    def init(self, path, *args, **kwargs):
+        real_init(self, path, *args, **kwargs)
+        opened.append(self.name)
+
+    monkeypatch.setattr(engine, "__init__", init)
+    monkeypatch.setattr(engine, "close", lambda self: closed.append(self.name) or real_close(self))
     manifest = load_manifest(folder, verify_files=False)
-    with pytest.raises(MllmEdgeError, match="ONNX Runtime cannot load llm_tail.onnx"):
+    with pytest.raises(MllmEdgeError, match="ONNX Runtime cannot load llm_head.onnx"):
         ort_backend.OnnxRuntimeBackend(folder, manifest)
-    assert sorted(closed) == sorted(set(manifest.graphs) - {"llm_tail"})
+    assert "llm_head" not in opened and opened  # the one before it in the manifest opened
+    assert sorted(closed) == sorted(opened)
 
 
 def test_cuda_without_onnxruntime_gpu_is_refused(export_cache, image_file):

@@ -127,9 +127,10 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
 
 def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> ExportReport:
     on_stage("load")
-    folder = resolve_checkpoint(config.model)
+    folder = resolve_checkpoint(
+        config.model, check=lambda f: require_complete(load_llava_spec(f).model_type, "export")
+    )
     spec = load_llava_spec(folder)
-    require_complete(spec.model_type, "export")
     pruning = config.pruning
     pruning.validate(spec.text.num_layers, spec.vision.has_cls)
     max_context = check_max_context(config.max_context, spec)

@@ -18,13 +18,19 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import MllmEdgeError
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+SMALL_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]  # config, tokenizer, processor
+HUB_PATTERNS = [*SMALL_PATTERNS, "*.safetensors"]
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
-    """A local checkpoint folder as given, or a hub id downloaded (or found in the local HF cache)."""
+def resolve_checkpoint(model: str | Path, check: Callable[[Path], None] | None = None) -> Path:
+    """A local checkpoint folder as given, or a hub id downloaded (or found in the local HF cache).
+
+    check(folder), if given, runs on the config and tokenizer files before any weight is
+    downloaded, so a checkpoint it refuses costs a few kilobytes, not gigabytes."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if check is not None:
+            check(path)
         return path
     if path.exists():
         raise MllmEdgeError(f"{model} is a file; expected a checkpoint folder or a Hugging Face hub id")
@@ -34,10 +40,16 @@ def resolve_checkpoint(model: str | Path) -> Path:
         raise MllmEdgeError(
             f"model folder {model} does not exist (nor is it a hub id like 'llava-hf/llava-1.5-7b-hf')"
         )
+    if check is not None:
+        check(_download(str(model), SMALL_PATTERNS))
+    return _download(str(model), HUB_PATTERNS)
+
+
+def _download(model: str, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(model), allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated model: all end the same way for the user
         raise MllmEdgeError(
             f"cannot get '{model}' from the Hugging Face hub ({type(e).__name__}: {e}); "

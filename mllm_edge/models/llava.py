@@ -57,6 +57,9 @@ class Llava(nn.Module):
         return start, n
 
 
+NEEDS_VIEWS = "LLaVA-NeXT needs its views [B, V, 3, S, S] and each picture's (height, width)"
+
+
 class LlavaNext(Llava):
     """LLaVA-NeXT: each picture as its anyres views (base view, then tiles), packed as transformers'
     LlavaNextModel.pack_image_features packs them: the base view's patches, then the tiles' patch
@@ -74,10 +77,8 @@ class LlavaNext(Llava):
     def image_embeds(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """pixel_values [B, V, 3, S, S] (the processor's, views padded to the most), image_sizes
         [B, 2] (height, width) -> [B, n, C]; every picture of a batch must give the same n."""
-        if image_sizes is None or pixel_values.dim() != 5:
-            raise MllmEdgeError(
-                "LLaVA-NeXT needs its views [B, V, 3, S, S] and each picture's (height, width)"
-            )
+        if image_sizes is None or pixel_values.dim() != 5 or len(image_sizes) != pixel_values.shape[0]:
+            raise MllmEdgeError(NEEDS_VIEWS)
         packed = []
         for views, (height, width) in zip(pixel_values, [tuple(map(int, s)) for s in image_sizes]):
             rows, cols = self.anyres.best_resolution(height, width)
@@ -103,6 +104,8 @@ class LlavaNext(Llava):
         return torch.cat((embeds[0], grid))
 
     def unpruned_image_tokens(self, image_sizes=None) -> int:
+        if image_sizes is None:
+            raise MllmEdgeError(NEEDS_VIEWS)
         counts = {self.anyres.image_tokens(int(h), int(w)) for h, w in image_sizes}
         if len(counts) != 1:
             raise MllmEdgeError("every picture of a batch must give the same number of image tokens")

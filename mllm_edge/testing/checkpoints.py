@@ -14,6 +14,7 @@ greedy decoding is decided by the model and not by float rounding. That keeps pa
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,6 +212,7 @@ def _corpus() -> list[str]:
     return lines
 
 
+@functools.cache
 def train_sentencepiece() -> bytes:
     """A SentencePiece BPE model of the corpus with Llama-2's settings: byte fallback, split digits,
     a dummy prefix, no normalisation; <unk>=0 <s>=1 </s>=2. Deterministic (one thread)."""
@@ -364,6 +366,8 @@ def _build_config(spec: TinyLlavaSpec, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if spec.sliding_window is not None and spec.text_arch != "mistral":
+        raise ValueError(f"sliding_window is Mistral's setting, not {spec.text_arch}'s")
     if spec.text_arch == "llama":
         text_config = LlamaConfig(**text_kwargs)
     elif spec.text_arch == "qwen2":

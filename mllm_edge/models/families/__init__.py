@@ -1,10 +1,11 @@
 """Model families, one module each in this folder, found by the `model_type` they declare.
 
 Adding a family means adding a module here that defines `FAMILY`, one of:
-  TextFamily    a language model (llama, qwen2): its TextSpec from the Hugging Face text config
+  TextFamily    a language model (llama, qwen2, mistral): its TextSpec from the Hugging Face text config
   VisionFamily  a vision tower (CLIP, SigLIP): its [CLS] token and the one feature selection supported
-  ModelFamily   the whole VLM (llava): its spec, its torch modules, the checkpoint's weight-key mapping,
-                the weights it never runs, and how many image tokens an input gives
+  ModelFamily   the whole VLM (llava, llava_next): its spec, its torch modules, the checkpoint's weight-key
+                mapping, the weights it never runs, how many image tokens an input gives (at most), and
+                what of the toolchain does not handle it yet
 No other file branches on a model type. Modules are imported when a family is first looked up.
 """
 

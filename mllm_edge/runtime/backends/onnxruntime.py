@@ -142,18 +142,20 @@ class OnnxRuntimeBackend(BackendResources):
         # Opening a session reads its weights into memory and prepacks them, about a second per GB
         # here, with the GIL released: the graphs open side by side (an fp32 ~0.8B bundle: 2.2 s
         # instead of 3.3 s on 2 cores). Low-memory sessions open one at a time, to keep the peak low.
+        _import_onnxruntime()  # once, before the threads
         workers = 1 if low_memory else min(len(manifest.graphs), os.cpu_count() or 1)
+        failed = None
         with ThreadPoolExecutor(workers) as pool:
             opening = {
                 graph: pool.submit(OnnxRuntimeEngine, folder / spec.file, device, low_memory)
                 for graph, spec in manifest.graphs.items()
             }
-        failed = None
-        for graph, future in opening.items():
-            try:
-                self.engines[graph] = future.result()
-            except BaseException as e:
-                failed = failed or e
+            for graph, future in opening.items():
+                try:
+                    self.engines[graph] = future.result()
+                except BaseException as e:
+                    failed = failed or e
+                    pool.shutdown(cancel_futures=True)  # the graphs not started yet are not opened
         if failed is not None:
             self.close()
             raise failed
