@@ -121,6 +121,108 @@ def test_greedy_tokens_equal_transformers_generate(next_checkpoint):
         assert result.token_ids[0] == expected, (h, w)
 
 
+@pytest.mark.parametrize("k, ratio", [(1, 0.5), (2, 0.75)])
+def test_fastv_keeps_what_transformers_attention_ranks_over_the_packed_span(next_checkpoint, k, ratio):
+    """FastV on NeXT: one top-k over the whole span (base, tiles, newline tokens) by the last prompt
+    token's head-mean attention at layer K-1, keep = round(n * (1 - R)) of this picture's n: equal to
+    the set derived from transformers' eager attention maps; the answer then decodes at original positions."""
+    from helpers import stable_top_k
+
+    from mllm_edge.pruning import keep_count
+
+    path, _ = next_checkpoint
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    ours = load_llava(path)
+    for i, (h, w) in enumerate([(40, 90), (300, 300), (90, 40)]):
+        batch = hf_inputs(processor, picture(h, w, 20 + i))
+        with torch.no_grad():
+            out = hf(**batch, output_attentions=True)
+        span = (batch["input_ids"][0] == hf.config.image_token_id).nonzero().flatten()
+        row = out.attentions[k - 1][0, :, -1, :].mean(dim=0)
+        expected = stable_top_k(row[span].tolist(), keep_count(len(span), ratio))
+        result = generate(
+            ours,
+            batch["input_ids"],
+            batch["pixel_values"],
+            PruningConfig.from_method("fastv", ratio, k),
+            max_new_tokens=4,
+            image_sizes=batch["image_sizes"],
+        )
+        assert result.prefill.kept_llm[0].tolist() == expected, (h, w)
+        assert (
+            result.prefill.prompt_length == batch["input_ids"].shape[1]
+        )  # decoding continues at original positions
+        assert len(result.token_ids[0]) == 4
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_fastervlm_keeps_per_view_what_each_views_cls_attention_ranks_and_merges_spatially(
+    next_checkpoint, ratio
+):
+    """Each view ranked by its own [CLS] row of transformers' eager CLIP attention at the feature
+    layer, round(N * (1 - R)) kept per view; the merged span: the base view's kept tokens, then the
+    tiles' in the stitched grid's raster order (no unpadding, no newline), projected: built here
+    independently from transformers' tower and projector. FastV then ranks that merged span."""
+    from helpers import stable_top_k
+
+    from mllm_edge.pruning import keep_count
+
+    path, spec = next_checkpoint
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    ours = load_llava(path)
+    side = spec.image_size // spec.patch_size
+    keep = keep_count(side * side, ratio)
+    for i, (h, w) in enumerate([(40, 90), (300, 300), (200, 60)]):
+        batch = hf_inputs(processor, picture(h, w, 30 + i))
+        target_h, target_w = ours.anyres.best_resolution(h, w)
+        tiles_w, n_views = (
+            target_w // spec.image_size,
+            1 + (target_h // spec.image_size) * (target_w // spec.image_size),
+        )
+        views = batch["pixel_values"][0, :n_views]
+        with torch.no_grad():
+            tower = hf.model.vision_tower(views, output_attentions=True, output_hidden_states=True)
+            cls_rows = tower.attentions[hf.config.vision_feature_layer][:, :, 0, 1:].mean(dim=1)  # [V, N]
+            projected = hf.model.multi_modal_projector(
+                tower.hidden_states[hf.config.vision_feature_layer][:, 1:]
+            )
+        expected_kept = [stable_top_k(row.tolist(), keep) for row in cls_rows]
+        merged = [projected[0, p] for p in expected_kept[0]]
+        tile_patches = []
+        for t, kept in enumerate(expected_kept[1:]):
+            for p in kept:
+                row, col = (t // tiles_w) * side + p // side, (t % tiles_w) * side + p % side
+                tile_patches.append(((row, col), projected[1 + t, p]))
+        merged += [vector for _, vector in sorted(tile_patches, key=lambda item: item[0])]
+        expected = torch.stack(merged)
+
+        with torch.no_grad():
+            embeds, kept = ours.fastervlm_embeds(batch["pixel_values"], ratio, batch["image_sizes"])
+        assert kept[0].tolist() == expected_kept, (h, w)
+        assert embeds[0].shape == expected.shape == (n_views * keep, spec.hidden_size)
+        assert close(embeds[0], expected) < TOL, (h, w)
+
+        both = PruningConfig.from_method("fastv+fastervlm", 0.5, 1, vision_ratio=ratio)
+        result = generate(
+            ours,
+            batch["input_ids"],
+            batch["pixel_values"],
+            both,
+            max_new_tokens=2,
+            image_sizes=batch["image_sizes"],
+        )
+        unpruned = int((batch["input_ids"] == hf.config.image_token_id).sum())
+        assert result.prefill.kept_vision[0].tolist() == expected_kept
+        assert result.prefill.kept_llm.shape[1] == keep_count(n_views * keep, 0.5)
+        assert result.prefill.prompt_length == batch["input_ids"].shape[1] - unpruned + n_views * keep
+
+
 def test_the_spec_counts_the_largest_picture():
     """num_image_tokens is the most a picture can give (what a bundle's max context must hold): for
     LLaVA-1.6's CLIP-L/336 and its five pinpoints, 576 base tokens + 48 rows of 48 patches and a
@@ -169,15 +271,6 @@ def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpo
     ours = load_llava(path)
     processor = transformers.AutoProcessor.from_pretrained(path)
     batch = hf_inputs(processor, picture(40, 90, 0))
-    for method in ("fastv", "fastervlm"):
-        with pytest.raises(UnsupportedModelError, match="pruning LLaVA-NeXT"):
-            generate(
-                ours,
-                batch["input_ids"],
-                batch["pixel_values"],
-                PruningConfig.from_method(method, 0.5),
-                image_sizes=batch["image_sizes"],
-            )
     with pytest.raises(MllmEdgeError, match="views"):
         ours.image_embeds(batch["pixel_values"][:, 0])  # one view, no sizes
     with pytest.raises(MllmEdgeError, match="views"):

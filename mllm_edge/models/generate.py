@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from ..errors import MllmEdgeError
-from ..pruning import PruningConfig, fastervlm_select, fastv_select, gather_tokens
+from ..pruning import PruningConfig, fastv_select, gather_tokens, keep_count
 from .llava import Llava
 
 
@@ -59,7 +59,9 @@ class ReferenceCache:
 class Prefill:
     logits: torch.Tensor  # [B, V] at the last prompt token
     prompt_length: int  # tokens that entered the LLM (after FasterVLM): decode positions start here
-    kept_vision: torch.Tensor | None  # [B, keep] patch indices FasterVLM kept, raster order
+    kept_vision: (
+        torch.Tensor | None
+    )  # [B, keep] patch indices FasterVLM kept, raster order (NeXT: [B, views, keep])
     kept_llm: torch.Tensor | None  # [B, keep] indices into the LLM's image span that FastV kept
     kept_positions: torch.Tensor | None  # [B, M] prompt positions that go on to layers >= K
 
@@ -76,11 +78,7 @@ def encode_image(llava: Llava, pixel_values: torch.Tensor, pruning: PruningConfi
     image_sizes: each picture's (height, width), for LLaVA-NeXT's views."""
     if pruning.fastervlm is None:
         return llava.image_embeds(pixel_values, image_sizes), None
-    features, cls_row = llava.image_features(pixel_values, want_cls_row=True)
-    keep, _ = pruning.keep_counts(features.shape[1])
-    kept = fastervlm_select(cls_row, keep)
-    # The projector is per token, so projecting only the kept patches equals project-then-select.
-    return llava.projector(gather_tokens(features, kept)), kept
+    return llava.fastervlm_embeds(pixel_values, pruning.fastervlm.ratio, image_sizes)
 
 
 def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_sizes=None):
@@ -108,7 +106,6 @@ def prefill(
     image_sizes=None,
 ) -> Prefill:
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
-    llava.check_pruning(pruning)
     decoder = llava.decoder
     num_layers = llava.spec.text.num_layers
     image_embeds, kept_vision = encode_image(llava, pixel_values, pruning, image_sizes)
@@ -121,7 +118,7 @@ def prefill(
         out = decoder.run_layers(hidden, positions, 0, split, row_layer=split - 1)
         cache.append(0, out.new_keys, out.new_values)
         n_image = image_embeds.shape[1]
-        _, keep = pruning.keep_counts(llava.spec.num_image_tokens)
+        keep = keep_count(n_image, pruning.fastv.ratio)  # of the span as it entered the LLM
         kept_llm, kept_positions = fastv_select(out.last_row, image_start, n_image, keep)
         hidden = gather_tokens(out.hidden, kept_positions)
         positions = gather_tokens(positions, kept_positions)  # original ids: gaps stay

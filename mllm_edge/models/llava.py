@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MllmEdgeError, UnsupportedModelError
+from ..errors import MllmEdgeError
 from .checkpoint import iter_weights, resolve_checkpoint
 from .config import LlavaSpec, load_llava_spec
 from .decoder import Decoder
@@ -32,12 +32,19 @@ class Llava(nn.Module):
         features, _ = self.image_features(pixel_values)
         return self.projector(features)
 
+    def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None):
+        """FasterVLM: -> the kept patches' embeddings [B, keep, C] and their indices [B, keep] (raster
+        order), ranked by the [CLS] row of the feature layer. The projector is per token, so
+        projecting only the kept patches equals project-then-select."""
+        from ..pruning import fastervlm_select, gather_tokens, keep_count
+
+        features, cls_row = self.image_features(pixel_values, want_cls_row=True)
+        kept = fastervlm_select(cls_row, keep_count(features.shape[1], ratio))
+        return self.projector(gather_tokens(features, kept)), kept
+
     def unpruned_image_tokens(self, image_sizes=None) -> int:
         """How many placeholder tokens the processor puts in the prompt for the picture."""
         return self.spec.num_image_tokens
-
-    def check_pruning(self, pruning) -> None:
-        """Refuse pruning this model cannot do (LLaVA: none; it runs every method)."""
 
     def image_span(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(start, length) of the image placeholder run; the same in every row of the batch."""
@@ -111,11 +118,43 @@ class LlavaNext(Llava):
             raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
         return counts.pop()
 
-    def check_pruning(self, pruning) -> None:
-        if pruning.fastv or pruning.fastervlm:
-            raise UnsupportedModelError(
-                "pruning LLaVA-NeXT (FasterVLM per view, FastV over the span) is not supported yet"
-            )
+    def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None):
+        """FasterVLM per view (the official code's semantics): each view ranked by its own [CLS] row,
+        round(N * (1 - R)) patches kept per view, merged "spatial": the base view's kept tokens in
+        raster order, then the tiles' in the raster order of the stitched tile grid (row by row
+        across tiles), no unpadding, no newline tokens. -> [B, views * keep, C] and the kept patch
+        indices per view [B, views, keep] (raster order within each view, base view first)."""
+        from ..pruning import fastervlm_select, keep_count
+
+        if image_sizes is None or pixel_values.dim() != 5 or len(image_sizes) != pixel_values.shape[0]:
+            raise MllmEdgeError(NEEDS_VIEWS)
+        embeds, kept_sets = [], []
+        for views, (height, width) in zip(pixel_values, [tuple(map(int, s)) for s in image_sizes]):
+            target_h, target_w = self.anyres.best_resolution(height, width)
+            tiles_w = target_w // self.anyres.tile
+            n_views = 1 + (target_h // self.anyres.tile) * tiles_w
+            features, cls_row = self.vision(views[:n_views], want_cls_row=True)  # [V, N, Cv], [V, N]
+            n = features.shape[1]
+            kept = fastervlm_select(cls_row, keep_count(n, ratio))  # [V, keep]
+            order = self._spatial_order(kept, tiles_w)
+            embeds.append(self.projector(features.reshape(-1, features.shape[-1])[order]))
+            kept_sets.append(kept)
+        if len({e.shape[0] for e in embeds}) != 1:
+            raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
+        return torch.stack(embeds), torch.stack(kept_sets)
+
+    def _spatial_order(self, kept: torch.Tensor, tiles_w: int) -> torch.Tensor:
+        """Indices into the views' flattened patches [V * N]: the base view's kept patches, then the
+        tiles' kept patches sorted by their (row, column) in the stitched grid."""
+        side = self.spec.vision.grid
+        n = side * side
+        tiles = kept[1:]  # [T, keep] patch indices within each tile
+        t = torch.arange(tiles.shape[0], device=kept.device)[:, None].expand_as(tiles)
+        rows = (t // tiles_w) * side + tiles // side
+        cols = (t % tiles_w) * side + tiles % side
+        spatial = torch.argsort((rows * tiles_w * side + cols).flatten(), stable=True)
+        tile_flat = ((t + 1) * n + tiles).flatten()[spatial]
+        return torch.cat((kept[0], tile_flat))
 
 
 def load_llava(model: str | Path, dtype: torch.dtype = torch.float32) -> Llava:
