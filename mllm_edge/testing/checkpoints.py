@@ -214,8 +214,10 @@ def _corpus() -> list[str]:
 
 @functools.cache
 def train_sentencepiece() -> bytes:
-    """A SentencePiece BPE model of the corpus with Llama-2's settings: byte fallback, split digits,
-    a dummy prefix, no normalisation; <unk>=0 <s>=1 </s>=2. Deterministic (one thread)."""
+    """A SentencePiece BPE model of the corpus with Llama-2's settings (byte fallback, split digits,
+    no normalisation; <unk>=0 <s>=1 </s>=2) but no dummy prefix: llama.cpp tokenizes the text after
+    an image as a new fragment and would prefix it with "▁" where transformers does not, so without
+    one both see the same ids. Deterministic (one thread)."""
     import io
 
     import sentencepiece
