@@ -104,18 +104,16 @@ def reference(
     from .models import generate, load_llava
     from .models.checkpoint import resolve_checkpoint
     from .models.config import load_llava_spec
-    from .models.families import require_complete
-    from .models.inputs import load_image, prepare_inputs
+    from .models.inputs import load_image, processor_inputs
     from .pruning import PruningConfig
 
     pruning = PruningConfig.from_method(method, ratio, k, vision_ratio)
     picture = load_image(image, max_image_pixels)
-    folder = resolve_checkpoint(
-        model, check=lambda f: require_complete(load_llava_spec(f).model_type, "reference")
-    )
+    folder = resolve_checkpoint(model, check=lambda f: load_llava_spec(f))  # refused before the weights come
     llava = load_llava(folder)
     pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
-    input_ids, pixel_values, _ = prepare_inputs(folder, picture, prompt)
+    batch, _ = processor_inputs(folder, picture, prompt)
+    input_ids, pixel_values, image_sizes = batch["input_ids"], batch["pixel_values"], batch.get("image_sizes")
     limit = llava.spec.text.max_context  # as `run` checks its max context
     if input_ids.shape[1] + max_new_tokens > limit:
         holds = (
@@ -130,12 +128,22 @@ def reference(
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     start = time.perf_counter()
-    result = generate(llava, input_ids, pixel_values, pruning, max_new_tokens, tokenizer.eos_token_id)
+    result = generate(
+        llava,
+        input_ids,
+        pixel_values,
+        pruning,
+        max_new_tokens,
+        tokenizer.eos_token_id,
+        image_sizes=image_sizes,
+    )
     seconds = time.perf_counter() - start
     typer.echo(tokenizer.decode(result.token_ids[0], skip_special_tokens=True))
-    vision_keep, llm_keep = pruning.keep_counts(llava.spec.num_image_tokens)
+    placeholders = int((input_ids[0] == llava.spec.image_token_id).sum())
+    entering = placeholders - (input_ids.shape[1] - result.prefill.prompt_length)  # after FasterVLM
+    kept = result.prefill.kept_llm
     typer.echo(
-        f"image tokens: {llava.spec.num_image_tokens} -> vision {vision_keep} -> llm {llm_keep}; "
+        f"image tokens: {placeholders} -> vision {entering} -> llm {entering if kept is None else kept.shape[1]}; "
         f"{len(result.token_ids[0])} tokens in {seconds:.2f} s",
         err=True,
     )

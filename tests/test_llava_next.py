@@ -280,16 +280,43 @@ def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpo
     with pytest.raises(UnsupportedModelError, match="export of llava_next checkpoints is not supported yet"):
         export_bundle(ExportConfig(str(path), tmp_path / "bundle", PruningConfig(), "fp32"))
     assert not (tmp_path / "bundle").exists()
+    got = CliRunner().invoke(app, ["plan", str(path), "--device", "orin-nano-8gb"])
+    assert got.exit_code == 1, got.output
+    assert "planning of llava_next checkpoints is not supported yet" in got.output
+
+
+def test_reference_answers_a_next_checkpoint_as_our_modules_do(next_checkpoint, tmp_path):
+    """`mllm-edge reference` on a NeXT checkpoint: the picture's views and sizes from the processor,
+    the same greedy answer as generate() on them, and the span's counts through FastV."""
+    from typer.testing import CliRunner
+
+    from mllm_edge.cli import app
+    from mllm_edge.pruning import keep_count
+
+    path, _ = next_checkpoint
     image = tmp_path / "picture.png"
     picture(40, 90, 0).save(image)
-    runner = CliRunner()
-    for args, command in [
-        (["reference", str(image), "--model", str(path)], "reference"),
-        (["plan", str(path), "--device", "orin-nano-8gb"], "planning"),
-    ]:
-        got = runner.invoke(app, args)
-        assert got.exit_code == 1, got.output
-        assert f"{command} of llava_next checkpoints is not supported yet" in got.output
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    batch = hf_inputs(processor, picture(40, 90, 0))
+    ours = load_llava(path)
+    pruning = PruningConfig.from_method("fastv", 0.5, 1)
+    expected = generate(
+        ours,
+        batch["input_ids"],
+        batch["pixel_values"],
+        pruning,
+        max_new_tokens=6,
+        image_sizes=batch["image_sizes"],
+    )
+    got = CliRunner().invoke(
+        app,
+        ["reference", str(image), "--model", str(path), "--prompt", QUESTION]
+        + ["--method", "fastv", "--ratio", "0.5", "--k", "1", "--max-new-tokens", "6"],
+    )
+    assert got.exit_code == 0, got.output
+    n = int((batch["input_ids"] == ours.spec.image_token_id).sum())
+    assert processor.tokenizer.decode(expected.token_ids[0], skip_special_tokens=True) in got.output
+    assert f"image tokens: {n} -> vision {n} -> llm {keep_count(n, 0.5)};" in got.output
 
 
 def test_a_refused_hub_checkpoint_downloads_no_weights(next_checkpoint, tmp_path, monkeypatch):

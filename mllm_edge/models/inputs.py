@@ -17,6 +17,13 @@ def prepare_inputs(model_dir: str | Path, image, prompt: str) -> tuple[torch.Ten
     The prompt is one user turn holding the image and the text, rendered by the checkpoint's chat
     template with the generation prompt added.
     """
+    batch, rendered = processor_inputs(model_dir, image, prompt)
+    return batch["input_ids"], batch["pixel_values"], rendered
+
+
+def processor_inputs(model_dir: str | Path, image, prompt: str) -> tuple[dict, str]:
+    """The processor's whole batch (LLaVA-NeXT's also holds `image_sizes`; its pixel_values are the
+    views [1, V, 3, S, S]) and the rendered prompt, as prepare_inputs makes them."""
     from transformers import AutoProcessor
 
     try:
@@ -28,5 +35,4 @@ def prepare_inputs(model_dir: str | Path, image, prompt: str) -> tuple[torch.Ten
     if getattr(processor, "chat_template", None) is None:
         raise MllmEdgeError(f"{model_dir} has no chat template")
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
-    batch = processor(images=image, text=rendered, return_tensors="pt")
-    return batch["input_ids"], batch["pixel_values"], rendered
+    return processor(images=image, text=rendered, return_tensors="pt"), rendered

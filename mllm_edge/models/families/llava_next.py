@@ -2,8 +2,9 @@
 views of a picture: a base view and tiles of the best pinpoint resolution, packed into one image span
 (the tiles' patch grid unpadded, an `image_newline` token after each row; runtime/anyres.py).
 
-Our modules run it as transformers does (models/llava.py's LlavaNext). Export, the runtime, pruning
-and plan do not handle its views yet (issue 18), and refuse it by name.
+Our modules run it as transformers does (models/llava.py's LlavaNext), and the PyTorch reference
+prunes it (FastV over the packed span, FasterVLM per view). Export, the runtime and plan do not
+handle its views yet (issue 18), and refuse it by name.
 """
 
 from __future__ import annotations
