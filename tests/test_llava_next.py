@@ -63,6 +63,14 @@ def hf_inputs(processor, image):
     return processor(images=[image], text=prompt, return_tensors="pt")
 
 
+def load_both(path, eager: bool = False):
+    """transformers' model (eager attention where attention maps are read), its processor, ours."""
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+        path, **({"attn_implementation": "eager"} if eager else {})
+    ).eval()
+    return hf, transformers.AutoProcessor.from_pretrained(path), load_llava(path)
+
+
 def close(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
@@ -71,9 +79,7 @@ def test_packed_span_and_logits_equal_transformers(next_checkpoint):
     """For square, wide, tall, tiny and odd pictures: our packed image span (base view, unpadded tile
     grid, a newline per row) equals transformers' image features, and the last-token logits match."""
     path, spec = next_checkpoint
-    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(path).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    ours = load_llava(path)
+    hf, processor, ours = load_both(path)
     assert type(ours).__name__ == "LlavaNext" and ours.spec.model_type == "llava_next"
     for i, (h, w) in enumerate(SIZES):
         batch = hf_inputs(processor, picture(h, w, i))
@@ -101,9 +107,7 @@ def test_packed_span_and_logits_equal_transformers(next_checkpoint):
 
 def test_greedy_tokens_equal_transformers_generate(next_checkpoint):
     path, _ = next_checkpoint
-    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(path).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    ours = load_llava(path)
+    hf, processor, ours = load_both(path)
     for i, (h, w) in enumerate([(90, 40), (57, 113)]):
         batch = hf_inputs(processor, picture(h, w, 10 + i))
         with torch.no_grad():
@@ -131,11 +135,7 @@ def test_fastv_keeps_what_transformers_attention_ranks_over_the_packed_span(next
     from mllm_edge.pruning import keep_count
 
     path, _ = next_checkpoint
-    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(
-        path, attn_implementation="eager"
-    ).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    ours = load_llava(path)
+    hf, processor, ours = load_both(path, eager=True)
     for i, (h, w) in enumerate([(40, 90), (300, 300), (90, 40)]):
         batch = hf_inputs(processor, picture(h, w, 20 + i))
         with torch.no_grad():
@@ -171,11 +171,7 @@ def test_fastervlm_keeps_per_view_what_each_views_cls_attention_ranks_and_merges
     from mllm_edge.pruning import keep_count
 
     path, spec = next_checkpoint
-    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(
-        path, attn_implementation="eager"
-    ).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    ours = load_llava(path)
+    hf, processor, ours = load_both(path, eager=True)
     side = spec.image_size // spec.patch_size
     keep = keep_count(side * side, ratio)
     for i, (h, w) in enumerate([(40, 90), (300, 300), (200, 60)]):

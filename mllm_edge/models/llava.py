@@ -84,22 +84,26 @@ class LlavaNext(Llava):
     def image_embeds(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """pixel_values [B, V, 3, S, S] (the processor's, views padded to the most), image_sizes
         [B, 2] (height, width) -> [B, n, C]; every picture of a batch must give the same n."""
+        packed = []
+        for views, height, width, (tiles_h, tiles_w) in self._pictures(pixel_values, image_sizes):
+            features, _ = self.vision(views)
+            packed.append(self._pack(self.projector(features), height, width, tiles_h, tiles_w))
+        return _same_count(packed)
+
+    def _pictures(self, pixel_values: torch.Tensor, image_sizes):
+        """Per picture: its real views (the padding ones dropped), (height, width) and its tile grid."""
         if image_sizes is None or pixel_values.dim() != 5 or len(image_sizes) != pixel_values.shape[0]:
             raise MllmEdgeError(NEEDS_VIEWS)
-        packed = []
-        for views, (height, width) in zip(pixel_values, [tuple(map(int, s)) for s in image_sizes]):
-            rows, cols = self.anyres.best_resolution(height, width)
-            tiles = (rows // self.anyres.tile) * (cols // self.anyres.tile)
-            features, _ = self.vision(views[: 1 + tiles])
-            packed.append(self._pack(self.projector(features), height, width))
-        if len({p.shape[0] for p in packed}) != 1:
-            raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
-        return torch.stack(packed)
+        for views, size in zip(pixel_values, image_sizes):
+            height, width = (int(v) for v in size)
+            target_h, target_w = self.anyres.best_resolution(height, width)
+            grid = (target_h // self.anyres.tile, target_w // self.anyres.tile)
+            yield views[: 1 + grid[0] * grid[1]], height, width, grid
 
-    def _pack(self, embeds: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        side, tile = self.spec.vision.grid, self.anyres.tile
-        target_h, target_w = self.anyres.best_resolution(height, width)
-        tiles_h, tiles_w = target_h // tile, target_w // tile
+    def _pack(
+        self, embeds: torch.Tensor, height: int, width: int, tiles_h: int, tiles_w: int
+    ) -> torch.Tensor:
+        side = self.spec.vision.grid
         c = embeds.shape[-1]
         grid = embeds[1:].reshape(tiles_h, tiles_w, side, side, c).permute(4, 0, 2, 1, 3)
         grid = grid.reshape(c, tiles_h * side, tiles_w * side)  # the stitched patch grid, row-major
@@ -115,7 +119,7 @@ class LlavaNext(Llava):
             raise MllmEdgeError(NEEDS_VIEWS)
         counts = {self.anyres.image_tokens(int(h), int(w)) for h, w in image_sizes}
         if len(counts) != 1:
-            raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
+            raise MllmEdgeError(SAME_COUNT)
         return counts.pop()
 
     def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None):
@@ -126,22 +130,14 @@ class LlavaNext(Llava):
         indices per view [B, views, keep] (raster order within each view, base view first)."""
         from ..pruning import fastervlm_select, keep_count
 
-        if image_sizes is None or pixel_values.dim() != 5 or len(image_sizes) != pixel_values.shape[0]:
-            raise MllmEdgeError(NEEDS_VIEWS)
         embeds, kept_sets = [], []
-        for views, (height, width) in zip(pixel_values, [tuple(map(int, s)) for s in image_sizes]):
-            target_h, target_w = self.anyres.best_resolution(height, width)
-            tiles_w = target_w // self.anyres.tile
-            n_views = 1 + (target_h // self.anyres.tile) * tiles_w
-            features, cls_row = self.vision(views[:n_views], want_cls_row=True)  # [V, N, Cv], [V, N]
-            n = features.shape[1]
-            kept = fastervlm_select(cls_row, keep_count(n, ratio))  # [V, keep]
+        for views, _, _, (_, tiles_w) in self._pictures(pixel_values, image_sizes):
+            features, cls_row = self.vision(views, want_cls_row=True)  # [V, N, Cv], [V, N]
+            kept = fastervlm_select(cls_row, keep_count(features.shape[1], ratio))  # [V, keep]
             order = self._spatial_order(kept, tiles_w)
             embeds.append(self.projector(features.reshape(-1, features.shape[-1])[order]))
             kept_sets.append(kept)
-        if len({e.shape[0] for e in embeds}) != 1:
-            raise MllmEdgeError("every picture of a batch must give the same number of image tokens")
-        return torch.stack(embeds), torch.stack(kept_sets)
+        return _same_count(embeds), torch.stack(kept_sets)
 
     def _spatial_order(self, kept: torch.Tensor, tiles_w: int) -> torch.Tensor:
         """Indices into the views' flattened patches [V * N]: the base view's kept patches, then the
@@ -155,6 +151,15 @@ class LlavaNext(Llava):
         spatial = torch.argsort((rows * tiles_w * side + cols).flatten(), stable=True)
         tile_flat = ((t + 1) * n + tiles).flatten()[spatial]
         return torch.cat((kept[0], tile_flat))
+
+
+SAME_COUNT = "every picture of a batch must give the same number of image tokens"
+
+
+def _same_count(spans: list[torch.Tensor]) -> torch.Tensor:
+    if len({span.shape[0] for span in spans}) != 1:
+        raise MllmEdgeError(SAME_COUNT)
+    return torch.stack(spans)
 
 
 def load_llava(model: str | Path, dtype: torch.dtype = torch.float32) -> Llava:
