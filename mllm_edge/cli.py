@@ -175,7 +175,9 @@ def export(
         "A shortcut for `calibrate --target onnxruntime`.",
     ),
     max_context: Optional[int] = typer.Option(
-        None, "--max-context", help="Tokens the KV cache holds [default: min(2048, the model's limit)]."
+        None,
+        "--max-context",
+        help="Tokens the KV cache holds [default: 2048, or LLaVA-NeXT's largest image + 1024; within the model's limit].",
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX Runtime check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace the bundle folder if it exists."),
@@ -671,7 +673,9 @@ def plan(
         None, "--ratio", help="Pruning ratios, e.g. 0.5,0.75 (with --method)."
     ),
     k: int = typer.Option(2, "--k", help="FastV's layer."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Default: the bundle's, or 2048."),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", help="Default: the bundle's, or what export would give; at most that limit."
+    ),
     prompt_tokens: int = typer.Option(
         64, "--prompt-tokens", help="Text tokens beside the image in the prompt."
     ),
@@ -758,9 +762,12 @@ def _print_plan(result) -> None:
 
     d = result.device
     console = Console(soft_wrap=True)
+    image = "the image"
+    if result.image["views"] > 1:  # LLaVA-NeXT: sized for the picture that gives the most tokens
+        image = f"the largest image ({result.image['views']} views, {result.image['tokens']} tokens)"
     console.print(
         f"{result.source} on {d.label}: {d.available_gb:.1f} GB available, {d.bandwidth_gb_s:g} GB/s; "
-        f"max context {result.max_context}, prompt {result.prompt_tokens} text tokens + the image",
+        f"max context {result.max_context}, prompt {result.prompt_tokens} text tokens + {image}",
         highlight=False,
     )
     table = Table(

@@ -51,7 +51,6 @@ def test_mistral_keeps_every_context_within_its_sliding_window(tiny_checkpoints,
     that names the window; a window that is not a positive count is refused."""
     import json
 
-    from mllm_edge.export.bundle import check_max_context
     from mllm_edge.models.config import load_llava_spec
     from mllm_edge.testing.checkpoints import FIXTURE_SPECS
 
@@ -60,10 +59,10 @@ def test_mistral_keeps_every_context_within_its_sliding_window(tiny_checkpoints,
     assert window < spec.text.max_position_embeddings
     assert (spec.text.arch, spec.text.sliding_window, spec.text.max_context) == ("mistral", window, window)
     assert (spec.text.attention_bias, spec.text.mlp_bias, spec.text.o_proj_bias) == (False, False, False)
-    assert check_max_context(None, spec) == window
-    assert check_max_context(window, spec) == window
+    assert spec.check_max_context(None) == window
+    assert spec.check_max_context(window) == window
     with pytest.raises(MllmEdgeError, match=f"sliding window of {window} tokens"):
-        check_max_context(window + 1, spec)
+        spec.check_max_context(window + 1)
 
     config = json.loads((tiny_checkpoints["mistral"] / "config.json").read_text())
     for value, allowed in ((None, True), (10**6, True), (0, False), ("all", False)):

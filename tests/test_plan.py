@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from mllm_edge.cli import app
 from mllm_edge.planning import costs, devices
+from mllm_edge.planning.plan import load_model
 from mllm_edge.planning.predict import Setting, efficiency, predict
 
 runner = CliRunner()
@@ -22,14 +23,23 @@ VISION_L336 = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def llava_7b_config(tmp_path_factory):
-    """A LLaVA-1.5-7B-shaped config.json, no weights: what a user has before downloading."""
+# LLaVA-1.6's (height, width) pinpoints: its largest, 672 x 672, is 2 x 2 tiles of 336
+PINPOINTS_16 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def config_7b(folder, next_pinpoints=None):
+    """A LLaVA-1.5-7B-shaped config.json (LLaVA-1.6-7B's with pinpoints), no weights: what a user
+    has before downloading."""
     transformers = pytest.importorskip(
         "transformers", reason="planning from a config reads it with transformers"
     )
     v, t = VISION_L336, TEXT_7B
-    config = transformers.LlavaConfig(
+    kind, extra = (
+        (transformers.LlavaConfig, {})
+        if next_pinpoints is None
+        else (transformers.LlavaNextConfig, {"image_grid_pinpoints": next_pinpoints})
+    )
+    config = kind(
         vision_config=transformers.CLIPVisionConfig(
             hidden_size=v["hidden_size"],
             intermediate_size=v["intermediate_size"],
@@ -50,10 +60,20 @@ def llava_7b_config(tmp_path_factory):
         image_token_index=32000,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        **extra,
     )
-    folder = tmp_path_factory.mktemp("llava7b")
     config.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def llava_7b_config(tmp_path_factory):
+    return config_7b(tmp_path_factory.mktemp("llava7b"))
+
+
+@pytest.fixture(scope="module")
+def llava_next_7b_config(tmp_path_factory):
+    return config_7b(tmp_path_factory.mktemp("llava-next-7b"), PINPOINTS_16)
 
 
 def plan_json(*args) -> dict:
@@ -79,6 +99,48 @@ def test_the_7b_weights_kv_cache_and_image_tokens_are_the_published_counts(llava
     # keys and values of 32 layers x 32 heads x 128 at 2048 positions in fp16
     assert s["memory_gb"]["kv_cache"] == pytest.approx(32 * 2 * 32 * 128 * 2048 * 2 / 1e9, abs=1e-3)
     assert s["image_tokens"] == {"vision": 576, "llm": 576} and got["max_context"] == 2048
+
+
+def tower_flops(view_tokens: int) -> int:
+    """CLIP-L/336's 23 running layers over one view's patches and [CLS], and its patch convolution."""
+    tokens = view_tokens + 1
+    layers = 23 * (2 * tokens * (4 * 1024**2 + 2 * 1024 * 4096) + 4 * tokens**2 * 1024)
+    return 2 * view_tokens * 3 * 14**2 * 1024 + layers
+
+
+def test_a_next_plan_is_sized_for_its_largest_picture(llava_7b_config, llava_next_7b_config):
+    """LLaVA-1.6-7B from its config: the largest pinpoint (672 x 672) gives the base view and 4
+    tiles, 576 + 48 rows x (48 + 1 newline) = 2928 image tokens; the default context holds them and
+    1024 of text; the tower runs on every view; FasterVLM keeps round(576 (1 - R)) per view, FastV
+    round(n (1 - R)) of the whole span; the weights are LLaVA-1.5's and the newline vector."""
+    args = ("--device", "agx-orin-64gb", "--precision", "fp16", "--prompt-tokens", "40")
+    one = plan_json(llava_7b_config, *args, "--method", "none")
+    got = plan_json(llava_next_7b_config, *args, "--method", "none")
+    assert got["image"] == {"views": 5, "tokens": 2928} and one["image"] == {"views": 1, "tokens": 576}
+    assert got["max_context"] == 2928 + 1024
+    (none,), (none_15,) = got["settings"], one["settings"]
+    assert none["image_tokens"] == {"vision": 2928, "llm": 2928}
+    assert none["memory_gb"]["weights"] == pytest.approx(none_15["memory_gb"]["weights"], abs=1e-3)
+    nxt, llava = load_model(llava_next_7b_config).model, load_model(llava_7b_config).model
+    assert costs.vision_params(nxt) == costs.vision_params(llava) + 4096
+    assert none["memory_gb"]["kv_cache"] == pytest.approx(32 * 2 * 32 * 128 * 3952 * 2 / 1e9, abs=1e-3)
+
+    device, eff = devices.DEVICES["agx-orin-64gb"], efficiency()
+    peak = device.peak_flops("fp16") * eff["vision_compute"]
+
+    def vision_ms(projected: int) -> float:
+        flops = 5 * tower_flops(576) + 2 * projected * (1024 * 4096 + 4096**2)
+        return 1000 * flops / peak + eff["vision_overhead_ms"]
+
+    assert none["vision_ms"] == pytest.approx(vision_ms(5 * 576), rel=1e-4)  # every view's patches projected
+    (fastervlm,) = plan_json(llava_next_7b_config, *args, "--method", "fastervlm", "--ratio", "0.9")[
+        "settings"
+    ]
+    assert fastervlm["image_tokens"] == {"vision": 5 * 58, "llm": 5 * 58}
+    assert fastervlm["vision_ms"] == pytest.approx(vision_ms(5 * 58), rel=1e-4)
+    (fastv,) = plan_json(llava_next_7b_config, *args, "--method", "fastv", "--ratio", "0.5")["settings"]
+    assert fastv["image_tokens"] == {"vision": 2928, "llm": 1464}
+    assert fastv["vision_ms"] == none["vision_ms"] and fastv["prefill_ms"] < none["prefill_ms"]
 
 
 def test_int4_awq_weights_are_half_a_byte_and_a_scale_per_128():
@@ -280,6 +342,7 @@ def test_a_device_of_your_own(llava_7b_config):
         (["--device", "agx-orin-64gb", "--method", "fastv", "--ratio", "1.5"], "ratio"),
         (["--device", "agx-orin-64gb", "--method", "fastv", "--k", "40"], "--k 40"),
         (["--bandwidth", "100"], "needs all of --bandwidth"),
+        (["--device", "thor", "--max-context", "4097"], "more than 4096: the model's 4096 positions"),
         ([], "give --device"),
     ],
 )

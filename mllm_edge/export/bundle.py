@@ -37,7 +37,6 @@ from .samples import CHAIN_TOKENS, make_samples, save_samples
 from .verify import ChainCheck, OutputCheck, failures, require_onnxruntime, verify_chain, verify_graphs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-DEFAULT_MAX_CONTEXT = 2048
 MAX_BATCH = 16
 
 
@@ -47,7 +46,7 @@ class ExportConfig:
     out: Path
     pruning: PruningConfig = field(default_factory=PruningConfig)
     dtype: str = "fp32"
-    max_context: int | None = None  # None: min(2048, the model's max positions)
+    max_context: int | None = None  # None: LlavaSpec.default_max_context
     verify: bool = True
     force: bool = False
 
@@ -88,22 +87,6 @@ def check_destination(out: Path, force: bool) -> None:
         )
 
 
-def check_max_context(max_context: int | None, spec) -> int:
-    limit = spec.text.max_context
-    value = min(DEFAULT_MAX_CONTEXT, limit) if max_context is None else max_context
-    if not isinstance(value, int) or value <= spec.num_image_tokens or value > limit:
-        within = (
-            f"its sliding window of {limit} tokens (beyond it the model attends to fewer tokens than a full cache holds)"
-            if limit < spec.text.max_position_embeddings
-            else f"the model's {limit} positions"
-        )
-        raise MllmEdgeError(
-            f"max context must hold the {spec.num_image_tokens} image tokens and the text, and stay within "
-            f"{within}: {spec.num_image_tokens} < N <= {limit}, got {value!r}"
-        )
-    return value
-
-
 def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda name: None) -> ExportReport:
     """Export, lint, verify and write the bundle; on_stage(name) is called as each stage starts."""
     if config.dtype not in DTYPES:
@@ -133,7 +116,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     spec = load_llava_spec(folder)
     pruning = config.pruning
     pruning.validate(spec.text.num_layers, spec.vision.has_cls)
-    max_context = check_max_context(config.max_context, spec)
+    max_context = spec.check_max_context(config.max_context)
     llava = load_llava(folder, DTYPES[config.dtype])
     modules = graph_modules(llava, pruning)
 
@@ -172,7 +155,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
             "model": str(config.model),
             "revision": folder.name if folder.parent.name == "snapshots" else None,
         },
-        architecture={**spec.to_dict(), "num_image_tokens": spec.num_image_tokens},
+        architecture=spec.architecture(),
         pruning=pruning_entry(pruning, spec),
         dtype=str(DTYPES[config.dtype]).removeprefix("torch."),
         max_context=max_context,

@@ -89,8 +89,57 @@ class LlavaSpec:
         """Image tokens the unpruned model puts into the LLM for one image (LLaVA-1.5: the patches)."""
         return model_family(self.model_type).image_tokens(self)
 
+    @property
+    def max_views(self) -> int:
+        """Views of one picture the tower runs on at most: 1, or LLaVA-NeXT's base view and the
+        tiles of its largest pinpoint."""
+        if not self.image_grid_pinpoints:
+            return 1
+        from ..runtime.anyres import AnyRes
+
+        return AnyRes.from_config(
+            self.image_grid_pinpoints, self.vision.image_size, self.vision.patch_size
+        ).max_views
+
+    @property
+    def default_max_context(self) -> int:
+        """The context a bundle gets unless told: 2048, or the largest image and 1024 tokens of text
+        where that is more (LLaVA-NeXT), within the model's limit."""
+        return min(
+            max(DEFAULT_MAX_CONTEXT, self.num_image_tokens + DEFAULT_TEXT_TOKENS), self.text.max_context
+        )
+
+    def check_max_context(self, value: int | None) -> int:
+        """A max context for a bundle of this model (None: the default): it holds the largest image
+        and some text, and stays within what the model computes with full attention."""
+        limit = self.text.max_context
+        value = self.default_max_context if value is None else value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not self.num_image_tokens < value <= limit
+        ):
+            within = (
+                f"its sliding window of {limit} tokens (beyond it the model attends to fewer tokens than a full cache holds)"
+                if limit < self.text.max_position_embeddings
+                else f"the model's {limit} positions"
+            )
+            raise MllmEdgeError(
+                f"max context must hold the {self.num_image_tokens} image tokens and the text, and stay within "
+                f"{within}: {self.num_image_tokens} < N <= {limit}, got {value!r}"
+            )
+        return value
+
+    def architecture(self) -> dict:
+        """The spec as a bundle's manifest records it (and plan reads it), with the derived counts."""
+        return {**asdict(self), "num_image_tokens": self.num_image_tokens, "max_views": self.max_views}
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_TEXT_TOKENS = 1024  # beside LLaVA-NeXT's largest image, in its default context
 
 
 def vision_spec(cfg, feature_layer: int, select_strategy: str) -> VisionSpec:

@@ -27,8 +27,13 @@ class Model:
 
     text: dict
     vision: dict
-    image_tokens: int  # entering the LLM unpruned, per image
+    image_tokens: int  # entering the LLM unpruned, per image (LLaVA-NeXT: the most a picture gives)
     vision_has_cls: bool
+    views: int = 1  # tower runs per image at most (LLaVA-NeXT: the base view and the tiles)
+
+    @property
+    def view_patches(self) -> int:
+        return (self.vision["image_size"] // self.vision["patch_size"]) ** 2
 
     @classmethod
     def from_architecture(cls, architecture: dict) -> Model:
@@ -40,6 +45,7 @@ class Model:
                 architecture.get("num_image_tokens") or (vision["image_size"] // vision["patch_size"]) ** 2
             ),
             vision_has_cls=vision.get("has_cls", vision["arch"].startswith("clip")),  # SigLIP has no [CLS]
+            views=int(architecture.get("max_views", 1)),
         )
 
 
@@ -101,16 +107,19 @@ def vision_params(model: Model) -> int:
         3 * v["patch_size"] ** 2 * h + (patches + model.vision_has_cls) * h + model.vision_has_cls * h
     )
     projector = h * d + d + d * d + d
-    return v["num_layers"] * per_layer + embeddings + 2 * h + projector
+    newline = d if model.views > 1 else 0  # LLaVA-NeXT's image_newline, after each row of the tile grid
+    return v["num_layers"] * per_layer + embeddings + 2 * h + projector + newline
 
 
-def vision_flops(model: Model, kept: int) -> float:
-    """One image through the tower (every patch, and [CLS]) and the projector (the `kept` tokens)."""
+def vision_flops(model: Model, projected: int) -> float:
+    """One image through the tower (every patch and [CLS] of each of its views) and the projector
+    (the `projected` tokens: every patch of every view, or FasterVLM's kept ones)."""
     v, d = model.vision, model.text["hidden_size"]
     h, i = v["hidden_size"], v["intermediate_size"]
-    tokens = (v["image_size"] // v["patch_size"]) ** 2 + model.vision_has_cls
-    patch = 2 * (tokens - model.vision_has_cls) * 3 * v["patch_size"] ** 2 * h
-    return patch + v["num_layers"] * encoder_layer_flops(tokens, h, i) + 2 * kept * (h * d + d * d)
+    tokens = model.view_patches + model.vision_has_cls
+    patch = 2 * model.view_patches * 3 * v["patch_size"] ** 2 * h
+    tower = model.views * (patch + v["num_layers"] * encoder_layer_flops(tokens, h, i))
+    return tower + 2 * projected * (h * d + d * d)
 
 
 def encoder_layer_flops(tokens: int, hidden: int, intermediate: int) -> float:

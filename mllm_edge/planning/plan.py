@@ -34,6 +34,7 @@ class Plan:
     predictions: list[Prediction] = field(default_factory=list)
     chosen: Prediction | None = None
     skipped: list[str] = field(default_factory=list)  # precisions the device cannot be predicted in
+    image: dict = field(default_factory=dict)  # views (tower runs) and unpruned tokens of the largest picture
 
     def to_dict(self) -> dict:
         top = self.chosen.to_dict() if self.chosen else {}
@@ -50,19 +51,35 @@ class Plan:
             "chosen": top.get("setting"),
             "max_context": self.max_context,
             "prompt_tokens": self.prompt_tokens,
+            "image": self.image,
             "settings": [p.to_dict() for p in self.predictions],
             "skipped": self.skipped,
         }
 
 
-def load_model(source: Path) -> tuple[costs.Model, int, str]:
-    """(the model, the max context a bundle has or export would give, what it is)."""
+@dataclass(frozen=True)
+class Source:
+    model: costs.Model
+    max_context: int  # the bundle's, or what export would give the checkpoint
+    limit: int  # the most a plan may take: the bundle's max context, or the model's (LlavaSpec.max_context)
+    limit_why: str
+    what: str
+
+
+def load_model(source: Path) -> Source:
+    """The model and its contexts, from a bundle's manifest or a checkpoint's config.json."""
     source = Path(source)
     if (source / "manifest.json").is_file():
         from ..manifest import load_manifest
 
         manifest = load_manifest(source, verify_files=False)
-        return costs.Model.from_architecture(manifest.architecture), manifest.max_context, f"bundle {source}"
+        return Source(
+            costs.Model.from_architecture(manifest.architecture),
+            manifest.max_context,
+            manifest.max_context,
+            "the bundle's max context (export again with a larger --max-context)",
+            f"bundle {source}",
+        )
     if (source / "config.json").is_file():
         try:
             from ..models.config import load_llava_spec
@@ -70,14 +87,15 @@ def load_model(source: Path) -> tuple[costs.Model, int, str]:
             raise MllmEdgeError(
                 f"planning from a config.json reads it with transformers ({e}): pip install 'mllm-edge[export]'"
             ) from None
-        from ..models.families import require_complete
-
         spec = load_llava_spec(source)
-        require_complete(spec.model_type, "planning")
-        architecture = {**spec.to_dict(), "num_image_tokens": spec.num_image_tokens}
-        return (
-            costs.Model.from_architecture(architecture),
-            min(2048, spec.text.max_context),
+        t = spec.text
+        return Source(
+            costs.Model.from_architecture(spec.architecture()),
+            spec.default_max_context,
+            t.max_context,
+            f"its sliding window ({t.sliding_window} tokens)"
+            if t.max_context < t.max_position_embeddings
+            else f"the model's {t.max_position_embeddings} positions",
             f"checkpoint {source}",
         )
     if not source.exists():
@@ -103,10 +121,15 @@ def make_plan(
             raise MllmEdgeError(f"{what} must be positive, got {value}")
     if prompt_tokens < 0:
         raise MllmEdgeError(f"--prompt-tokens must be >= 0, got {prompt_tokens}")
-    model, context, what = load_model(source)
+    loaded = load_model(source)
+    model, context, what = loaded.model, loaded.max_context, loaded.what
     if max_context is not None:
         if max_context < 1:
             raise MllmEdgeError(f"--max-context must be >= 1, got {max_context}")
+        if max_context > loaded.limit:
+            raise MllmEdgeError(
+                f"--max-context {max_context} is more than {loaded.limit}: {loaded.limit_why}"
+            )
         context = max_context
     if k < 1 or k >= model.text["num_layers"]:
         raise MllmEdgeError(f"--k {k} must be between 1 and {model.text['num_layers'] - 1}")
@@ -124,12 +147,18 @@ def make_plan(
             chosen_precisions.remove(p)
     if not chosen_precisions:
         raise MllmEdgeError("; ".join(skipped))
-    plan = Plan(what, device, context, prompt_tokens, skipped=skipped)
+    image = {"views": model.views, "tokens": model.image_tokens}
+    plan = Plan(what, device, context, prompt_tokens, skipped=skipped, image=image)
     for method, ratio in pruning or PRUNING_GRID:
-        for precision in chosen_precisions:
-            plan.predictions.append(
-                predict(model, device, Setting(method, ratio, precision, k), context, prompt_tokens)
-            )
+        try:
+            for precision in chosen_precisions:
+                plan.predictions.append(
+                    predict(model, device, Setting(method, ratio, precision, k), context, prompt_tokens)
+                )
+        except MllmEdgeError as e:
+            if pruning or "keeps no image token" not in str(e):
+                raise
+            plan.skipped.append(f"{method} R={ratio:g}: {e}")  # a tiny tower's patches, from the default grid
     plan.predictions.sort(key=_order)
 
     def meets(p: Prediction) -> bool:

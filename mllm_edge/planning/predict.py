@@ -77,7 +77,8 @@ def keep_counts(model: costs.Model, setting: Setting) -> tuple[int, int]:
     if setting.method == "none":
         return model.image_tokens, model.image_tokens
     config = PruningConfig.from_method(setting.method, setting.ratio, k=setting.k)
-    return config.keep_counts(model.image_tokens)
+    views = (model.views, model.view_patches) if model.views > 1 else None
+    return config.keep_counts(model.image_tokens, views)
 
 
 def predict(
@@ -115,9 +116,7 @@ def predict(
         + 3 * t["intermediate_size"]
     )
     v = model.vision
-    vision_rows = ((v["image_size"] // v["patch_size"]) ** 2 + 1) * (
-        4 * v["hidden_size"] + 2 * v["intermediate_size"]
-    )
+    vision_rows = model.views * (model.view_patches + 1) * (4 * v["hidden_size"] + 2 * v["intermediate_size"])
     activations = f * (max(max_context * rows, vision_rows) + t["vocab_size"])
     total = weights + kv + activations + device.overhead_gb * GB
     memory = {
@@ -135,7 +134,8 @@ def predict(
     bandwidth = device.bandwidth_gb_s * GB * eff["bandwidth"][precision]
     layers = t["num_layers"]
 
-    vision_s = costs.vision_flops(model, vision_keep) / vision_peak + eff["vision_overhead_ms"] / 1000
+    projected = vision_keep if setting.method == "fastervlm" else model.views * model.view_patches
+    vision_s = costs.vision_flops(model, projected) / vision_peak + eff["vision_overhead_ms"] / 1000
     prefill_compute = costs.prefill_flops(model, text_tokens, vision_keep, llm_keep, k) / peak
     prefill_memory = (llm["layers"] + (llm["lm_head"] or llm["embed"])) / bandwidth
     prefill_s = max(prefill_compute, prefill_memory) + layers * eff["prefill_layer_overhead_ms"] / 1000

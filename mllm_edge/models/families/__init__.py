@@ -44,7 +44,7 @@ class ModelFamily:
     image_tokens: (
         Callable  # spec -> image tokens the unpruned model puts into the LLM (the most, if it varies)
     )
-    not_yet: str | None = None  # what export, reference and plan cannot do with it yet (None: all of it)
+    not_yet: str | None = None  # why export and run refuse it still (None: they take it)
 
 
 _REGISTRY: dict[type, dict[str, object]] | None = None

@@ -3,8 +3,8 @@ views of a picture: a base view and tiles of the best pinpoint resolution, packe
 (the tiles' patch grid unpadded, an `image_newline` token after each row; runtime/anyres.py).
 
 Our modules run it as transformers does (models/llava.py's LlavaNext), and the PyTorch reference
-prunes it (FastV over the packed span, FasterVLM per view). Export, the runtime and plan do not
-handle its views yet (issue 18), and refuse it by name.
+prunes it (FastV over the packed span, FasterVLM per view), and plan sizes it for its largest
+picture. Export and the runtime do not handle its views yet (issue 18), and refuse it by name.
 """
 
 from __future__ import annotations
