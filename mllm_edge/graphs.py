@@ -131,6 +131,13 @@ PRUNE_GRAPH = GraphDef(
     # prefill only; its output has seq minus the dropped image tokens rows, so a prompt holds every image token
     profiles={"prefill": {"batch": ONE, "seq": ("images", "prompt", "context")}},
 )
+# LLaVA-NeXT's: its image span's length varies with the picture, so the graph takes the span's
+# positions (their count a dim, every length shape arithmetic) in place of image_start
+PRUNE_SPAN_GRAPH = replace(
+    PRUNE_GRAPH,
+    inputs=PRUNE_GRAPH.inputs[:3] + (TensorDef("image_positions", "int64", ("image_tokens",)),),
+    profiles={"prefill": {**PRUNE_GRAPH.profiles["prefill"], "image_tokens": IMAGES}},
+)
 LLM_TAIL_GRAPH = GraphDef(
     LLM_TAIL,
     (

@@ -12,7 +12,14 @@ from torch import nn
 
 from .. import graphs as g
 from ..models.llava import Llava
-from ..pruning import PruningConfig, fastervlm_select, fastv_select, gather_tokens
+from ..pruning import (
+    PruningConfig,
+    fastervlm_select,
+    fastv_select,
+    fastv_select_span,
+    gather_tokens,
+    keep_table,
+)
 
 
 def _pairs(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,6 +103,29 @@ class PruneGraph(nn.Module):
 
     def forward(self, hidden_states, last_row, position_ids, image_start):
         kept_image, kept_positions = fastv_select(last_row, image_start, self.num_image, self.keep)
+        return (
+            gather_tokens(hidden_states, kept_positions),
+            gather_tokens(position_ids, kept_positions),
+            kept_image,
+        )
+
+
+class PruneSpanGraph(nn.Module):
+    """LLaVA-NeXT's FastV selection: PruneGraph's over an image span of any length up to
+    max_span, keeping keep_count(n, R) of its n tokens (fastv_select_span). No weights: the
+    keep counts are a small constant table."""
+
+    def __init__(self, max_span: int, ratio: float):
+        super().__init__()
+        table = keep_table(max_span, ratio)
+        self.register_buffer("keep_table", torch.tensor(table), persistent=False)
+        self.keep_max = table[-1]
+        _names(self, g.PRUNE_SPAN_GRAPH)
+
+    def forward(self, hidden_states, last_row, position_ids, image_positions):
+        kept_image, kept_positions = fastv_select_span(
+            last_row, image_positions, self.keep_table, self.keep_max
+        )
         return (
             gather_tokens(hidden_states, kept_positions),
             gather_tokens(position_ids, kept_positions),

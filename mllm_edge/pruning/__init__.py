@@ -8,9 +8,16 @@ from .params import (
     check_fastv_layer,
     check_ratio,
     keep_count,
+    keep_table,
 )
 
-_SELECT = ("fastervlm_select", "fastv_select", "gather_tokens", "top_k_in_order")  # torch: imported on use
+_SELECT = (
+    "fastervlm_select",
+    "fastv_select",
+    "fastv_select_span",
+    "gather_tokens",
+    "top_k_in_order",
+)  # torch: imported on use
 
 
 def __getattr__(name: str):
@@ -29,7 +36,9 @@ __all__ = [
     "check_fastv_layer",
     "check_ratio",
     "keep_count",
+    "keep_table",
     "fastv_select",
+    "fastv_select_span",
     "fastervlm_select",
     "gather_tokens",
     "top_k_in_order",

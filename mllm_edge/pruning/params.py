@@ -19,10 +19,22 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
 def keep_count(num_tokens: int, ratio: float) -> int:
     """Tokens kept out of `num_tokens`: Python's round of the exact product (576 at R=0.9 -> 58)."""
     check_ratio(ratio)
-    keep = round(num_tokens * (1.0 - ratio))
+    keep = _rounded_keep(num_tokens, ratio)
     if keep < 1:
         raise MllmEdgeError(f"ratio {ratio} keeps no image token out of {num_tokens}; use a smaller ratio")
     return keep
+
+
+def keep_table(max_span: int, ratio: float) -> list[int]:
+    """keep_count(n, ratio) at index n for every span n <= max_span: what FastV keeps of an image
+    span whose length varies (LLaVA-NeXT's prune graph looks its count up here). Spans too short to
+    keep a token (no picture gives one) read 1."""
+    check_ratio(ratio)
+    return [0] + [max(1, _rounded_keep(n, ratio)) for n in range(1, max_span + 1)]
+
+
+def _rounded_keep(num_tokens: int, ratio: float) -> int:
+    return round(num_tokens * (1.0 - ratio))
 
 
 def check_fastv_layer(k: int, num_layers: int) -> int:
