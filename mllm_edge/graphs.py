@@ -138,6 +138,18 @@ PRUNE_SPAN_GRAPH = replace(
     inputs=PRUNE_GRAPH.inputs[:3] + (TensorDef("image_positions", "int64", ("image_tokens",)),),
     profiles={"prefill": {**PRUNE_GRAPH.profiles["prefill"], "image_tokens": IMAGES}},
 )
+# LLaVA-NeXT's: one picture's views' embeddings as its packed span, in the order pack_index gives
+# (runtime/anyres.py), with the image_newline vector it holds at index views x tokens
+PACK = "pack"
+PACK_GRAPH = GraphDef(
+    PACK,
+    (
+        TensorDef("image_embeds", "float", ("views", "view_tokens", None)),
+        TensorDef("pack_index", "int64", ("image_tokens",)),
+    ),
+    (TensorDef("packed_image_embeds", "float", ("one", "image_tokens", None)),),
+    profiles={"static": {"views": ("one", "views", "views"), "image_tokens": IMAGES}},
+)
 LLM_TAIL_GRAPH = GraphDef(
     LLM_TAIL,
     (

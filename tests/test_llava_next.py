@@ -350,3 +350,62 @@ def test_a_refused_hub_checkpoint_downloads_no_weights(next_checkpoint, tmp_path
             ExportConfig("llava-hf/llava-v1.6-vicuna-7b-hf", tmp_path / "out", PruningConfig(), "fp32")
         )
     assert asked and all("*.safetensors" not in patterns for patterns in asked)
+
+
+@pytest.mark.parametrize("ratio", [None, 0.5])
+def test_the_vision_graph_over_views_and_the_pack_graph_give_the_packed_span(
+    next_checkpoint, ratio, tmp_path
+):
+    """Exported and run in ONNX Runtime: the vision graph over a picture's views (their count a dim,
+    1 to the most; FasterVLM inside, per view), then the pack graph by anyres.pack_index (unpruned)
+    or spatial_index (FasterVLM's merge) -> the span our modules give (= transformers', above),
+    and FasterVLM's kept patches per view; on pictures of several view counts, the most included."""
+    ort = pytest.importorskip("onnxruntime")
+    from torch.export import Dim
+
+    from mllm_edge import graphs as g
+    from mllm_edge.export.graphs import PackGraph, VisionGraph
+    from mllm_edge.export.lint import lint_model
+    from mllm_edge.export.onnx_graph import export_graph
+    from mllm_edge.pruning import keep_count
+
+    path, spec = next_checkpoint
+    ours = load_llava(path)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    patches = ours.spec.vision.grid**2
+    keep = None if ratio is None else keep_count(patches, ratio)
+    vision, pack = VisionGraph(ours, keep).eval(), PackGraph(ours).eval()
+    max_views = ours.spec.max_views
+    views = Dim("views", min=1, max=max_views)
+    pixels = torch.randn(3, 3, spec.image_size, spec.image_size)
+    export_graph(vision, (pixels,), ({0: views},), tmp_path, g.VISION)
+    embeds = torch.randn(3, keep or patches, ours.spec.text.hidden_size)
+    index = torch.tensor([0, 1, 3 * (keep or patches), 2])
+    tokens = Dim("image_tokens", min=1, max=ours.spec.num_image_tokens)
+    view_tokens = Dim("view_tokens", min=1, max=patches)
+    export_graph(pack, (embeds, index), ({0: views, 1: view_tokens}, {0: tokens}), tmp_path, g.PACK)
+    assert lint_model(tmp_path / "vision.onnx") == [] and lint_model(tmp_path / "pack.onnx") == []
+    run_vision = ort.InferenceSession(str(tmp_path / "vision.onnx"), providers=["CPUExecutionProvider"])
+    run_pack = ort.InferenceSession(str(tmp_path / "pack.onnx"), providers=["CPUExecutionProvider"])
+
+    seen_views = set()
+    with torch.no_grad():
+        for height, width in [(30, 30), (40, 90), (90, 40), (300, 300), (1, 400)]:
+            batch = hf_inputs(processor, picture(height, width, 3))
+            tiles_h, tiles_w = ours.anyres.tile_grid(height, width)
+            count = 1 + tiles_h * tiles_w
+            seen_views.add(count)
+            out = run_vision.run(None, {"pixel_values": batch["pixel_values"][0, :count].numpy()})
+            if ratio is None:
+                index = ours.anyres.pack_index(height, width)
+                expected = ours.image_embeds(batch["pixel_values"], batch["image_sizes"])
+            else:
+                kept = out[1]
+                index = ours.anyres.spatial_index(kept, height, width)
+                expected, expected_kept = ours.fastervlm_embeds(
+                    batch["pixel_values"], ratio, batch["image_sizes"]
+                )
+                np.testing.assert_array_equal(kept, expected_kept[0].numpy())  # per view, base view first
+            (packed,) = run_pack.run(None, {"image_embeds": out[0], "pack_index": index})
+            np.testing.assert_allclose(packed, expected.numpy(), atol=TOL, rtol=TOL)
+    assert max(seen_views) == max_views and len(seen_views) >= 2

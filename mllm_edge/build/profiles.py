@@ -61,6 +61,7 @@ def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = Non
         "prompt": prompt_opt,
         "answer": min(prompt_opt + OPT_ANSWER_TOKENS, ctx),
         "context": ctx,
+        "views": manifest.architecture.get("max_views", 1),  # LLaVA-NeXT's views of one picture
     }
     profiles = []
     for name, plan in GRAPHS[graph].profiles.items():

@@ -56,6 +56,21 @@ class VisionGraph(nn.Module):
         return self.projector(gather_tokens(features, kept)), kept
 
 
+class PackGraph(nn.Module):
+    """LLaVA-NeXT: image_embeds [V, m, C] of one picture's views and pack_index [n] -> its packed
+    span [1, n, C]: rows of the views' embeddings, index V x m the image_newline vector."""
+
+    def __init__(self, llava: Llava):
+        super().__init__()
+        self.image_newline = llava.image_newline
+        _names(self, g.PACK_GRAPH)
+
+    def forward(self, image_embeds: torch.Tensor, pack_index: torch.Tensor):
+        rows = image_embeds.reshape(-1, image_embeds.shape[-1])
+        rows = torch.cat((rows, self.image_newline.to(rows.dtype)[None]))
+        return rows[pack_index][None]
+
+
 class EmbedGraph(nn.Module):
     """input_ids [B, S], image_embeds [B, n, C], image_start [] -> inputs_embeds [B, S, C].
 

@@ -85,34 +85,25 @@ class LlavaNext(Llava):
         """pixel_values [B, V, 3, S, S] (the processor's, views padded to the most), image_sizes
         [B, 2] (height, width) -> [B, n, C]; every picture of a batch must give the same n."""
         packed = []
-        for views, height, width, (tiles_h, tiles_w) in self._pictures(pixel_values, image_sizes):
+        for views, height, width in self._pictures(pixel_values, image_sizes):
             features, _ = self.vision(views)
-            packed.append(self._pack(self.projector(features), height, width, tiles_h, tiles_w))
+            packed.append(self._pack(self.projector(features), height, width))
         return _same_count(packed)
 
     def _pictures(self, pixel_values: torch.Tensor, image_sizes):
-        """Per picture: its real views (the padding ones dropped), (height, width) and its tile grid."""
+        """Per picture: its real views (the padding ones dropped) and (height, width)."""
         if image_sizes is None or pixel_values.dim() != 5 or len(image_sizes) != pixel_values.shape[0]:
             raise MllmEdgeError(NEEDS_VIEWS)
         for views, size in zip(pixel_values, image_sizes):
             height, width = (int(v) for v in size)
-            target_h, target_w = self.anyres.best_resolution(height, width)
-            grid = (target_h // self.anyres.tile, target_w // self.anyres.tile)
-            yield views[: 1 + grid[0] * grid[1]], height, width, grid
+            tiles_h, tiles_w = self.anyres.tile_grid(height, width)
+            yield views[: 1 + tiles_h * tiles_w], height, width
 
-    def _pack(
-        self, embeds: torch.Tensor, height: int, width: int, tiles_h: int, tiles_w: int
-    ) -> torch.Tensor:
-        side = self.spec.vision.grid
-        c = embeds.shape[-1]
-        grid = embeds[1:].reshape(tiles_h, tiles_w, side, side, c).permute(4, 0, 2, 1, 3)
-        grid = grid.reshape(c, tiles_h * side, tiles_w * side)  # the stitched patch grid, row-major
-        rows, cols = self.anyres.packed_grid(height, width)
-        top, left = (tiles_h * side - rows) // 2, (tiles_w * side - cols) // 2
-        grid = grid[:, top : top + rows, left : left + cols]
-        newline = self.image_newline.to(grid.dtype)[:, None, None].expand(c, rows, 1)
-        grid = torch.cat((grid, newline), dim=2).reshape(c, rows * (cols + 1)).T
-        return torch.cat((embeds[0], grid))
+    def _pack(self, embeds: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """embeds [V, N, C] of one picture's views -> its packed span [n, C], by the index the
+        runtime packs with (anyres.pack_index: one definition of the order)."""
+        rows = torch.cat((embeds.reshape(-1, embeds.shape[-1]), self.image_newline.to(embeds.dtype)[None]))
+        return rows[torch.from_numpy(self.anyres.pack_index(height, width))]
 
     def unpruned_image_tokens(self, image_sizes=None) -> int:
         if image_sizes is None:
@@ -128,29 +119,17 @@ class LlavaNext(Llava):
         raster order, then the tiles' in the raster order of the stitched tile grid (row by row
         across tiles), no unpadding, no newline tokens. -> [B, views * keep, C] and the kept patch
         indices per view [B, views, keep] (raster order within each view, base view first)."""
-        from ..pruning import fastervlm_select, keep_count
+        from ..pruning import fastervlm_select, gather_tokens, keep_count
 
         embeds, kept_sets = [], []
-        for views, _, _, (_, tiles_w) in self._pictures(pixel_values, image_sizes):
+        for views, height, width in self._pictures(pixel_values, image_sizes):
             features, cls_row = self.vision(views, want_cls_row=True)  # [V, N, Cv], [V, N]
             kept = fastervlm_select(cls_row, keep_count(features.shape[1], ratio))  # [V, keep]
-            order = self._spatial_order(kept, tiles_w)
-            embeds.append(self.projector(features.reshape(-1, features.shape[-1])[order]))
+            order = torch.from_numpy(self.anyres.spatial_index(kept.cpu().numpy(), height, width))
+            kept_features = gather_tokens(features, kept).reshape(-1, features.shape[-1])  # [V * keep, Cv]
+            embeds.append(self.projector(kept_features[order]))
             kept_sets.append(kept)
         return _same_count(embeds), torch.stack(kept_sets)
-
-    def _spatial_order(self, kept: torch.Tensor, tiles_w: int) -> torch.Tensor:
-        """Indices into the views' flattened patches [V * N]: the base view's kept patches, then the
-        tiles' kept patches sorted by their (row, column) in the stitched grid."""
-        side = self.spec.vision.grid
-        n = side * side
-        tiles = kept[1:]  # [T, keep] patch indices within each tile
-        t = torch.arange(tiles.shape[0], device=kept.device)[:, None].expand_as(tiles)
-        rows = (t // tiles_w) * side + tiles // side
-        cols = (t % tiles_w) * side + tiles % side
-        spatial = torch.argsort((rows * tiles_w * side + cols).flatten(), stable=True)
-        tile_flat = ((t + 1) * n + tiles).flatten()[spatial]
-        return torch.cat((kept[0], tile_flat))
 
 
 SAME_COUNT = "every picture of a batch must give the same number of image tokens"

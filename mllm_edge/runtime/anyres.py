@@ -12,8 +12,9 @@ tokens   the base view's patches, then the tiles' patch grids stitched into one 
          the model's rounding (`round(x, 7)`, then equal cuts from both sides), one newline token
          after each row.
 
-models/llava.py's LlavaNext packs its features by this arithmetic; the runtime's views (the vision
-graph over views, pruning per view) are issue 18's next steps.
+pack_index and spatial_index give the packed span as rows of the views' features: LlavaNext
+(models/llava.py) packs by them, and so does a NeXT bundle's pack graph (export/graphs.py's
+PackGraph), so the order has one definition. Running NeXT bundles is issue 18's next step.
 """
 
 from __future__ import annotations
@@ -93,6 +94,45 @@ class AnyRes:
             kept = int(round(width * (rows / height), 7))
             cols -= 2 * ((cols - kept) // 2)
         return rows, cols
+
+    def tile_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of tiles the picture is cut into."""
+        target_h, target_w = self.best_resolution(height, width)
+        return target_h // self.tile, target_w // self.tile
+
+    def pack_index(self, height: int, width: int) -> np.ndarray:
+        """The packed span as rows of the views' patch features flattened [V * N] (base view first,
+        N patches each), with V * N for the newline token: the base view's patches, then the tiles'
+        stitched grid row by row, unpadded (packed_grid, equal cuts from both sides), a newline
+        after each row. -> int64 [image_tokens(height, width)]."""
+        tiles_h, tiles_w = self.tile_grid(height, width)
+        side = self.tile // self.patch
+        n = side * side
+        rows, cols = self.packed_grid(height, width)
+        top, left = (tiles_h * side - rows) // 2, (tiles_w * side - cols) // 2
+        r = np.arange(top, top + rows)[:, None]
+        c = np.arange(left, left + cols)[None, :]
+        tile = (r // side) * tiles_w + c // side
+        grid = (1 + tile) * n + (r % side) * side + c % side  # [rows, cols]
+        newline = np.full((rows, 1), (1 + tiles_h * tiles_w) * n)
+        return np.concatenate((np.arange(n), np.concatenate((grid, newline), axis=1).ravel())).astype(
+            np.int64
+        )
+
+    def spatial_index(self, kept: np.ndarray, height: int, width: int) -> np.ndarray:
+        """FasterVLM's `spatial` merge (the official code's) of the views' kept patches kept [V, keep]
+        (patch indices, raster order within each view, base view first), as rows of the kept
+        tokens flattened [V * keep]: the base view's in order, then the tiles' sorted by their
+        (row, column) in the stitched tile grid; no unpadding, no newline. -> int64 [V * keep]."""
+        _, tiles_w = self.tile_grid(height, width)
+        side = self.tile // self.patch
+        views, keep = kept.shape
+        tiles = kept[1:]
+        t = np.arange(views - 1)[:, None]
+        rows = (t // tiles_w) * side + tiles // side
+        cols = (t % tiles_w) * side + tiles % side
+        spatial = np.argsort((rows * tiles_w * side + cols).ravel(), kind="stable")
+        return np.concatenate((np.arange(keep), keep + spatial)).astype(np.int64)
 
     def image_tokens(self, height: int, width: int) -> int:
         """Tokens the picture puts into the LLM unpruned: the base view's patches, then each row of
