@@ -164,10 +164,14 @@ LLM_TAIL_GRAPH = GraphDef(
 GRAPHS = {g.name: g for g in (VISION_GRAPH, EMBED_GRAPH, LLM_HEAD_GRAPH, PRUNE_GRAPH, LLM_TAIL_GRAPH)}
 
 
-def bundle_graphs(fastv: bool, fastervlm: bool) -> dict[str, GraphDef]:
-    """The graphs of a bundle with these methods, in the order they run."""
+def bundle_graphs(fastv: bool, fastervlm: bool, anyres: bool = False) -> dict[str, GraphDef]:
+    """The graphs of a bundle with these methods, in the order they run. anyres (LLaVA-NeXT): the
+    vision graph's batch is one picture's views, the pack graph follows it, and the prune graph
+    takes a span of any length."""
     vision = (
         replace(VISION_GRAPH, outputs=VISION_GRAPH.outputs + (KEPT_PATCHES,)) if fastervlm else VISION_GRAPH
     )
-    chain = [vision, EMBED_GRAPH] + ([LLM_HEAD_GRAPH, PRUNE_GRAPH] if fastv else []) + [LLM_TAIL_GRAPH]
+    prune = PRUNE_SPAN_GRAPH if anyres else PRUNE_GRAPH
+    chain = [vision] + ([PACK_GRAPH] if anyres else []) + [EMBED_GRAPH]
+    chain += ([LLM_HEAD_GRAPH, prune] if fastv else []) + [LLM_TAIL_GRAPH]
     return {g.name: g for g in chain}

@@ -409,3 +409,68 @@ def test_the_vision_graph_over_views_and_the_pack_graph_give_the_packed_span(
             (packed,) = run_pack.run(None, {"image_embeds": out[0], "pack_index": index})
             np.testing.assert_allclose(packed, expected.numpy(), atol=TOL, rtol=TOL)
     assert max(seen_views) == max_views and len(seen_views) >= 2
+
+
+@pytest.mark.parametrize(
+    "method, ratio, k, vision_ratio",
+    [
+        ("none", 0.0, 2, None),
+        ("fastv", 0.5, 1, None),
+        ("fastervlm", 0.5, 2, None),
+        ("fastv+fastervlm", 0.5, 2, 0.25),
+    ],
+)
+def test_the_bundle_graphs_through_the_chain_equal_generate(next_checkpoint, method, ratio, k, vision_ratio):
+    """A NeXT bundle's graph modules (vision over views, pack, embed, [llm_head, span prune],
+    llm_tail) behind the runtime's chain, with the export check's concatenating cache: the same
+    kept sets (per view; over the span) and greedy tokens as generate(), on three picture shapes."""
+    from mllm_edge.export.graphs import graph_modules
+    from mllm_edge.export.samples import TorchEngine
+    from mllm_edge.export.verify import ConcatCache
+    from mllm_edge.runtime.chain import Chain, place_image_tokens
+
+    path, _ = next_checkpoint
+    ours = load_llava(path)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    pruning = PruningConfig.from_method(method, ratio, k, vision_ratio)
+    modules = graph_modules(ours, pruning)
+    assert list(modules)[:2] == ["vision", "pack"]
+    t = ours.spec.text
+    steps = 6
+    with torch.no_grad():
+        for height, width in [(40, 90), (300, 300), (90, 40)]:
+            batch = hf_inputs(processor, picture(height, width, 5))
+            expected = generate(
+                ours,
+                batch["input_ids"],
+                batch["pixel_values"],
+                pruning,
+                steps,
+                image_sizes=batch["image_sizes"],
+            )
+            chain = Chain(
+                {name: TorchEngine(m) for name, m in modules.items()},
+                ConcatCache(
+                    t.num_layers,
+                    pruning.split_layer,
+                    np.zeros((1, 1, t.num_kv_heads, t.head_dim), np.float32),
+                ),
+                pruning.split_layer,
+                anyres=ours.anyres,
+            )
+            tiles_h, tiles_w = ours.anyres.tile_grid(height, width)
+            views = batch["pixel_values"][0, : 1 + tiles_h * tiles_w].numpy()
+            vision = chain.encode_image(views, (height, width))
+            if pruning.fastervlm:
+                np.testing.assert_array_equal(vision["kept_patches"], expected.prefill.kept_vision[0].numpy())
+            ids, start = place_image_tokens(
+                batch["input_ids"].numpy(), ours.spec.image_token_id, vision["image_embeds"].shape[1]
+            )
+            prefilled = chain.prefill(ids, vision["image_embeds"], start)
+            if pruning.fastv:
+                np.testing.assert_array_equal(prefilled.kept_image, expected.prefill.kept_llm.numpy())
+            tokens = [int(prefilled.logits[0].argmax())]
+            for step in range(steps - 1):
+                logits = chain.decode_step(np.array(tokens[-1:], np.int64), prefilled.length + step)
+                tokens.append(int(logits[0].argmax()))
+            assert tokens == expected.token_ids[0], (height, width)

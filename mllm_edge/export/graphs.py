@@ -165,13 +165,24 @@ class LlmTailGraph(nn.Module):
 
 def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, nn.Module]:
     """The torch module of each graph the bundle holds (mllm_edge.graphs.bundle_graphs), in order."""
-    vision_keep, llm_keep = pruning.keep_counts(llava.spec.num_image_tokens)
+    spec = llava.spec
+    anyres = spec.max_views > 1
+    if anyres:  # FasterVLM per view; FastV over a span of any length up to what the vision side gives
+        patches = spec.vision.grid**2
+        view_keep = pruning.keep_counts(patches)[0]
+        max_span = pruning.keep_counts(spec.num_image_tokens, (spec.max_views, patches))[0]
+        vision_keep = view_keep
+        prune = lambda: PruneSpanGraph(max_span, pruning.fastv.ratio)  # noqa: E731
+    else:
+        vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)
+        prune = lambda: PruneGraph(vision_keep, llm_keep)  # noqa: E731
     build = {
         g.VISION: lambda: VisionGraph(llava, vision_keep if pruning.fastervlm else None),
+        g.PACK: lambda: PackGraph(llava),
         g.EMBED: lambda: EmbedGraph(llava),
         g.LLM_HEAD: lambda: LlmHeadGraph(llava, pruning.split_layer),
-        g.PRUNE: lambda: PruneGraph(vision_keep, llm_keep),
+        g.PRUNE: prune,
         g.LLM_TAIL: lambda: LlmTailGraph(llava, pruning.split_layer),
     }
-    names = g.bundle_graphs(bool(pruning.fastv), bool(pruning.fastervlm))
+    names = g.bundle_graphs(bool(pruning.fastv), bool(pruning.fastervlm), anyres)
     return {name: build[name]().eval() for name in names}

@@ -1,6 +1,7 @@
 """The graphs of a bundle joined with a KV cache, written once: encode_image, prefill, decode_step.
 
-  prefill      vision's image_embeds -> embed -> [llm_head -> prune ->] llm_tail -> first logits
+  encode_image pixel_values -> vision [-> pack: LLaVA-NeXT's views packed into one span]
+  prefill      the image span -> embed -> [llm_head -> prune ->] llm_tail -> first logits
   decode_step  embed(one id) -> [llm_head ->] llm_tail -> next logits, each group appending to its cache
 
 Any backend's engines (runtime.backends; export's torch modules behind the same interface for the
@@ -18,7 +19,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..graphs import EMBED, GRAPHS, HEAD, LLM_HEAD, LLM_TAIL, NO_IMAGE, PRUNE, TAIL, VISION
+from ..graphs import EMBED, GRAPHS, HEAD, LLM_HEAD, LLM_TAIL, NO_IMAGE, PACK, PRUNE, TAIL, VISION
 
 _NO_IMAGE_START = np.array(NO_IMAGE, np.int64)  # decode's image_start: made once, not per token
 
@@ -85,10 +86,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Chain:
-    def __init__(self, engines: Mapping, cache, split: int, observers: list[Observer] | None = None):
+    def __init__(
+        self, engines: Mapping, cache, split: int, observers: list[Observer] | None = None, anyres=None
+    ):
         """engines: graph name -> anything with run(inputs, outputs=None) -> the outputs not given.
-        split: FastV's layer K (0 without FastV: no llm_head, no prune)."""
-        self.engines, self.cache, self.split = engines, cache, split
+        split: FastV's layer K (0 without FastV: no llm_head, no prune). anyres: LLaVA-NeXT's
+        geometry (runtime.anyres.AnyRes), whose bundles pack the views and prune spans of any length."""
+        self.engines, self.cache, self.split, self.anyres = engines, cache, split, anyres
         self.observers: list[Observer] = [] if observers is None else observers
         self._no_image = None  # decode's image_embeds: one zero row of the prompt's dtype and width
         self.history = History()
@@ -99,9 +103,27 @@ class Chain:
             observe(graph, inputs, {**(outputs or {}), **returned})
         return returned
 
-    def encode_image(self, pixel_values: np.ndarray) -> dict:
-        """-> the vision graph's outputs: image_embeds [B, n, C] (+ kept_patches with FasterVLM)."""
-        return self.run(VISION, {"pixel_values": pixel_values})
+    def encode_image(self, pixel_values: np.ndarray, image_size: tuple[int, int] | None = None) -> dict:
+        """-> image_embeds [B, n, C] as the span enters the LLM (+ kept_patches with FasterVLM).
+
+        LLaVA-NeXT: pixel_values [V, 3, S, S] are one picture's views (anyres.preprocess_views) and
+        image_size its (height, width); the vision graph runs on the views (FasterVLM per view:
+        kept_patches [V, keep]) and the pack graph packs them (anyres.pack_index, or FasterVLM's
+        spatial merge) into image_embeds [1, n, C]."""
+        vision = self.run(VISION, {"pixel_values": pixel_values})
+        if self.anyres is None:
+            return vision
+        if image_size is None:
+            raise MllmEdgeError("a LLaVA-NeXT picture needs its (height, width) to pack its views")
+        height, width = image_size
+        kept = vision.get("kept_patches")
+        index = (
+            self.anyres.pack_index(height, width)
+            if kept is None
+            else self.anyres.spatial_index(kept, height, width)
+        )
+        packed = self.run(PACK, {"image_embeds": vision["image_embeds"], "pack_index": index})
+        return {**vision, "image_embeds": packed["packed_image_embeds"]}
 
     def _llm(self, graph: str, hidden: np.ndarray, positions: np.ndarray) -> dict:
         """One LLM graph over hidden [B, S, C] at positions [B, S], reading and extending its cache group."""
@@ -159,13 +181,18 @@ class Chain:
             else:
                 entering = head["hidden_states"]
             if has_image:
+                span = (  # LLaVA-NeXT's prune graph takes the span's positions, as long as it is
+                    {"image_positions": np.arange(image_start, image_start + n, dtype=np.int64)}
+                    if self.anyres is not None
+                    else {"image_start": np.array(image_start, np.int64)}
+                )
                 pruned = self.run(
                     PRUNE,
                     {
                         "hidden_states": np.ascontiguousarray(entering),
                         "last_row": head["last_row"],
                         "position_ids": positions,
-                        "image_start": np.array(image_start, np.int64),
+                        **span,
                     },
                 )
                 hidden, kept_positions, kept_image = (
