@@ -13,6 +13,13 @@ graph is a change here plus its torch module in export/graphs.py.
   llm_tail  hidden_states, position_ids, past of layers [K, L) -> logits (last token), new K/V
 
 Without FastV, llm_head and prune are absent and llm_tail runs every layer (K = 0).
+
+LLaVA-NeXT (anyres; issue 18: defined, built from our modules and run through the chain, not yet
+exported into a bundle): the vision graph's batch is one picture's views (FasterVLM per view), then
+
+  pack      image_embeds of the views, pack_index -> packed_image_embeds [1, n, C] (holds image_newline)
+
+and prune takes image_positions (the span's positions: any length n) in place of image_start.
 """
 
 from __future__ import annotations
