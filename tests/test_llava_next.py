@@ -418,6 +418,8 @@ def test_the_vision_graph_over_views_and_the_pack_graph_give_the_packed_span(
         ("fastv", 0.5, 1, None),
         ("fastervlm", 0.5, 2, None),
         ("fastv+fastervlm", 0.5, 2, 0.25),
+        # FastV's ratio would keep nothing of one view's survivors, but every span holds several views
+        ("fastv+fastervlm", 0.95, 1, 0.5),
     ],
 )
 def test_the_bundle_graphs_through_the_chain_equal_generate(next_checkpoint, method, ratio, k, vision_ratio):

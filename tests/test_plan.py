@@ -141,6 +141,14 @@ def test_a_next_plan_is_sized_for_its_largest_picture(llava_7b_config, llava_nex
     (fastv,) = plan_json(llava_next_7b_config, *args, "--method", "fastv", "--ratio", "0.5")["settings"]
     assert fastv["image_tokens"] == {"vision": 2928, "llm": 1464}
     assert fastv["vision_ms"] == none["vision_ms"] and fastv["prefill_ms"] < none["prefill_ms"]
+    # a context too small for the unpruned span: the default grid plans what fits, and says what not
+    small = plan_json(llava_next_7b_config, "--device", "agx-orin-64gb", "--max-context", "2048")
+    assert {s["setting"]["method"] for s in small["settings"]} == {"fastervlm"}
+    assert any(s.startswith("none R=0: the prompt (2992 tokens) does not fit") for s in small["skipped"])
+    result = runner.invoke(
+        app, ["plan", str(llava_next_7b_config), "--device", "thor", "--max-context", "200"]
+    )
+    assert result.exit_code == 1 and "no setting can be planned" in result.output, result.output
 
 
 def test_int4_awq_weights_are_half_a_byte_and_a_scale_per_128():

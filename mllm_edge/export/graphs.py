@@ -18,6 +18,7 @@ from ..pruning import (
     fastv_select,
     fastv_select_span,
     gather_tokens,
+    keep_count,
     keep_table,
 )
 
@@ -169,9 +170,8 @@ def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, nn.Module]:
     anyres = spec.max_views > 1
     if anyres:  # FasterVLM per view; FastV over a span of any length up to what the vision side gives
         patches = spec.vision.grid**2
-        view_keep = pruning.keep_counts(patches)[0]
+        vision_keep = keep_count(patches, pruning.fastervlm.ratio) if pruning.fastervlm else patches
         max_span = pruning.keep_counts(spec.num_image_tokens, (spec.max_views, patches))[0]
-        vision_keep = view_keep
         prune = lambda: PruneSpanGraph(max_span, pruning.fastv.ratio)  # noqa: E731
     else:
         vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)

@@ -155,10 +155,14 @@ def make_plan(
                 plan.predictions.append(
                     predict(model, device, Setting(method, ratio, precision, k), context, prompt_tokens)
                 )
-        except MllmEdgeError as e:
-            if pruning or "keeps no image token" not in str(e):
+        except MllmEdgeError as e:  # of the default grid: a setting this model or context cannot take
+            if pruning or not any(
+                why in str(e) for why in ("keeps no image token", "does not fit the max context")
+            ):
                 raise
-            plan.skipped.append(f"{method} R={ratio:g}: {e}")  # a tiny tower's patches, from the default grid
+            plan.skipped.append(f"{method} R={ratio:g}: {e}")
+    if not plan.predictions:
+        raise MllmEdgeError("no setting can be planned: " + "; ".join(plan.skipped))
     plan.predictions.sort(key=_order)
 
     def meets(p: Prediction) -> bool:
