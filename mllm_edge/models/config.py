@@ -72,6 +72,13 @@ class TextSpec:
             return self.max_position_embeddings
         return min(self.max_position_embeddings, self.sliding_window)
 
+    @property
+    def max_context_reason(self) -> str:
+        """What sets max_context, for messages."""
+        if self.max_context < self.max_position_embeddings:
+            return f"its sliding window of {self.max_context} tokens"
+        return f"the model's {self.max_context} positions"
+
 
 @dataclass(frozen=True)
 class LlavaSpec:
@@ -119,11 +126,9 @@ class LlavaSpec:
             or not isinstance(value, int)
             or not self.num_image_tokens < value <= limit
         ):
-            within = (
-                f"its sliding window of {limit} tokens (beyond it the model attends to fewer tokens than a full cache holds)"
-                if limit < self.text.max_position_embeddings
-                else f"the model's {limit} positions"
-            )
+            within = self.text.max_context_reason
+            if limit < self.text.max_position_embeddings:
+                within += " (beyond it the model attends to fewer tokens than a full cache holds)"
             raise MllmEdgeError(
                 f"max context must hold the {self.num_image_tokens} image tokens and the text, and stay within "
                 f"{within}: {self.num_image_tokens} < N <= {limit}, got {value!r}"

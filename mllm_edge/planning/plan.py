@@ -93,9 +93,7 @@ def load_model(source: Path) -> Source:
             costs.Model.from_architecture(spec.architecture()),
             spec.default_max_context,
             t.max_context,
-            f"its sliding window ({t.sliding_window} tokens)"
-            if t.max_context < t.max_position_embeddings
-            else f"the model's {t.max_position_embeddings} positions",
+            t.max_context_reason,
             f"checkpoint {source}",
         )
     if not source.exists():
