@@ -25,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 
-from . import graphs as mg
 from .errors import MllmEdgeError
 from .graphs import NO_IMAGE
 from .planning import costs
@@ -115,8 +114,12 @@ def bench_bundle(
         manifest, chain = pipeline.manifest, pipeline.chain
         tok = manifest.tokenizer
         pruning = manifest.pruning
-        image = Image.new("RGB", (640, 480), (120, 160, 200))
-        pixel_values = pipeline.preprocess(image)
+        if pipeline.anyres is None:
+            image = Image.new("RGB", (640, 480), (120, 160, 200))
+        else:  # LLaVA-NeXT: the largest picture, one of the biggest pinpoint's shape (its most tokens)
+            height, width = max(pipeline.anyres.pinpoints, key=lambda p: p[0] * p[1])
+            image = Image.new("RGB", (width, height), (120, 160, 200))
+        pixel_values, size = pipeline.image_inputs(image)
 
         def timed(stage: str, run: Callable[[], object]) -> list[float]:
             times = []
@@ -130,11 +133,12 @@ def bench_bundle(
             device_memory.sample()
             return times
 
-        vision_ms = timed("vision", lambda: chain.encode_image(pixel_values))
-        image_embeds = chain.encode_image(pixel_values)["image_embeds"]
+        vision_ms = timed("vision", lambda: chain.encode_image(pixel_values, size))
+        image_embeds = chain.encode_image(pixel_values, size)["image_embeds"]
         entering = image_embeds.shape[1]  # after FasterVLM
         rendered = pipeline.prompts.render("Describe the picture.")  # one user turn with the image
-        base = np.asarray([pipeline.prompts.encode(rendered, 1)], np.int64)
+        unpruned, _ = pipeline.image_tokens_of(size)
+        base = np.asarray([pipeline.prompts.encode(rendered, 1, unpruned)], np.int64)
         ids, start = place_image_tokens(base, tok["image_token_id"], entering)
         filler = int(ids[0, -1])  # the prompt's last token: an ordinary text token of this tokenizer
         base_text = ids.shape[1] - entering
@@ -222,7 +226,10 @@ def llm_weight_bytes(folder: Path, manifest) -> int:
     """What a decode step reads of weights: the LLM graphs' data files (every layer's matrices, the
     norms, the LM head), each file once; the embed graph reads one row of its table, left out."""
     files = {
-        f for name, spec in manifest.graphs.items() if mg.GRAPHS[name].quantizable for f in spec.data_files
+        f
+        for name, spec in manifest.graphs.items()
+        if manifest.definitions[name].quantizable
+        for f in spec.data_files
     }
     return sum((folder / f).stat().st_size for f in files)
 

@@ -189,7 +189,14 @@ def export(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from .export.bundle import ExportConfig, export_bundle, stages
-    from .export.report import checks_table, files_table, human_bytes, pruning_line, weights_line
+    from .export.report import (
+        checks_table,
+        files_table,
+        geometry_line,
+        human_bytes,
+        pruning_line,
+        weights_line,
+    )
     from .pruning import PruningConfig
 
     if model is None:
@@ -228,9 +235,14 @@ def export(
             config.out = float_dir / "float"
         with progress_bar(*columns) as progress:
             task = progress.add_task("export", total=len(names))
-            report = export_bundle(
-                config, lambda name: progress.update(task, description=name, completed=names.index(name))
-            )
+
+            def on_stage(name: str) -> None:
+                if name not in names:  # a LLaVA-NeXT checkpoint's pack graph: known once it is loaded
+                    names[:] = stages(config, anyres=True)
+                    progress.update(task, total=len(names))
+                progress.update(task, description=name, completed=names.index(name))
+
+            report = export_bundle(config, on_stage)
             progress.update(task, description="done", completed=len(names))
         if quantize is not None:
             from .calibration.calibrate import CalibrateConfig
@@ -253,11 +265,13 @@ def export(
     console.print(
         f"[bold]{escape(str(report.out))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}"
     )
+    if geometry_line(m):
+        console.print(geometry_line(m))
     console.print(pruning_line(m))
     f = report.flops
     console.print(
-        f"LLM prefill FLOPs per layer on the sample prompt (FastV paper's Eq. 5): {f.pruned / 1e9:.3g} G vs {f.unpruned / 1e9:.3g} G "
-        f"unpruned ({100 * f.ratio:.0f}%)"
+        f"LLM prefill FLOPs per layer on the sample prompt, {report.sample_image_tokens} image tokens unpruned "
+        f"(FastV paper's Eq. 5): {f.pruned / 1e9:.3g} G vs {f.unpruned / 1e9:.3g} G unpruned ({100 * f.ratio:.0f}%)"
     )
     if report.shared_bytes:
         console.print(
@@ -416,7 +430,15 @@ def inspect(
     from rich.console import Console
     from rich.markup import escape
 
-    from .export.report import bundle_sizes, graph_sizes, human_bytes, io_table, pruning_line, weights_line
+    from .export.report import (
+        bundle_sizes,
+        geometry_line,
+        graph_sizes,
+        human_bytes,
+        io_table,
+        pruning_line,
+        weights_line,
+    )
     from .manifest import load_manifest
 
     m = load_manifest(bundle)
@@ -424,6 +446,8 @@ def inspect(
     console.print(
         f"[bold]{escape(str(bundle))}[/bold]: {escape(m.source['model'])}, {weights_line(m)}, max context {m.max_context}, {m.created_by}"
     )
+    if geometry_line(m):
+        console.print(geometry_line(m))
     console.print(pruning_line(m))
     sizes = graph_sizes(m, bundle_sizes(bundle, m))
     try:
@@ -926,19 +950,30 @@ def run(
             sys.stdout.flush()
     result = generation.result
     if show_pruning is not None:
-        from .runtime.show_pruning import draw_pruning
+        from .runtime.show_pruning import draw_pruning, draw_pruning_views
 
         vision = pipeline.manifest.architecture["vision"]
         kept = result.kept_image_tokens
-        pixels = pipeline.preprocess(picture)
-        draw_pruning(
-            pixels,
-            pipeline.manifest.preprocessing,
-            vision["image_size"] // vision["patch_size"],
-            kept["vision"],
-            kept["llm"],
-            show_pruning,
-        )
+        pixels, size = pipeline.image_inputs(picture)
+        if size is not None:  # LLaVA-NeXT: every view
+            draw_pruning_views(
+                pixels,
+                pipeline.manifest.preprocessing,
+                pipeline.anyres,
+                size,
+                kept["vision"],
+                kept["llm"],
+                show_pruning,
+            )
+        else:
+            draw_pruning(
+                pixels,
+                pipeline.manifest.preprocessing,
+                vision["image_size"] // vision["patch_size"],
+                kept["vision"],
+                kept["llm"],
+                show_pruning,
+            )
     if as_json:
         typer.echo(json.dumps(asdict(result), ensure_ascii=False))
         return

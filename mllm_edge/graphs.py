@@ -14,12 +14,13 @@ graph is a change here plus its torch module in export/graphs.py.
 
 Without FastV, llm_head and prune are absent and llm_tail runs every layer (K = 0).
 
-LLaVA-NeXT (anyres; issue 18: defined, built from our modules and run through the chain, not yet
-exported into a bundle): the vision graph's batch is one picture's views (FasterVLM per view), then
+LLaVA-NeXT (anyres): the vision graph's batch is one picture's views (FasterVLM per view), then
 
   pack      image_embeds of the views, pack_index -> packed_image_embeds [1, n, C] (holds image_newline)
 
-and prune takes image_positions (the span's positions: any length n) in place of image_start.
+and prune takes image_positions (the span's positions: any length n) in place of image_start. Its
+image span's length varies with the picture, so the profiles that size it run from one token to
+the largest picture's (SPAN), where LLaVA-1.5's are fixed (IMAGES).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ NO_IMAGE = -1  # the embed graph's image_start when the ids hold no image (decod
 ONE = ("one", "one", "one")
 PROMPT = ("one", "prompt", "context")  # any prompt length up to the context, tuned for a typical one
 IMAGES = ("images", "images", "images")  # the image tokens entering the LLM (after FasterVLM)
+SPAN = ("one", "images", "images")  # LLaVA-NeXT's: up to the largest picture's, tuned for it
+VIEWS = ("one", "views", "views")  # LLaVA-NeXT's views of one picture: the base view and 1 .. tiles
 
 
 @dataclass(frozen=True)
@@ -143,19 +146,32 @@ PRUNE_GRAPH = GraphDef(
 PRUNE_SPAN_GRAPH = replace(
     PRUNE_GRAPH,
     inputs=PRUNE_GRAPH.inputs[:3] + (TensorDef("image_positions", "int64", ("image_tokens",)),),
-    profiles={"prefill": {**PRUNE_GRAPH.profiles["prefill"], "image_tokens": IMAGES}},
+    profiles={"prefill": {"batch": ONE, "seq": PROMPT, "image_tokens": SPAN}},
+)
+# LLaVA-NeXT's: the same graph, for a span of any length up to the largest picture's
+EMBED_SPAN_GRAPH = replace(
+    EMBED_GRAPH,
+    profiles={**EMBED_GRAPH.profiles, "prefill": {**EMBED_GRAPH.profiles["prefill"], "image_tokens": SPAN}},
+)
+# LLaVA-NeXT's: the vision graph's batch is one picture's views, up to the most the pinpoints give
+VISION_VIEWS_GRAPH = GraphDef(
+    VISION,
+    (TensorDef("pixel_values", "float", ("views", None, None, None)),),
+    (TensorDef("image_embeds", "float", ("views", None, None)),),
+    profiles={"static": {"views": VIEWS}},
 )
 # LLaVA-NeXT's: one picture's views' embeddings as its packed span, in the order pack_index gives
-# (runtime/anyres.py), with the image_newline vector it holds at index views x tokens
+# (runtime/anyres.py), with the image_newline vector it holds at index views x tokens; each view's
+# token count (its patches, or FasterVLM's keep) is fixed at export
 PACK = "pack"
 PACK_GRAPH = GraphDef(
     PACK,
     (
-        TensorDef("image_embeds", "float", ("views", "view_tokens", None)),
+        TensorDef("image_embeds", "float", ("views", None, None)),
         TensorDef("pack_index", "int64", ("image_tokens",)),
     ),
-    (TensorDef("packed_image_embeds", "float", ("one", "image_tokens", None)),),
-    profiles={"static": {"views": ("one", "views", "views"), "image_tokens": IMAGES}},
+    (TensorDef("packed_image_embeds", "float", (None, "image_tokens", None)),),
+    profiles={"static": {"views": VIEWS, "image_tokens": SPAN}},
 )
 LLM_TAIL_GRAPH = GraphDef(
     LLM_TAIL,
@@ -168,17 +184,22 @@ LLM_TAIL_GRAPH = GraphDef(
     profiles=_LLM_PROFILES,
     quantizable=True,
 )
-GRAPHS = {g.name: g for g in (VISION_GRAPH, EMBED_GRAPH, LLM_HEAD_GRAPH, PRUNE_GRAPH, LLM_TAIL_GRAPH)}
+# The LLM graphs, whose definitions are the same in every bundle: their cache group and weights.
+# Anything that sizes or feeds a bundle's other graphs reads its own definitions (bundle_graphs,
+# Manifest.definitions): vision and prune differ between LLaVA-1.5 and LLaVA-NeXT.
+LLM_GRAPHS = {g.name: g for g in (EMBED_GRAPH, LLM_HEAD_GRAPH, LLM_TAIL_GRAPH)}
+GRAPH_NAMES = (VISION, PACK, EMBED, LLM_HEAD, PRUNE, LLM_TAIL)  # every graph a bundle may hold, in order
 
 
 def bundle_graphs(fastv: bool, fastervlm: bool, anyres: bool = False) -> dict[str, GraphDef]:
     """The graphs of a bundle with these methods, in the order they run. anyres (LLaVA-NeXT): the
     vision graph's batch is one picture's views, the pack graph follows it, and the prune graph
     takes a span of any length."""
-    vision = (
-        replace(VISION_GRAPH, outputs=VISION_GRAPH.outputs + (KEPT_PATCHES,)) if fastervlm else VISION_GRAPH
-    )
-    prune = PRUNE_SPAN_GRAPH if anyres else PRUNE_GRAPH
-    chain = [vision] + ([PACK_GRAPH] if anyres else []) + [EMBED_GRAPH]
+    vision = VISION_VIEWS_GRAPH if anyres else VISION_GRAPH
+    if fastervlm:
+        kept = replace(KEPT_PATCHES, dims=(vision.inputs[0].dims[0], None))
+        vision = replace(vision, outputs=vision.outputs + (kept,))
+    prune, embed = (PRUNE_SPAN_GRAPH, EMBED_SPAN_GRAPH) if anyres else (PRUNE_GRAPH, EMBED_GRAPH)
+    chain = [vision] + ([PACK_GRAPH] if anyres else []) + [embed]
     chain += ([LLM_HEAD_GRAPH, prune] if fastv else []) + [LLM_TAIL_GRAPH]
     return {g.name: g for g in chain}

@@ -69,6 +69,17 @@ class Manifest:
     def has_fastv(self) -> bool:
         return "prune" in self.graphs
 
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT: a picture is several views, packed into a span whose length varies."""
+        return _anyres(self.architecture)
+
+    @property
+    def definitions(self) -> dict:
+        """The definition of each of the bundle's graphs (mllm_edge.graphs), in the order they run."""
+        used = self.pruning["method"].split("+")
+        return bundle_graphs("fastv" in used, "fastervlm" in used, self.anyres)
+
     def tokenizer_files(self) -> list[str]:
         return [rel for rel in self.files if rel.startswith(self.tokenizer["folder"] + "/")]
 
@@ -126,6 +137,10 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
 
+def _anyres(architecture: dict) -> bool:
+    return architecture.get("max_views", 1) > 1  # manifests from before LLaVA-NeXT have no max_views
+
+
 class _Invalid(Exception):
     """A manifest field that is missing, of the wrong type, out of range or inconsistent."""
 
@@ -164,6 +179,8 @@ def check_manifest(data) -> None:
     for key in ("image_size", "patch_size"):
         _field(data, f"architecture.vision.{key}", int, positive, "a whole number > 0")
     num_image = _field(data, "architecture.num_image_tokens", int, positive, "a whole number > 0")
+    if "max_views" in data["architecture"]:
+        _field(data, "architecture.max_views", int, positive, "a whole number > 0")
     methods = ("none", "fastv", "fastervlm", "fastv+fastervlm")
     method = _field(data, "pruning.method", str, lambda v: v in methods, "one of " + ", ".join(methods))
     split = _field(
@@ -184,6 +201,8 @@ def check_manifest(data) -> None:
             _field(data, f"pruning.{name}.ratio", (int, float), lambda v: 0 <= v < 1, "a ratio 0 <= R < 1")
             keep = _field(data, f"pruning.{name}.keep", int, positive, "a whole number > 0")
             expected = tokens["after_fastv"] if name == "fastv" else tokens["llm"]
+            if name == "fastervlm" and _anyres(data["architecture"]):  # per view, the most views
+                expected = tokens["llm"] / data["architecture"]["max_views"]
             if keep != expected:
                 raise _Invalid(f"pruning.{name}.keep {keep} disagrees with pruning.image_tokens ({expected})")
     used = method.split("+")
@@ -212,7 +231,7 @@ def check_manifest(data) -> None:
         if not _safe_path(rel) or not isinstance(sha, str) or len(sha) != 64:
             raise _Invalid(f"files[{rel!r}] must be a path inside the bundle and a sha256")
     graphs = _field(data, "graphs", dict)
-    definitions = bundle_graphs("fastv" in used, "fastervlm" in used)
+    definitions = bundle_graphs("fastv" in used, "fastervlm" in used, _anyres(data["architecture"]))
     if list(graphs) != list(definitions):
         raise _Invalid(
             f"graphs must be {', '.join(definitions)} for method {method!r}, got {', '.join(graphs)}"

@@ -101,8 +101,7 @@ def _on_own_selection(graph: str, got: dict, inputs: dict, outputs: dict, refs: 
         embeds = np.take_along_axis(refs["all_image_embeds"], kept[..., None], axis=1)
         return "kept_patches", refs["cls_row"], {"image_embeds": embeds}
     if graph == "prune":
-        keep = outputs["kept_image"].shape[1]
-        n = inputs["hidden_states"].shape[1] - outputs["kept_hidden_states"].shape[1] + keep  # image tokens
+        n = span_length(inputs, outputs)
         kept = got["kept_image"]
         if kept.shape != outputs["kept_image"].shape or kept.min() < 0 or kept.max() >= n:
             return None
@@ -110,9 +109,23 @@ def _on_own_selection(graph: str, got: dict, inputs: dict, outputs: dict, refs: 
     return None
 
 
+def span_length(inputs: dict, outputs: dict) -> int:
+    """The image tokens a prune graph's call ranked: the tokens it dropped plus those it kept."""
+    keep = outputs["kept_image"].shape[1]
+    return inputs["hidden_states"].shape[1] - outputs["kept_hidden_states"].shape[1] + keep
+
+
+def image_start(inputs: dict) -> int:
+    """Where the image span starts, from the prune graph's inputs: LLaVA-1.5's take image_start,
+    LLaVA-NeXT's the span's positions (one run)."""
+    if "image_start" in inputs:
+        return int(inputs["image_start"])
+    return int(inputs["image_positions"][0])
+
+
 def fastv_scores(inputs: dict, num_image: int) -> np.ndarray:
     """The prune graph's inputs -> the scores FastV ranks: the last token's row over the image span."""
-    start = int(inputs["image_start"])
+    start = image_start(inputs)
     return inputs["last_row"][:, start : start + num_image]
 
 
@@ -125,7 +138,7 @@ def is_tie(scores: np.ndarray, reference: np.ndarray, got: np.ndarray, tolerance
 def fastv_gather(inputs: dict, kept_image: np.ndarray, num_image: int) -> dict:
     """The prune graph's outputs for a given selection, from its inputs: every text token and the kept
     image tokens, in order, with their original positions (pruning.fastv_select's rule)."""
-    hidden, start = inputs["hidden_states"], int(inputs["image_start"])
+    hidden, start = inputs["hidden_states"], image_start(inputs)
     text = np.arange(hidden.shape[1])
     positions = np.stack(
         [np.concatenate((text[:start], start + row, text[start + num_image :])) for row in kept_image]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mllm_edge.models import load_llava
 from mllm_edge.models.inputs import prepare_inputs
-from mllm_edge.testing.checkpoints import sample_image
+from mllm_edge.testing.checkpoints import TinyLlavaSpec, sample_image
 
 PROMPT = "what colour is the circle?"
 
@@ -61,3 +62,41 @@ def stable_top_k(scores: list[float], keep: int) -> list[int]:
     """Plain-Python top-k: highest score first, lower index first on ties; returned in index order."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return sorted(order[:keep])
+
+
+# LLaVA-NeXT fixtures (test_llava_next*.py), and pictures and processor inputs for them
+QUESTION = "What colour is the circle?"
+NEXT_SPECS = {
+    # Llama, 56-pixel tiles of 14-pixel patches (16 per view), llava-v1.6's kind of pinpoints
+    "llama": TinyLlavaSpec(
+        name="next_llama",
+        image_size=56,
+        patch_size=14,
+        image_grid_pinpoints=((56, 112), (112, 56), (112, 112), (168, 56), (56, 168)),
+    ),
+    # Mistral with grouped-query attention, 48-pixel tiles of 16-pixel patches (9 per view), 3x3 tiles
+    "mistral": TinyLlavaSpec(
+        name="next_mistral",
+        text_arch="mistral",
+        num_kv_heads=2,
+        image_size=48,
+        patch_size=16,
+        image_grid_pinpoints=((48, 48), (48, 144), (144, 48), (144, 144), (96, 144)),
+        seed=1,
+    ),
+}
+
+
+def picture(height: int, width: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hf_inputs(processor, image):
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
+    )
+    return processor(images=[image], text=prompt, return_tensors="pt")

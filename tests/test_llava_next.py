@@ -1,6 +1,6 @@
 """LLaVA-NeXT in our PyTorch modules against transformers' LlavaNextForConditionalGeneration: the packed
-image span, the logits and greedy tokens, on pictures of many shapes; and what is refused until the
-views are exported (issue 18)."""
+image span, the logits and greedy tokens, on pictures of many shapes; a NeXT bundle's graphs one by
+one in ONNX Runtime and through the chain; what is refused. Exported bundles: test_llava_next_bundle.py."""
 
 from __future__ import annotations
 
@@ -12,55 +12,23 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
+from helpers import NEXT_SPECS as SPECS  # noqa: E402
+from helpers import QUESTION, hf_inputs, picture  # noqa: E402
 
 from mllm_edge.errors import MllmEdgeError, UnsupportedModelError  # noqa: E402
 from mllm_edge.models import generate, load_llava  # noqa: E402
 from mllm_edge.models.config import load_llava_spec  # noqa: E402
 from mllm_edge.pruning import PruningConfig  # noqa: E402
-from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava  # noqa: E402
+from mllm_edge.testing.checkpoints import make_tiny_llava  # noqa: E402
 
 TOL = 1e-4
-SPECS = {
-    # Llama, 56-pixel tiles of 14-pixel patches (16 per view), llava-v1.6's kind of pinpoints
-    "llama": TinyLlavaSpec(
-        name="next_llama",
-        image_size=56,
-        patch_size=14,
-        image_grid_pinpoints=((56, 112), (112, 56), (112, 112), (168, 56), (56, 168)),
-    ),
-    # Mistral with grouped-query attention, 48-pixel tiles of 16-pixel patches (9 per view), 3x3 tiles
-    "mistral": TinyLlavaSpec(
-        name="next_mistral",
-        text_arch="mistral",
-        num_kv_heads=2,
-        image_size=48,
-        patch_size=16,
-        image_grid_pinpoints=((48, 48), (48, 144), (144, 48), (144, 144), (96, 144)),
-        seed=1,
-    ),
-}
 SIZES = [(56, 56), (40, 90), (90, 40), (3, 5), (200, 60), (57, 113), (300, 300), (1, 400)]
-QUESTION = "What colour is the circle?"
 
 
 @pytest.fixture(scope="module", params=list(SPECS))
 def next_checkpoint(request, tmp_path_factory):
     spec = SPECS[request.param]
     return make_tiny_llava(tmp_path_factory.mktemp("next") / spec.name, spec), spec
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def hf_inputs(processor, image):
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True,
-    )
-    return processor(images=[image], text=prompt, return_tensors="pt")
 
 
 def load_both(path, eager: bool = False):
@@ -245,11 +213,10 @@ def test_the_spec_counts_the_largest_picture():
     assert spec.num_image_tokens == 576 + 48 * 49 == 2928
 
 
-def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpoint, tmp_path):
+def test_unsupported_settings_are_refused_and_plan_sizes_the_largest_picture(next_checkpoint, tmp_path):
     from typer.testing import CliRunner
 
     from mllm_edge.cli import app
-    from mllm_edge.export.bundle import ExportConfig, export_bundle
 
     path, _ = next_checkpoint
     config = json.loads((path / "config.json").read_text())
@@ -273,9 +240,6 @@ def test_unsupported_settings_and_what_is_not_built_yet_are_refused(next_checkpo
         ours.image_embeds(batch["pixel_values"], [])  # sizes for fewer pictures than the batch
     with pytest.raises(MllmEdgeError, match="views"):
         ours.unpruned_image_tokens(None)
-    with pytest.raises(UnsupportedModelError, match="export of llava_next checkpoints is not supported yet"):
-        export_bundle(ExportConfig(str(path), tmp_path / "bundle", PruningConfig(), "fp32"))
-    assert not (tmp_path / "bundle").exists()
     got = CliRunner().invoke(app, ["plan", str(path), "--device", "orin-nano-8gb", "--json"])
     assert got.exit_code == 0, got.output  # planning needs only the config: NeXT plans already
     planned = json.loads(got.stdout)
@@ -325,7 +289,8 @@ def test_reference_answers_a_next_checkpoint_as_our_modules_do(next_checkpoint, 
 
 def test_a_refused_hub_checkpoint_downloads_no_weights(next_checkpoint, tmp_path, monkeypatch):
     """A hub id is checked on its config and tokenizer files before any weight is asked for: a NeXT
-    checkpoint that export refuses costs kilobytes, not 14 GB. (The hub is replaced by a local copy.)"""
+    checkpoint that export refuses (here: a merge type it does not run) costs kilobytes, not 14 GB.
+    (The hub is replaced by a local copy.)"""
     import shutil
 
     import huggingface_hub
@@ -338,6 +303,8 @@ def test_a_refused_hub_checkpoint_downloads_no_weights(next_checkpoint, tmp_path
     for f in path.iterdir():
         if f.suffix in (".json", ".jinja", ".model"):
             shutil.copy(f, small / f.name)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "mm_patch_merge_type": "flat"}))
     asked = []
 
     def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
@@ -345,7 +312,7 @@ def test_a_refused_hub_checkpoint_downloads_no_weights(next_checkpoint, tmp_path
         return str(small)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    with pytest.raises(UnsupportedModelError, match="export of llava_next"):
+    with pytest.raises(UnsupportedModelError, match="mm_patch_merge_type='flat'"):
         export_bundle(
             ExportConfig("llava-hf/llava-v1.6-vicuna-7b-hf", tmp_path / "out", PruningConfig(), "fp32")
         )

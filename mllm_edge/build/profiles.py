@@ -4,7 +4,8 @@ Engines are built for batch 1, the runtime's batch. Each graph's definition (mll
 its profiles and the sizes of their dynamic dims; here they become numbers. The LLM graphs get two,
 prefill (a prompt of 1 .. max_context tokens after the null past row) and decode (one token after a
 past of up to max_context rows); the embed graph the same two; prune only prefill; vision one static
-shape. A past input holds the null row and then the tokens (Decoder.run_layers), so its length is >= 1.
+shape (LLaVA-NeXT's: one to the most views, and its pack graph the image span from one token to the
+largest picture's). A past input holds the null row and then the tokens (Decoder.run_layers), so its length is >= 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MllmEdgeError
-from ..graphs import GRAPHS
 from ..manifest import Manifest
 
 Shape = tuple[int, ...]
@@ -51,7 +51,8 @@ def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = Non
         raise MllmEdgeError(
             f"--max-context must be above the {llm_images} image tokens and at most the bundle's {manifest.max_context}, got {ctx}"
         )
-    if graph not in GRAPHS:
+    definitions = manifest.definitions
+    if graph not in definitions:
         raise MllmEdgeError(f"the bundle has a graph '{graph}' this version cannot build; re-export it")
     spec = manifest.graphs[graph]
     prompt_opt = min(llm_images + OPT_TEXT_TOKENS, ctx)
@@ -64,7 +65,7 @@ def graph_profiles(manifest: Manifest, graph: str, max_context: int | None = Non
         "views": manifest.architecture.get("max_views", 1),  # LLaVA-NeXT's views of one picture
     }
     profiles = []
-    for name, plan in GRAPHS[graph].profiles.items():
+    for name, plan in definitions[graph].profiles.items():
         dims = {dim: tuple(sizes[s] for s in named) for dim, named in plan.items()}
         shapes = {}
         for t in spec.inputs:

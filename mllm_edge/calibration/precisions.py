@@ -17,7 +17,7 @@ from .. import graphs as mg
 from ..errors import MllmEdgeError
 
 TARGETS = ("tensorrt", "onnxruntime")
-_LLM = tuple(g.name for g in mg.GRAPHS.values() if g.quantizable)
+_LLM = tuple(g.name for g in mg.LLM_GRAPHS.values() if g.quantizable)
 GRAPH_CHOICES = {"llm": _LLM, "vision": (mg.VISION,), "all": (mg.VISION, *_LLM)}  # in the order they run
 
 

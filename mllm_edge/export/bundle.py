@@ -26,7 +26,6 @@ from ..errors import MllmEdgeError
 from ..manifest import FLOAT_SCHEMA_VERSION, MANIFEST_NAME, Manifest, write_manifest
 from ..models.checkpoint import resolve_checkpoint
 from ..models.config import load_llava_spec
-from ..models.families import require_complete
 from ..models.llava import Llava, load_llava
 from ..pruning import PruningConfig
 from ..pruning.flops import PrefillFlops, prefill_flops
@@ -58,13 +57,15 @@ class ExportReport:
     checks: list[OutputCheck]
     chain: ChainCheck | None
     flops: PrefillFlops
+    sample_image_tokens: int  # the sample picture's, unpruned: what `flops` counts
     shared_bytes: int  # weight bytes stored once instead of twice (tied embeddings)
     files: dict[str, int]  # relative path -> size in bytes
 
 
-def stages(config: ExportConfig) -> list[str]:
-    """The steps export_bundle reports, in order, so a caller can size a progress bar."""
-    graphs = mg.bundle_graphs(bool(config.pruning.fastv), bool(config.pruning.fastervlm))
+def stages(config: ExportConfig, anyres: bool = False) -> list[str]:
+    """The steps export_bundle reports, in order, so a caller can size a progress bar (anyres: a
+    LLaVA-NeXT checkpoint's, which has a pack graph too)."""
+    graphs = mg.bundle_graphs(bool(config.pruning.fastv), bool(config.pruning.fastervlm), anyres)
     names = ["load", "reference", *graphs]
     names += ["lint", "tokenizer"]
     names += ["verify graphs", "verify chain"] if config.verify else []
@@ -110,9 +111,7 @@ def export_bundle(config: ExportConfig, on_stage: Callable[[str], None] = lambda
 
 def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> ExportReport:
     on_stage("load")
-    folder = resolve_checkpoint(
-        config.model, check=lambda f: require_complete(load_llava_spec(f).model_type, "export")
-    )
+    folder = resolve_checkpoint(config.model, check=load_llava_spec)  # refused before any weight downloads
     spec = load_llava_spec(folder)
     pruning = config.pruning
     pruning.validate(spec.text.num_layers, spec.vision.has_cls)
@@ -182,20 +181,27 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     on_stage("manifest")
     write_manifest(tmp, manifest)
     move_into_place(tmp, out, config.force)
-    keep_vision, keep_llm = pruning.keep_counts(spec.num_image_tokens)
+    keep_vision, keep_llm = pruning.keep_counts(samples.image_tokens, views(spec, samples))
     t = spec.text
-    flops = prefill_flops(
+    flops = prefill_flops(  # for the sample picture's tokens (LLaVA-NeXT's vary with the picture)
         t.num_layers,
         t.hidden_size,
         t.intermediate_size,
         samples.text_tokens,
-        spec.num_image_tokens,
+        samples.image_tokens,
         keep_vision,
         keep_llm,
         pruning.split_layer,
     )
     files = {rel: (out / rel).stat().st_size for rel in manifest.files}
-    return ExportReport(out, manifest, checks, chain, flops, shared, files)
+    return ExportReport(out, manifest, checks, chain, flops, samples.image_tokens, shared, files)
+
+
+def views(spec, samples) -> tuple[int, int] | None:
+    """LLaVA-NeXT: (the sample picture's views, patches of each), which FasterVLM ranks one by one."""
+    if spec.max_views == 1:
+        return None
+    return samples.chain["pixel_values"].shape[0], spec.vision.grid**2
 
 
 def return_freed_memory() -> None:
@@ -222,12 +228,14 @@ def release_weights(llava: Llava) -> None:
 def trace_inputs(module, llava: Llava, samples, max_context: int):
     """Example inputs to trace a graph module with, and which of their dims are dynamic (the graph's
     definition names them). Traced with batch 2 and lengths >= 2: torch.export fixes any dim it sees
-    as 0 or 1."""
+    as 0 or 1 (a LLaVA-NeXT sample picture has 2 views or more: the base view and its tiles)."""
+    spec = llava.spec
     dims = {
         "batch": Dim("batch", min=1, max=MAX_BATCH),
         "seq": Dim("seq", min=1, max=max_context),
         "past": Dim("past", min=1, max=max_context + 1),  # the null row and up to max_context tokens
-        "image_tokens": Dim("image_tokens", min=1, max=llava.spec.num_image_tokens),
+        "image_tokens": Dim("image_tokens", min=1, max=spec.num_image_tokens),
+        "views": Dim("views", min=1, max=max(spec.max_views, 2)),
     }
 
     def dynamic(t: mg.TensorDef):
@@ -235,13 +243,14 @@ def trace_inputs(module, llava: Llava, samples, max_context: int):
 
     graph = module.graph
     shapes = tuple(dynamic(t) for t in graph.inputs)
-    if graph.cache is None:  # batch-first inputs: the sample, twice
+    if graph.cache is None:  # the sample's inputs, the batch-first ones twice
         inputs, _ = samples.graphs[graph.name]
-        twice = {
-            k: torch.from_numpy(v).expand(2, *v.shape[1:]).contiguous() if v.ndim else torch.from_numpy(v)
-            for k, v in inputs.items()
-        }
-        return tuple(twice[t.name] for t in graph.inputs), shapes
+
+        def traced(t: mg.TensorDef) -> torch.Tensor:
+            v = torch.from_numpy(inputs[t.name])
+            return v.expand(2, *v.shape[1:]).contiguous() if t.dims[:1] == ("batch",) else v
+
+        return tuple(traced(t) for t in graph.inputs), shapes
     # the LLM graphs: a short chunk after a short past, so both prefill and decode shapes trace alike
     t = llava.spec.text
     dtype = next(llava.parameters()).dtype
@@ -257,12 +266,17 @@ def trace_inputs(module, llava: Llava, samples, max_context: int):
 
 
 def pruning_entry(pruning: PruningConfig, spec) -> dict:
-    vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)
+    """What the bundle keeps of the largest picture. LLaVA-NeXT: FasterVLM's keep is per view (of
+    the most views), FastV's of the whole span."""
+    anyres = spec.max_views > 1
+    views = (spec.max_views, spec.vision.grid**2) if anyres else None
+    vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens, views)
+    view_keep = vision_keep // spec.max_views if anyres else vision_keep
     methods = [m for m, on in (("fastv", pruning.fastv), ("fastervlm", pruning.fastervlm)) if on]
     return {
         "method": "+".join(methods) or "none",
         "fastv": {**asdict(pruning.fastv), "keep": llm_keep} if pruning.fastv else None,
-        "fastervlm": {**asdict(pruning.fastervlm), "keep": vision_keep} if pruning.fastervlm else None,
+        "fastervlm": {**asdict(pruning.fastervlm), "keep": view_keep} if pruning.fastervlm else None,
         "split_layer": pruning.split_layer,
         # image tokens: out of the vision tower / entering the LLM / after FastV at layer K
         "image_tokens": {"vision": spec.num_image_tokens, "llm": vision_keep, "after_fastv": llm_keep},

@@ -40,12 +40,14 @@ def _names(module: nn.Module, graph: g.GraphDef, layers: range = range(0)) -> No
 
 
 class VisionGraph(nn.Module):
-    """pixel_values [B, 3, H, W] -> image_embeds [B, n, C]; with FasterVLM also kept_patches [B, n] (raster order)."""
+    """pixel_values [B, 3, H, W] -> image_embeds [B, n, C]; with FasterVLM also kept_patches [B, n]
+    (raster order). LLaVA-NeXT: B is one picture's views, FasterVLM ranking each by its own [CLS] row."""
 
     def __init__(self, llava: Llava, keep: int | None):
         super().__init__()
         self.vision, self.projector, self.keep = llava.vision, llava.projector, keep
-        _names(self, g.bundle_graphs(fastv=False, fastervlm=keep is not None)[g.VISION])
+        anyres = llava.spec.max_views > 1
+        _names(self, g.bundle_graphs(fastv=False, fastervlm=keep is not None, anyres=anyres)[g.VISION])
 
     def forward(self, pixel_values: torch.Tensor):
         if self.keep is None:

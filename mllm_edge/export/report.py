@@ -55,13 +55,28 @@ def pruning_line(manifest: Manifest) -> str:
     tokens = p["image_tokens"]
     parts = [f"method {p['method']}"]
     if p["fastervlm"]:
-        parts.append(f"FasterVLM R={p['fastervlm']['ratio']:g}")
+        per_view = f" ({p['fastervlm']['keep']} patches per view)" if manifest.anyres else ""
+        parts.append(f"FasterVLM R={p['fastervlm']['ratio']:g}{per_view}")
     if p["fastv"]:
         parts.append(f"FastV K={p['fastv']['k']} R={p['fastv']['ratio']:g}")
-    flow = f"image tokens {tokens['vision']} -> {tokens['llm']} into the LLM"
+    largest = "of the largest picture " if manifest.anyres else ""
+    flow = f"image tokens {largest}{tokens['vision']} -> {tokens['llm']} into the LLM"
     if p["fastv"]:
         flow += f" -> {tokens['after_fastv']} from layer {p['split_layer']}"
     return ", ".join(parts) + "; " + flow
+
+
+def geometry_line(manifest: Manifest) -> str | None:
+    """LLaVA-NeXT's views: what a picture becomes (None for a bundle of one view)."""
+    if not manifest.anyres:
+        return None
+    a = manifest.architecture
+    tile = a["vision"]["image_size"]
+    points = ", ".join(f"{h}x{w}" for h, w in a["image_grid_pinpoints"])
+    return (
+        f"anyres views: a base view and tiles of {tile} px of the best of {points} (height x width); "
+        f"up to {a['max_views']} views, {a['num_image_tokens']} image tokens"
+    )
 
 
 def checks_table(checks, chain) -> Table:

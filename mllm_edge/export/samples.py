@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..models.generate import generate
-from ..models.inputs import prepare_inputs
+from ..models.inputs import processor_inputs
 from ..models.llava import Llava
 from ..pruning import PruningConfig
 from ..runtime.chain import Chain, place_image_tokens
@@ -30,12 +30,14 @@ CHAIN_TOKENS = 8
 @dataclass
 class Samples:
     graphs: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # name -> (inputs, outputs)
-    chain: dict[
-        str, np.ndarray
-    ]  # input_ids (processor's, unpruned run), pixel_values, token_ids, step_logits
+    # input_ids (processor's, unpruned run), pixel_values, token_ids, step_logits; LLaVA-NeXT's
+    # pixel_values are the picture's views [V, 3, S, S] (never the processor's padding ones), with
+    # image_size [2], its (height, width)
+    chain: dict[str, np.ndarray]
     prompt: str  # the rendered chat prompt
     text_tokens: int  # prompt tokens that are not image tokens
     llm_prompt_tokens: int  # prompt tokens entering the LLM (image run after FasterVLM)
+    image_tokens: int  # the sample picture's image tokens, unpruned
     # graph -> what judges its selection at a tie (parity.compare_graph): FasterVLM's [CLS] row and
     # every patch projected; FastV's scores are the prune graph's own input
     references: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -65,13 +67,22 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
     """Run the graph modules through the chain on the sample prompt and keep each graph's first call
     (its prefill) as its sample, less the new K/V rows."""
     dtype = next(llava.parameters()).dtype
-    input_ids, pixel_values, rendered = prepare_inputs(model_dir, sample_image(480, 360), SAMPLE_PROMPT)
+    batch, rendered = processor_inputs(model_dir, sample_image(480, 360), SAMPLE_PROMPT)
+    input_ids, pixel_values = batch["input_ids"], batch["pixel_values"]
+    image_sizes = batch.get("image_sizes")
+    anyres = getattr(llava, "anyres", None)
+    views, image_size = numpy(pixel_values), None
+    if anyres is not None:  # the picture's own views: the newline index must not point into padding
+        image_size = tuple(int(v) for v in image_sizes[0])
+        tiles_h, tiles_w = anyres.tile_grid(*image_size)
+        views = views[0, : 1 + tiles_h * tiles_w]
     t = llava.spec.text
     null_row = np.zeros((1, 1, t.num_kv_heads, t.head_dim), numpy(torch.zeros((), dtype=dtype)).dtype)
     chain = Chain(
         {name: TorchEngine(m) for name, m in modules.items()},
         ConcatCache(t.num_layers, pruning.split_layer, null_row),
         pruning.split_layer,
+        anyres=anyres,
     )
     graphs = {}
 
@@ -81,30 +92,34 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
             graphs[graph] = ({k: np.array(v) for k, v in inputs.items()}, kept)  # copies: cache views change
 
     chain.observers.append(keep_first)
-    vision = chain.encode_image(numpy(pixel_values))
+    vision = chain.encode_image(views, image_size)
     ids, start = place_image_tokens(
         numpy(input_ids), llava.spec.image_token_id, vision["image_embeds"].shape[1]
     )
     chain.prefill(ids, vision["image_embeds"], start)
 
     result = generate(
-        llava, input_ids, pixel_values, pruning, max_new_tokens=CHAIN_TOKENS
+        llava, input_ids, pixel_values, pruning, max_new_tokens=CHAIN_TOKENS, image_sizes=image_sizes
     )  # no EOS stop: 8 tokens
     samples = {
         "input_ids": numpy(input_ids),
-        "pixel_values": numpy(pixel_values),
+        "pixel_values": views,
         "token_ids": np.asarray(result.token_ids, dtype=np.int64),
         "step_logits": np.stack([numpy(x) for x in result.steps_logits], axis=1),  # [B, steps, V]
     }
+    if image_size is not None:
+        samples["image_size"] = np.asarray(image_size, np.int64)
     references = {}
-    if pruning.fastervlm:
-        features, cls_row = llava.image_features(pixel_values, want_cls_row=True)
+    if pruning.fastervlm:  # per view for LLaVA-NeXT: the views are the vision graph's batch
+        features, cls_row = llava.image_features(torch.from_numpy(views), want_cls_row=True)
         references["vision"] = {
             "cls_row": numpy(cls_row),
             "all_image_embeds": numpy(llava.projector(features)),
         }
-    num_full = input_ids.shape[1] - ids.shape[1] + vision["image_embeds"].shape[1]
-    return Samples(graphs, samples, rendered, input_ids.shape[1] - num_full, ids.shape[1], references)
+    num_full = int((input_ids == llava.spec.image_token_id).sum(dim=1)[0])
+    return Samples(
+        graphs, samples, rendered, input_ids.shape[1] - num_full, ids.shape[1], num_full, references
+    )
 
 
 def save_samples(samples: Samples, folder: Path) -> dict[str, str]:

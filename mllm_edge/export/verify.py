@@ -25,7 +25,9 @@ from ..parity import (
     is_tie,
     load_references,
     load_sample,
+    span_length,
 )
+from ..runtime.anyres import AnyRes
 from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
 from ..runtime.cache import KINDS, CacheBookkeeping
 from ..runtime.chain import Chain, place_image_tokens
@@ -133,19 +135,26 @@ class OnnxChain:
         self.kept_patches = self.kept_image = None  # of the last generate(), when the bundle prunes
 
     def generate(
-        self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int, forced: np.ndarray | None = None
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray,
+        steps: int,
+        forced: np.ndarray | None = None,
+        image_size: tuple[int, int] | None = None,
     ):
         """Greedy: -> token ids [B, steps] and logits [B, steps, V].
 
         With forced [B, steps], step t is fed forced[:, t - 1] instead of its own previous choice
         (teacher forcing), so a tie broken differently at one step does not derail the rest.
+        LLaVA-NeXT: pixel_values are one picture's views, image_size its (height, width).
         """
         text = self.manifest.architecture["text"]
         spec = self.manifest.graphs["llm_tail"].input(f"past_key.{text['num_layers'] - 1}")
         null_row = np.zeros((1, input_ids.shape[0], *spec.shape[2:]), spec.dtype)  # sequence-first
         cache = ConcatCache(text["num_layers"], self.manifest.pruning["split_layer"], null_row)
-        chain = Chain(self.sessions, cache, self.manifest.pruning["split_layer"])
-        vision = chain.encode_image(pixel_values)
+        split = self.manifest.pruning["split_layer"]
+        chain = Chain(self.sessions, cache, split, anyres=AnyRes.of_bundle(self.manifest))
+        vision = chain.encode_image(pixel_values, image_size)
         self.kept_patches = vision.get("kept_patches")
         image_token = self.manifest.tokenizer["image_token_id"]
         ids, start = place_image_tokens(input_ids, image_token, vision["image_embeds"].shape[1])
@@ -178,8 +187,9 @@ class _Fixed:
 def _run_chain(folder: Path, manifest: Manifest, chain: dict, fixed: dict | None = None):
     onnx = OnnxChain(folder, manifest, low_memory=True)
     onnx.sessions.update(fixed or {})
+    size = tuple(int(v) for v in chain["image_size"]) if "image_size" in chain else None
     tokens, logits = onnx.generate(
-        chain["input_ids"], chain["pixel_values"], chain["token_ids"].shape[1], chain["token_ids"]
+        chain["input_ids"], chain["pixel_values"], chain["token_ids"].shape[1], chain["token_ids"], size
     )
     return onnx, tokens, logits
 
@@ -198,7 +208,7 @@ def _tied_selections(
             fixed["vision"] = _Fixed("vision", vision_out)
     if onnx.kept_image is not None and same_image:
         prune_in, prune_out = load_sample(folder / manifest.samples["prune"])
-        n = manifest.pruning["image_tokens"]["llm"]
+        n = span_length(prune_in, prune_out)
         if is_tie(fastv_scores(prune_in, n), prune_out["kept_image"], onnx.kept_image, tolerance):
             fixed["prune"] = _Fixed("prune", {"kept_image": prune_out["kept_image"]}, n)
     return fixed

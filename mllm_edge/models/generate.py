@@ -160,7 +160,9 @@ def generate_steps(
     """Yield (next token ids [B], logits [B, V], prefill info) greedily, one step at a time."""
     if max_new_tokens < 1:
         raise MllmEdgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    max_len = max_context or input_ids.shape[1] + max_new_tokens
+    ratio = pruning.fastervlm.ratio if pruning.fastervlm else None
+    grown = llava.entering_image_tokens(ratio, image_sizes) - llava.unpruned_image_tokens(image_sizes)
+    max_len = max_context or input_ids.shape[1] + max(grown, 0) + max_new_tokens
     dtype = next(llava.parameters()).dtype
     cache = ReferenceCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)
     first = prefill(llava, input_ids, pixel_values, pruning, cache, image_sizes)

@@ -46,6 +46,13 @@ class Llava(nn.Module):
         """How many placeholder tokens the processor puts in the prompt for the picture."""
         return self.spec.num_image_tokens
 
+    def entering_image_tokens(self, fastervlm_ratio: float | None, image_sizes=None) -> int:
+        """How many image tokens enter the LLM for the picture: every one, or FasterVLM's keep."""
+        from ..pruning import keep_count
+
+        n = self.unpruned_image_tokens(image_sizes)
+        return n if fastervlm_ratio is None else keep_count(n, fastervlm_ratio)
+
     def image_span(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(start, length) of the image placeholder run; the same in every row of the batch."""
         is_image = input_ids == self.spec.image_token_id
@@ -112,6 +119,18 @@ class LlavaNext(Llava):
         if len(counts) != 1:
             raise MllmEdgeError(SAME_COUNT)
         return counts.pop()
+
+    def entering_image_tokens(self, fastervlm_ratio: float | None, image_sizes=None) -> int:
+        """FasterVLM keeps its count of every view, so a picture whose grid unpadding leaves few
+        rows (a thin strip) can enter the LLM with more tokens than it had unpruned."""
+        from ..pruning import keep_count
+
+        if fastervlm_ratio is None:
+            return self.unpruned_image_tokens(image_sizes)
+        self.unpruned_image_tokens(image_sizes)  # the same count for every picture, or an error
+        height, width = (int(v) for v in image_sizes[0])
+        tiles_h, tiles_w = self.anyres.tile_grid(height, width)
+        return (1 + tiles_h * tiles_w) * keep_count(self.spec.vision.grid**2, fastervlm_ratio)
 
     def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None):
         """FasterVLM per view (the official code's semantics): each view ranked by its own [CLS] row,

@@ -14,7 +14,7 @@ tokens   the base view's patches, then the tiles' patch grids stitched into one 
 
 pack_index and spatial_index give the packed span as rows of the views' features: LlavaNext
 (models/llava.py) packs by them, and so does a NeXT bundle's pack graph (export/graphs.py's
-PackGraph), so the order has one definition. Running NeXT bundles is issue 18's next step.
+PackGraph), so the order has one definition.
 """
 
 from __future__ import annotations
@@ -49,6 +49,16 @@ class AnyRes:
         if bad:
             raise MllmEdgeError(f"image_grid_pinpoints {bad[0]} is not a whole number of {tile}-pixel tiles")
         return cls(points, int(tile), int(patch))
+
+    @classmethod
+    def of_bundle(cls, manifest) -> AnyRes | None:
+        """A LLaVA-NeXT bundle's geometry, from its manifest; None for a bundle of one view."""
+        if not manifest.anyres:
+            return None
+        arch = manifest.architecture
+        return cls.from_config(
+            arch["image_grid_pinpoints"], arch["vision"]["image_size"], arch["vision"]["patch_size"]
+        )
 
     @property
     def max_views(self) -> int:

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import MllmEdgeError
-from ..graphs import EMBED, GRAPHS, HEAD, LLM_HEAD, LLM_TAIL, NO_IMAGE, PACK, PRUNE, TAIL, VISION
+from ..graphs import EMBED, HEAD, LLM_GRAPHS, LLM_HEAD, LLM_TAIL, NO_IMAGE, PACK, PRUNE, TAIL, VISION
 
 _NO_IMAGE_START = np.array(NO_IMAGE, np.int64)  # decode's image_start: made once, not per token
 
@@ -127,7 +127,7 @@ class Chain:
 
     def _llm(self, graph: str, hidden: np.ndarray, positions: np.ndarray) -> dict:
         """One LLM graph over hidden [B, S, C] at positions [B, S], reading and extending its cache group."""
-        definition = GRAPHS[graph]
+        definition = LLM_GRAPHS[graph]
         count = hidden.shape[1]
         inputs = {
             definition.inputs[0].name: np.ascontiguousarray(hidden),

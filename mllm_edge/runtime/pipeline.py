@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import MllmEdgeError
 from ..graphs import NO_IMAGE
 from ..manifest import DEFAULT_BUNDLE, MANIFEST_NAME, Manifest, load_manifest
+from .anyres import AnyRes, preprocess_views, view_config
 from .backends import Backend, open_backend
 from .chain import Chain, History, Observer, place_image_tokens
 from .image import ImagePreprocessor, load_image
@@ -42,9 +43,9 @@ class RunResult:
     prompt: str  # the rendered chat prompt
     prompt_token_ids: list[int]  # as the HF processor gives them: the image placeholder once per image token
     token_ids: list[int]  # generated
-    kept_image_tokens: (
-        dict  # {"vision": FasterVLM's kept patches or None, "llm": FastV's kept indices or None}
-    )
+    # {"vision": FasterVLM's kept patches or None, "llm": FastV's kept indices into the image span
+    # that entered the LLM or None}; LLaVA-NeXT's vision: one list per view, base view first
+    kept_image_tokens: dict
     timings_ms: dict = field(default_factory=dict)  # preprocess, vision, prefill, ttft, decode_per_token
     decode_tokens_per_s: float = 0.0
     finish_reason: str = "length"  # "stop": the end-of-sequence token or a stop string; "length": max tokens
@@ -66,7 +67,7 @@ class Generation:
         self.result = yield from self._steps
 
 
-MAX_IMAGES = 1  # per conversation: LLaVA-1.5's graphs place one image run
+MAX_IMAGES = 1  # per conversation: the graphs place one image run
 
 
 def _ms(seconds: float) -> float:
@@ -80,7 +81,12 @@ class Pipeline:
         tok = manifest.tokenizer
         num_image = manifest.pruning["image_tokens"]["vision"]
         try:  # settings the manifest carries: an error says where they come from
-            self.preprocess = ImagePreprocessor.from_config(manifest.preprocessing)
+            self.anyres = AnyRes.of_bundle(manifest)  # LLaVA-NeXT's views, or None
+            preprocessing = manifest.preprocessing
+            # LLaVA-NeXT's: each view goes through the processor's per-image steps
+            self.preprocess = ImagePreprocessor.from_config(
+                view_config(preprocessing) if self.anyres else preprocessing
+            )
             self.prompts = PromptBuilder.from_folder(
                 folder / tok["folder"],
                 tok["chat_template"],
@@ -104,7 +110,10 @@ class Pipeline:
         )
         layers, split, _, kv_heads, head_dim, dtype = self.cache_shape
         self.chain = Chain(
-            backend.engines, backend.new_cache(layers, split, kv_heads, head_dim, dtype), split
+            backend.engines,
+            backend.new_cache(layers, split, kv_heads, head_dim, dtype),
+            split,
+            anyres=self.anyres,
         )
         self.eos = set(tok["eos_token_ids"])
         self.hidden_size, self.image_tokens = text["hidden_size"], manifest.pruning["image_tokens"]["llm"]
@@ -129,6 +138,26 @@ class Pipeline:
         except BaseException:  # e.g. no device memory left for the cache: give the engines back
             opened.close()
             raise
+
+    def image_inputs(self, picture) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """A PIL picture as the vision graph takes it: pixel_values [1, 3, S, S], or LLaVA-NeXT's
+        views [V, 3, S, S] and the picture's (height, width)."""
+        if self.anyres is None:
+            return self.preprocess(picture), None
+        return preprocess_views(picture, self.anyres, self.preprocess)
+
+    def image_tokens_of(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        """(placeholder tokens the processor puts for a picture of this (height, width), tokens
+        of it that enter the LLM after FasterVLM)."""
+        tokens = self.manifest.pruning["image_tokens"]
+        if self.anyres is None:
+            return tokens["vision"], tokens["llm"]
+        unpruned = self.anyres.image_tokens(*size)
+        fastervlm = self.manifest.pruning["fastervlm"]
+        if fastervlm is None:
+            return unpruned, unpruned
+        tiles_h, tiles_w = self.anyres.tile_grid(*size)
+        return unpruned, (1 + tiles_h * tiles_w) * fastervlm["keep"]
 
     @property
     def engines(self) -> dict:
@@ -240,16 +269,29 @@ class Pipeline:
         stop: list[str],
     ) -> Iterator[str]:
         start = time.perf_counter()
-        pixel_values = self.preprocess(picture) if picture is not None else None
-        prompt_ids = self.prompts.encode(rendered, images)
+        pixel_values, size = self.image_inputs(picture) if picture is not None else (None, None)
+        unpruned, entering = self.image_tokens_of(size) if picture is not None else (0, 0)
+        prompt_ids = self.prompts.encode(rendered, images, unpruned or None)
+        length = len(prompt_ids) - unpruned + entering
+        if length + 1 > self.max_context:  # before the vision graph runs
+            picture_part = (
+                f" ({entering} of them for the {size[1]}x{size[0]} picture)" if size is not None else ""
+            )
+            raise MllmEdgeError(
+                f"the prompt takes {length} tokens{picture_part}; the {self.cache.owner} max context is {self.max_context}"
+            )
         t_pre = time.perf_counter()
 
         vision, vision_reused, key = {}, False, None
         if pixel_values is not None:
             # the picture's key only where it is used: run, eval and the benchmarks never reuse
-            key = hashlib.blake2b(pixel_values.tobytes(), digest_size=16).digest() if reuse else None
+            key = (
+                hashlib.blake2b(pixel_values.tobytes() + repr(size).encode(), digest_size=16).digest()
+                if reuse
+                else None
+            )
             vision_reused = key is not None and self._vision is not None and self._vision[0] == key
-            vision = self._vision[1] if vision_reused else self.chain.encode_image(pixel_values)
+            vision = self._vision[1] if vision_reused else self.chain.encode_image(pixel_values, size)
             self._vision = (key, vision) if key is not None else None
         t_vision = time.perf_counter()
 
@@ -265,10 +307,6 @@ class Pipeline:
                 NO_IMAGE,
             )
         length = ids.shape[1]
-        if length + 1 > self.max_context:
-            raise MllmEdgeError(
-                f"the prompt takes {length} tokens; the {self.cache.owner} max context is {self.max_context}"
-            )
         max_new_tokens = min(max_new_tokens, self.max_context - length)
         reuse_cache = reuse and self.backend.extends_cache
         prefilled = self.chain.prefill(ids, image_embeds, image_start, reuse=reuse_cache, image=key)
@@ -312,7 +350,11 @@ class Pipeline:
             prompt_token_ids=list(prompt_ids),
             token_ids=tokens,
             kept_image_tokens={
-                "vision": kept_vision[0].tolist() if kept_vision is not None else None,
+                "vision": None
+                if kept_vision is None
+                else kept_vision.tolist()  # LLaVA-NeXT's: per view
+                if self.anyres
+                else kept_vision[0].tolist(),
                 "llm": kept_llm[0].tolist() if kept_llm is not None else None,
             },
             timings_ms={

@@ -3,6 +3,11 @@ and the ones that reached the LLM's last layers outlined; the picture to look at
 
 FastV's kept indices point into the image tokens that entered the LLM, which after FasterVLM are
 FasterVLM's kept patches in raster order; both are mapped back to patches of the grid here.
+
+LLaVA-NeXT: every view is drawn, the base view on the left and the tiles in their grid beside it
+(the resized, padded picture). The span that entered the LLM is rows of the views' tokens (the
+pack graph's index, runtime/anyres.py), so FastV's indices map back through it; newline tokens
+belong to no patch.
 """
 
 from __future__ import annotations
@@ -43,9 +48,67 @@ def kept_patches(
 def draw_pruning(
     pixel_values: np.ndarray, preprocessing: dict, grid: int, kept_vision, kept_llm, out: str | Path
 ) -> Path:
-    picture = model_view(pixel_values, preprocessing)
-    width, height = picture.size
     entered, final = kept_patches(grid * grid, kept_vision, kept_llm)
+    return _save(_marked(model_view(pixel_values, preprocessing), grid, entered, final), out)
+
+
+def view_patches(
+    anyres, size: tuple[int, int], views: int, kept_vision, kept_llm
+) -> list[tuple[set[int], set[int]]]:
+    """LLaVA-NeXT: per view, (patches that entered the LLM, patches that went on past FastV's layer).
+    kept_vision: FasterVLM's kept patches per view, or None; kept_llm: FastV's indices into the span."""
+    patches = (anyres.tile // anyres.patch) ** 2
+    if kept_vision is None:
+        kept = np.tile(np.arange(patches), (views, 1))
+        rows = anyres.pack_index(*size)
+    else:
+        kept = np.asarray(kept_vision, np.int64)
+        rows = anyres.spatial_index(kept, *size)
+    per_view = kept.shape[1]
+    entered = [set() for _ in range(views)]
+    for row in rows:
+        if row < views * per_view:  # not a newline token
+            entered[row // per_view].add(int(kept[row // per_view, row % per_view]))
+    if kept_llm is None:
+        return [(e, e) for e in entered]
+    final = [set() for _ in range(views)]
+    for i in kept_llm:
+        row = rows[i]
+        if row < views * per_view:
+            final[row // per_view].add(int(kept[row // per_view, row % per_view]))
+    return list(zip(entered, final))
+
+
+def draw_pruning_views(
+    pixel_values: np.ndarray,
+    preprocessing: dict,
+    anyres,
+    size: tuple[int, int],
+    kept_vision,
+    kept_llm,
+    out: str | Path,
+) -> Path:
+    """LLaVA-NeXT's views [V, 3, S, S] of a picture of size (height, width), marked as draw_pruning
+    marks one: the base view, a gap, then the tiles in their rows and columns."""
+    views = pixel_values.shape[0]
+    grid = anyres.tile // anyres.patch
+    marks = view_patches(anyres, size, views, kept_vision, kept_llm)
+    panels = [
+        _marked(model_view(pixel_values[v : v + 1], preprocessing), grid, *marks[v]) for v in range(views)
+    ]
+    tiles_h, tiles_w = anyres.tile_grid(*size)
+    tile, gap = anyres.tile, max(anyres.tile // 8, 4)
+    canvas = Image.new("RGB", (tile + gap + tiles_w * tile, max(tiles_h, 1) * tile), (255, 255, 255))
+    canvas.paste(panels[0], (0, 0))
+    for t, panel in enumerate(panels[1:]):
+        row, col = divmod(t, tiles_w)
+        canvas.paste(panel, (tile + gap + col * tile, row * tile))
+    return _save(canvas, out)
+
+
+def _marked(picture: Image.Image, grid: int, entered: set[int], final: set[int]) -> Image.Image:
+    """The picture with its grid x grid patches dimmed where pruned, outlined where kept to the end."""
+    width, height = picture.size
     pixels = np.asarray(picture, np.float32)
     ph, pw = height / grid, width / grid
     boxes = []
@@ -62,6 +125,10 @@ def draw_pruning(
     draw = ImageDraw.Draw(result)
     for box in boxes:
         draw.rectangle(box, outline=KEPT_OUTLINE)
+    return result
+
+
+def _save(result: Image.Image, out: str | Path) -> Path:
     out = Path(out)
     try:
         result.save(out)

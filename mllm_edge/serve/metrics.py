@@ -54,8 +54,13 @@ class Metrics:
         self.cached.inc(result.cached_prompt_tokens)
         self.generated.inc(len(result.token_ids))
         kept = result.kept_image_tokens
-        if kept["llm"] is not None or kept["vision"] is not None:
-            self.image_kept.inc(len(kept["llm"] if kept["llm"] is not None else kept["vision"]))
+        if kept["llm"] is not None:
+            self.image_kept.inc(len(kept["llm"]))
+        elif kept["vision"] is not None:  # LLaVA-NeXT's: a list per view
+            vision = kept["vision"]
+            self.image_kept.inc(
+                sum(map(len, vision)) if vision and isinstance(vision[0], list) else len(vision)
+            )
         else:  # no pruning: every image token of the prompt
             token = self.state["pipeline"].manifest.tokenizer["image_token_id"]
             self.image_kept.inc(result.prompt_token_ids.count(token))

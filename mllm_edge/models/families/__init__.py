@@ -4,8 +4,7 @@ Adding a family means adding a module here that defines `FAMILY`, one of:
   TextFamily    a language model (llama, qwen2, mistral): its TextSpec from the Hugging Face text config
   VisionFamily  a vision tower (CLIP, SigLIP): its [CLS] token and the one feature selection supported
   ModelFamily   the whole VLM (llava, llava_next): its spec, its torch modules, the checkpoint's weight-key
-                mapping, the weights it never runs, how many image tokens an input gives (at most), and
-                what of the toolchain does not handle it yet
+                mapping, the weights it never runs, and how many image tokens an input gives (at most)
 No other file branches on a model type. Modules are imported when a family is first looked up.
 """
 
@@ -44,7 +43,6 @@ class ModelFamily:
     image_tokens: (
         Callable  # spec -> image tokens the unpruned model puts into the LLM (the most, if it varies)
     )
-    not_yet: str | None = None  # why export and run refuse it still (None: they take it)
 
 
 _REGISTRY: dict[type, dict[str, object]] | None = None
@@ -89,12 +87,3 @@ def model_family(model_type: str | None) -> ModelFamily:
         expected = " or ".join(f"'{m}'" for m in supported(ModelFamily))
         raise UnsupportedModelError(f"model type '{model_type}' is not supported (expected {expected})")
     return family
-
-
-def require_complete(model_type: str, command: str) -> None:
-    """Refuse a family whose support is still partial, naming what is missing (UnsupportedModelError)."""
-    family = model_family(model_type)
-    if family.not_yet:
-        raise UnsupportedModelError(
-            f"{command} of {model_type} checkpoints is not supported yet: {family.not_yet}"
-        )

@@ -2,9 +2,9 @@
 views of a picture: a base view and tiles of the best pinpoint resolution, packed into one image span
 (the tiles' patch grid unpadded, an `image_newline` token after each row; runtime/anyres.py).
 
-Our modules run it as transformers does (models/llava.py's LlavaNext), and the PyTorch reference
-prunes it (FastV over the packed span, FasterVLM per view), and plan sizes it for its largest
-picture. Export and the runtime do not handle its views yet (issue 18), and refuse it by name.
+Our modules run it as transformers does (models/llava.py's LlavaNext), FasterVLM per view and FastV
+over the packed span; a bundle's vision graph runs over the views, a pack graph packs them
+(export/graphs.py), and plan sizes it for its largest picture.
 """
 
 from __future__ import annotations
@@ -70,5 +70,4 @@ FAMILY = ModelFamily(
     canonical_key,
     llava_family.unused_weight,
     image_tokens,
-    not_yet="its anyres views (the vision graph over views, pruning per view) are not exported or run yet",
 )
