@@ -18,6 +18,10 @@ from .runtime.image import MAX_IMAGE_PIXELS
 
 LOW_MEMORY_HELP = "ONNX Runtime on the CPU: sessions over the mapped weights, no optimised copies (less memory, a little slower)."
 MAX_PIXELS_HELP = "Refuse images with more pixels than this (a guard against decompression bombs)."
+MERGE_HELP = (
+    "LLaVA-NeXT with FasterVLM: spatial (the official code's: every view's kept tokens, no newlines) | "
+    "unpad (the unpadded grid's kept tokens and a newline per row)."
+)
 
 app = typer.Typer(
     help="Prune the visual tokens of LLaVA-family models (FastV, FasterVLM), export to ONNX, build TensorRT engines, run.",
@@ -94,6 +98,7 @@ def reference(
     vision_ratio: Optional[float] = typer.Option(
         None, "--vision-ratio", help="FasterVLM's ratio when both methods run."
     ),
+    merge: str = typer.Option("spatial", "--merge", help=MERGE_HELP),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Stop after this many tokens."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, "--max-image-pixels", min=1, help=MAX_PIXELS_HELP),
 ) -> None:
@@ -107,11 +112,11 @@ def reference(
     from .models.inputs import load_image, processor_inputs
     from .pruning import PruningConfig
 
-    pruning = PruningConfig.from_method(method, ratio, k, vision_ratio)
+    pruning = PruningConfig.from_method(method, ratio, k, vision_ratio, merge)
     picture = load_image(image, max_image_pixels)
     folder = resolve_checkpoint(model, check=lambda f: load_llava_spec(f))  # refused before the weights come
     llava = load_llava(folder)
-    pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
+    pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls, llava.spec.max_views)
     batch, _ = processor_inputs(folder, picture, prompt)
     input_ids, pixel_values, image_sizes = batch["input_ids"], batch["pixel_values"], batch.get("image_sizes")
     limit = llava.spec.text.max_context  # as `run` checks its max context
@@ -165,6 +170,7 @@ def export(
     vision_ratio: Optional[float] = typer.Option(
         None, "--vision-ratio", help="FasterVLM's ratio when both methods run."
     ),
+    merge: str = typer.Option("spatial", "--merge", help=MERGE_HELP),
     dtype: str = typer.Option(
         "fp32", "--dtype", help="fp32 | fp16 (fp16 for GPUs and Jetsons; norms and softmax stay fp32 inside)."
     ),
@@ -214,7 +220,7 @@ def export(
     config = ExportConfig(
         model,
         out,
-        PruningConfig.from_method(method, ratio, k, vision_ratio),
+        PruningConfig.from_method(method, ratio, k, vision_ratio, merge),
         dtype,
         max_context,
         not no_verify,
@@ -964,6 +970,7 @@ def run(
                 kept["vision"],
                 kept["llm"],
                 show_pruning,
+                pipeline.manifest.merge,
             )
         else:
             draw_pruning(

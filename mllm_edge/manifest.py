@@ -75,6 +75,11 @@ class Manifest:
         return _anyres(self.architecture)
 
     @property
+    def merge(self) -> str:
+        """LLaVA-NeXT's FasterVLM merge (pruning.MERGES); "spatial" where there is nothing to merge."""
+        return (self.pruning["fastervlm"] or {}).get("merge", "spatial")
+
+    @property
     def definitions(self) -> dict:
         """The definition of each of the bundle's graphs (mllm_edge.graphs), in the order they run."""
         used = self.pruning["method"].split("+")
@@ -201,8 +206,11 @@ def check_manifest(data) -> None:
             _field(data, f"pruning.{name}.ratio", (int, float), lambda v: 0 <= v < 1, "a ratio 0 <= R < 1")
             keep = _field(data, f"pruning.{name}.keep", int, positive, "a whole number > 0")
             expected = tokens["after_fastv"] if name == "fastv" else tokens["llm"]
-            if name == "fastervlm" and _anyres(data["architecture"]):  # per view, the most views
-                expected = tokens["llm"] / data["architecture"]["max_views"]
+            if name == "fastervlm" and _anyres(data["architecture"]):  # per view
+                merge = _field(data, "pruning.fastervlm.merge", str, lambda v: v in ("spatial", "unpad"),
+                               "spatial or unpad")  # fmt: skip
+                # the spatial merge keeps every view's count, the unpad merge a newline per row too
+                expected = keep if merge == "unpad" else tokens["llm"] / data["architecture"]["max_views"]
             if keep != expected:
                 raise _Invalid(f"pruning.{name}.keep {keep} disagrees with pruning.image_tokens ({expected})")
     used = method.split("+")

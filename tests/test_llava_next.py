@@ -187,6 +187,57 @@ def test_fastervlm_keeps_per_view_what_each_views_cls_attention_ranks_and_merges
         assert result.prefill.prompt_length == batch["input_ids"].shape[1] - unpruned + n_views * keep
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_fastervlm_unpad_merge_keeps_the_unpadded_grids_kept_tokens_and_every_newline(next_checkpoint, ratio):
+    """`--merge unpad` (the official code's spatial_unpad branch), built here from transformers'
+    tower, projector, unpad_image and image_newline: the base view's kept tokens, then the tiles'
+    stitched grid and its keep mask unpadded together, a newline after each row (always kept), the
+    kept ones in row order. At R = 0 it is the unpruned span."""
+    from helpers import stable_top_k
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    from mllm_edge.pruning import keep_count
+
+    path, spec = next_checkpoint
+    hf, processor, ours = load_both(path, eager=True)
+    side = spec.image_size // spec.patch_size
+    keep = keep_count(side * side, ratio)
+    for i, (h, w) in enumerate([(40, 90), (300, 300), (200, 60), (1, 400)]):
+        batch = hf_inputs(processor, picture(h, w, 40 + i))
+        tiles_h, tiles_w = ours.anyres.tile_grid(h, w)
+        views = batch["pixel_values"][0, : 1 + tiles_h * tiles_w]
+        with torch.no_grad():
+            tower = hf.model.vision_tower(views, output_attentions=True, output_hidden_states=True)
+            cls_rows = tower.attentions[hf.config.vision_feature_layer][:, :, 0, 1:].mean(dim=1)
+            projected = hf.model.multi_modal_projector(
+                tower.hidden_states[hf.config.vision_feature_layer][:, 1:]
+            )
+        kept = [stable_top_k(row.tolist(), keep) for row in cls_rows]
+        mask = torch.zeros(len(kept), side * side, dtype=torch.bool)
+        for v, patches in enumerate(kept):
+            mask[v, patches] = True
+        grid = projected[1:].view(tiles_h, tiles_w, side, side, -1).permute(4, 0, 2, 1, 3)
+        grid = unpad_image(grid.flatten(1, 2).flatten(2, 3), (h, w))  # [C, rows, cols]
+        grid_mask = mask[1:].view(tiles_h, tiles_w, side, side).permute(0, 2, 1, 3)
+        grid_mask = unpad_image(grid_mask.flatten(0, 1).flatten(1, 2)[None], (h, w))[0]
+        newline = hf.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1)
+        rows = torch.cat((grid, newline), dim=-1).flatten(1, 2).transpose(0, 1)
+        row_mask = torch.cat((grid_mask, torch.ones(grid_mask.shape[0], 1, dtype=torch.bool)), dim=-1)
+        expected = torch.cat((projected[0, kept[0]], rows[row_mask.flatten()]))
+
+        with torch.no_grad():
+            embeds, got_kept = ours.fastervlm_embeds(
+                batch["pixel_values"], ratio, batch["image_sizes"], "unpad"
+            )
+            unpruned = ours.image_embeds(batch["pixel_values"], batch["image_sizes"])
+            all_kept, _ = ours.fastervlm_embeds(batch["pixel_values"], 0.0, batch["image_sizes"], "unpad")
+        assert got_kept[0].tolist() == kept, (h, w)
+        assert embeds[0].shape == expected.shape, (h, w)
+        assert close(embeds[0], expected) < TOL, (h, w)
+        assert close(all_kept, unpruned) < TOL, (h, w)
+        assert embeds.shape[1] <= unpruned.shape[1]
+
+
 def test_the_spec_counts_the_largest_picture():
     """num_image_tokens is the most a picture can give (what a bundle's max context must hold): for
     LLaVA-1.6's CLIP-L/336 and its five pinpoints, 576 base tokens + 48 rows of 48 patches and a

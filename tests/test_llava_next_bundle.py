@@ -36,15 +36,17 @@ PICTURES = [(40, 90), (300, 300), (1, 400)]  # wide (2 views), the largest grid,
 # fp16 leaves out the strip: its tiles are black padding, whose patches tie exactly, and fp16 breaks
 # those ties by rounding (ties are judged by the export's check, test_selection_ties.py)
 FP16_PICTURES = PICTURES[:2]
-# (fixture, method, dtype): fp32 and fp16, every graph kind on both fixtures' geometry
+# (fixture, method, dtype, FasterVLM's merge): fp32 and fp16, every graph kind on both fixtures'
+# geometry, both merges
 CASES = [
-    ("llama", "none", "fp32"),
-    ("llama", "fastv", "fp32"),
-    ("llama", "fastervlm", "fp32"),
-    ("llama", "fastv+fastervlm", "fp32"),
-    ("llama", "fastv+fastervlm", "fp16"),
-    ("mistral", "fastv+fastervlm", "fp32"),
-    ("mistral", "none", "fp16"),
+    ("llama", "none", "fp32", "spatial"),
+    ("llama", "fastv", "fp32", "spatial"),
+    ("llama", "fastervlm", "fp32", "spatial"),
+    ("llama", "fastv+fastervlm", "fp32", "spatial"),
+    ("llama", "fastv+fastervlm", "fp32", "unpad"),
+    ("llama", "fastv+fastervlm", "fp16", "spatial"),
+    ("mistral", "fastv+fastervlm", "fp32", "spatial"),
+    ("mistral", "none", "fp16", "spatial"),
 ]
 SAMPLE_PROMPT_TOKENS = {"llama": 98}  # the exporter's sample on the llama fixture: 28 text + 70 image
 GRAPHS = {
@@ -61,21 +63,23 @@ def checkpoints(tmp_path_factory):
     return {name: make_tiny_llava(root / spec.name, spec) for name, spec in NEXT_SPECS.items()}
 
 
-def pruning_of(method: str, ratio: float = RATIO) -> PruningConfig:
-    return PruningConfig.from_method(method, 0.0 if method == "none" else ratio, 1)
+def pruning_of(method: str, ratio: float = RATIO, merge: str = "spatial") -> PruningConfig:
+    return PruningConfig.from_method(method, 0.0 if method == "none" else ratio, 1, merge=merge)
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, checkpoints):
-    """Bundles exported once per module: (fixture, method, dtype, ratio, max context) -> (folder, report)."""
+    """Bundles exported once per module: (fixture, method, dtype, merge, ratio, max context) ->
+    (folder, report)."""
     root = tmp_path_factory.mktemp("next_bundles")
     made = {}
 
-    def get(name: str, method: str, dtype: str = "fp32", ratio: float = RATIO, max_context=None):
-        key = (name, method, dtype, ratio, max_context)
+    def get(name, method, dtype="fp32", merge="spatial", ratio=RATIO, max_context=None):
+        key = (name, method, dtype, merge, ratio, max_context)
         if key not in made:
             out = root / "-".join(map(str, key))
-            config = ExportConfig(str(checkpoints[name]), out, pruning_of(method, ratio), dtype, max_context)
+            pruning = pruning_of(method, ratio, merge)
+            config = ExportConfig(str(checkpoints[name]), out, pruning, dtype, max_context)
             made[key] = out, export_bundle(config)
         return made[key]
 
@@ -99,13 +103,13 @@ def real_views(batch, anyres: AnyRes) -> tuple[np.ndarray, tuple[int, int]]:
     return batch["pixel_values"][0, : 1 + tiles_h * tiles_w].numpy(), (height, width)
 
 
-@pytest.mark.parametrize("name,method,dtype", CASES, ids=["-".join(c) for c in CASES])
-def test_a_next_bundle_answers_as_pytorch_does(name, method, dtype, bundles, checkpoints):
+@pytest.mark.parametrize("name,method,dtype,merge", CASES, ids=["-".join(c) for c in CASES])
+def test_a_next_bundle_answers_as_pytorch_does(name, method, dtype, merge, bundles, checkpoints):
     """Exported and verified, every graph through the TensorRT lint, then the runtime on three new
     pictures: fp32 gives generate()'s greedy tokens, the processor's prompt ids and the same kept
     sets (FasterVLM per view, base view first; FastV over the span); fp16's logits stay within
     fp16's tolerance when fed the reference's tokens, and its kept sets differ at most at the cut."""
-    folder, report = bundles(name, method, dtype)
+    folder, report = bundles(name, method, dtype, merge)
     assert all(c.ok for c in report.checks) and report.chain.ok
     manifest = load_manifest(folder)
     assert list(manifest.graphs) == GRAPHS[method]
@@ -113,7 +117,7 @@ def test_a_next_bundle_answers_as_pytorch_does(name, method, dtype, bundles, che
         assert lint_model(folder / spec.file) == []
     path = checkpoints[name]
     llava = reference(path, dtype)
-    pruning = pruning_of(method)
+    pruning = pruning_of(method, merge=merge)
     pipeline = Pipeline.load(folder)
     chain = OnnxChain(folder, manifest)
     for height, width in PICTURES if dtype == "fp32" else FP16_PICTURES:
@@ -162,6 +166,11 @@ def test_the_manifest_describes_the_geometry_and_inspect_shows_it(bundles, check
         "after_fastv": keep_count(5 * per_view, RATIO),
     }
     assert manifest.max_context == 2048  # the largest picture and 1024 of text fit in the default
+    assert manifest.merge == "spatial"
+    unpad = load_manifest(bundles("llama", "fastv+fastervlm", merge="unpad")[0])
+    assert unpad.merge == "unpad" and unpad.pruning["fastervlm"]["keep"] == per_view
+    # the most the unpad merge puts in: the 112x112 pinpoint's 5 views x 8 and a newline per row
+    assert unpad.pruning["image_tokens"]["llm"] == 5 * per_view + 8
     assert report.sample_image_tokens == 70  # the 360x480 sample: 2x2 tiles, unpadded to 6 of 8 rows
     got = CliRunner().invoke(app, ["inspect", str(folder)])
     assert got.exit_code == 0, got.output
@@ -246,6 +255,11 @@ def test_view_patches_maps_the_span_back_to_each_views_patches():
     marks = view_patches(anyres, size, 3, kept, [2, 3])
     assert [entered for entered, _ in marks] == [{1, 3}, {0, 3}, {1, 2}]
     assert [final for _, final in marks] == [set(), {0}, {1}]
+    # the unpad merge: the unpruned order above, pruned patches left out, newlines (row 6) kept:
+    # base 1, 3; row 0: t1 0 (row 2), t2 1 (row 4), newline; row 1: t1 3 (row 3), t2 2 (row 5), newline
+    assert anyres.unpad_index(np.asarray(kept), *size).tolist() == [0, 1, 2, 4, 6, 3, 5, 6]
+    marks = view_patches(anyres, size, 3, kept, [2, 4, 7], merge="unpad")
+    assert [final for _, final in marks] == [set(), {0}, set()]  # the two newlines belong to no patch
 
 
 def test_build_profiles_span_every_view_count_and_image_span(bundles):

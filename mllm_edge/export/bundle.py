@@ -27,7 +27,7 @@ from ..manifest import FLOAT_SCHEMA_VERSION, MANIFEST_NAME, Manifest, write_mani
 from ..models.checkpoint import resolve_checkpoint
 from ..models.config import load_llava_spec
 from ..models.llava import Llava, load_llava
-from ..pruning import PruningConfig
+from ..pruning import PruningConfig, keep_count
 from ..pruning.flops import PrefillFlops, prefill_flops
 from .graphs import graph_modules
 from .lint import lint_model
@@ -114,7 +114,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     folder = resolve_checkpoint(config.model, check=load_llava_spec)  # refused before any weight downloads
     spec = load_llava_spec(folder)
     pruning = config.pruning
-    pruning.validate(spec.text.num_layers, spec.vision.has_cls)
+    pruning.validate(spec.text.num_layers, spec.vision.has_cls, spec.max_views)
     max_context = spec.check_max_context(config.max_context)
     llava = load_llava(folder, DTYPES[config.dtype])
     modules = graph_modules(llava, pruning)
@@ -181,7 +181,8 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     on_stage("manifest")
     write_manifest(tmp, manifest)
     move_into_place(tmp, out, config.force)
-    keep_vision, keep_llm = pruning.keep_counts(samples.image_tokens, views(spec, samples))
+    keep_vision = samples.llm_prompt_tokens - samples.text_tokens  # after FasterVLM (its merge)
+    keep_llm = keep_count(keep_vision, pruning.fastv.ratio) if pruning.fastv else keep_vision
     t = spec.text
     flops = prefill_flops(  # for the sample picture's tokens (LLaVA-NeXT's vary with the picture)
         t.num_layers,
@@ -195,13 +196,6 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     )
     files = {rel: (out / rel).stat().st_size for rel in manifest.files}
     return ExportReport(out, manifest, checks, chain, flops, samples.image_tokens, shared, files)
-
-
-def views(spec, samples) -> tuple[int, int] | None:
-    """LLaVA-NeXT: (the sample picture's views, patches of each), which FasterVLM ranks one by one."""
-    if spec.max_views == 1:
-        return None
-    return samples.chain["pixel_values"].shape[0], spec.vision.grid**2
 
 
 def return_freed_memory() -> None:
@@ -266,17 +260,22 @@ def trace_inputs(module, llava: Llava, samples, max_context: int):
 
 
 def pruning_entry(pruning: PruningConfig, spec) -> dict:
-    """What the bundle keeps of the largest picture. LLaVA-NeXT: FasterVLM's keep is per view (of
-    the most views), FastV's of the whole span."""
-    anyres = spec.max_views > 1
-    views = (spec.max_views, spec.vision.grid**2) if anyres else None
-    vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens, views)
-    view_keep = vision_keep // spec.max_views if anyres else vision_keep
+    """What the bundle keeps of the largest span. LLaVA-NeXT: FasterVLM's keep is per view and its
+    merge recorded, FastV's keep is of the largest span that enters the LLM."""
+    vision_keep = spec.most_entering_tokens(pruning.fastervlm)
+    llm_keep = keep_count(vision_keep, pruning.fastv.ratio) if pruning.fastv else vision_keep
     methods = [m for m, on in (("fastv", pruning.fastv), ("fastervlm", pruning.fastervlm)) if on]
+    fastervlm = None
+    if pruning.fastervlm:
+        fastervlm = {**asdict(pruning.fastervlm), "keep": vision_keep}
+        if spec.max_views > 1:
+            fastervlm["keep"] = keep_count(spec.vision.grid**2, pruning.fastervlm.ratio)
+        else:
+            del fastervlm["merge"]  # one view: nothing to merge
     return {
         "method": "+".join(methods) or "none",
         "fastv": {**asdict(pruning.fastv), "keep": llm_keep} if pruning.fastv else None,
-        "fastervlm": {**asdict(pruning.fastervlm), "keep": view_keep} if pruning.fastervlm else None,
+        "fastervlm": fastervlm,
         "split_layer": pruning.split_layer,
         # image tokens: out of the vision tower / entering the LLM / after FastV at layer K
         "image_tokens": {"vision": spec.num_image_tokens, "llm": vision_keep, "after_fastv": llm_keep},

@@ -173,7 +173,7 @@ def graph_modules(llava: Llava, pruning: PruningConfig) -> dict[str, nn.Module]:
     if anyres:  # FasterVLM per view; FastV over a span of any length up to what the vision side gives
         patches = spec.vision.grid**2
         vision_keep = keep_count(patches, pruning.fastervlm.ratio) if pruning.fastervlm else patches
-        max_span = pruning.keep_counts(spec.num_image_tokens, (spec.max_views, patches))[0]
+        max_span = spec.most_entering_tokens(pruning.fastervlm)
         prune = lambda: PruneSpanGraph(max_span, pruning.fastv.ratio)  # noqa: E731
     else:
         vision_keep, llm_keep = pruning.keep_counts(spec.num_image_tokens)

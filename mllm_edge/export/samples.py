@@ -83,6 +83,7 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
         ConcatCache(t.num_layers, pruning.split_layer, null_row),
         pruning.split_layer,
         anyres=anyres,
+        merge=pruning.fastervlm.merge if pruning.fastervlm else "spatial",
     )
     graphs = {}
 

@@ -153,7 +153,8 @@ class OnnxChain:
         null_row = np.zeros((1, input_ids.shape[0], *spec.shape[2:]), spec.dtype)  # sequence-first
         cache = ConcatCache(text["num_layers"], self.manifest.pruning["split_layer"], null_row)
         split = self.manifest.pruning["split_layer"]
-        chain = Chain(self.sessions, cache, split, anyres=AnyRes.of_bundle(self.manifest))
+        anyres = AnyRes.of_bundle(self.manifest)
+        chain = Chain(self.sessions, cache, split, anyres=anyres, merge=self.manifest.merge)
         vision = chain.encode_image(pixel_values, image_size)
         self.kept_patches = vision.get("kept_patches")
         image_token = self.manifest.tokenizer["image_token_id"]

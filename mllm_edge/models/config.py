@@ -108,6 +108,25 @@ class LlavaSpec:
             self.image_grid_pinpoints, self.vision.image_size, self.vision.patch_size
         ).max_views
 
+    def most_entering_tokens(self, fastervlm) -> int:
+        """The most image tokens a picture puts into the LLM: every one, or FasterVLM's keep
+        (fastervlm: a pruning.FasterVLMConfig or None). LLaVA-NeXT keeps per view: its spatial merge
+        puts views x keep, its unpad merge at most that and a newline per row of the grid, the most
+        for a picture of a pinpoint's exact shape (nothing unpadded)."""
+        from ..pruning import keep_count
+
+        if fastervlm is None:
+            return self.num_image_tokens
+        if self.max_views == 1:
+            return keep_count(self.num_image_tokens, fastervlm.ratio)
+        side, tile = self.vision.grid, self.vision.image_size
+        keep = keep_count(side * side, fastervlm.ratio)
+        if fastervlm.merge == "spatial":
+            return self.max_views * keep
+        return max(
+            (1 + (h // tile) * (w // tile)) * keep + (h // tile) * side for h, w in self.image_grid_pinpoints
+        )
+
     @property
     def default_max_context(self) -> int:
         """The context a bundle gets unless told: 2048, or the largest image and 1024 tokens of text

@@ -78,7 +78,7 @@ def encode_image(llava: Llava, pixel_values: torch.Tensor, pruning: PruningConfi
     image_sizes: each picture's (height, width), for LLaVA-NeXT's views."""
     if pruning.fastervlm is None:
         return llava.image_embeds(pixel_values, image_sizes), None
-    return llava.fastervlm_embeds(pixel_values, pruning.fastervlm.ratio, image_sizes)
+    return llava.fastervlm_embeds(pixel_values, pruning.fastervlm.ratio, image_sizes, pruning.fastervlm.merge)
 
 
 def prompt_embeddings(llava: Llava, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_sizes=None):
@@ -105,7 +105,7 @@ def prefill(
     cache: ReferenceCache,
     image_sizes=None,
 ) -> Prefill:
-    pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls)
+    pruning.validate(llava.spec.text.num_layers, llava.spec.vision.has_cls, llava.spec.max_views)
     decoder = llava.decoder
     num_layers = llava.spec.text.num_layers
     image_embeds, kept_vision = encode_image(llava, pixel_values, pruning, image_sizes)
@@ -160,8 +160,9 @@ def generate_steps(
     """Yield (next token ids [B], logits [B, V], prefill info) greedily, one step at a time."""
     if max_new_tokens < 1:
         raise MllmEdgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ratio = pruning.fastervlm.ratio if pruning.fastervlm else None
-    grown = llava.entering_image_tokens(ratio, image_sizes) - llava.unpruned_image_tokens(image_sizes)
+    grown = llava.most_entering_tokens(pruning.fastervlm, image_sizes) - llava.unpruned_image_tokens(
+        image_sizes
+    )
     max_len = max_context or input_ids.shape[1] + max(grown, 0) + max_new_tokens
     dtype = next(llava.parameters()).dtype
     cache = ReferenceCache(llava, input_ids.shape[0], max_len, dtype, input_ids.device)

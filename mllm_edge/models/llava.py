@@ -32,7 +32,7 @@ class Llava(nn.Module):
         features, _ = self.image_features(pixel_values)
         return self.projector(features)
 
-    def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None):
+    def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None, merge=None):
         """FasterVLM: -> the kept patches' embeddings [B, keep, C] and their indices [B, keep] (raster
         order), ranked by the [CLS] row of the feature layer. The projector is per token, so
         projecting only the kept patches equals project-then-select."""
@@ -46,12 +46,13 @@ class Llava(nn.Module):
         """How many placeholder tokens the processor puts in the prompt for the picture."""
         return self.spec.num_image_tokens
 
-    def entering_image_tokens(self, fastervlm_ratio: float | None, image_sizes=None) -> int:
-        """How many image tokens enter the LLM for the picture: every one, or FasterVLM's keep."""
+    def most_entering_tokens(self, fastervlm, image_sizes=None) -> int:
+        """The most image tokens the picture puts into the LLM (fastervlm: a FasterVLMConfig or
+        None): every one, or FasterVLM's keep."""
         from ..pruning import keep_count
 
         n = self.unpruned_image_tokens(image_sizes)
-        return n if fastervlm_ratio is None else keep_count(n, fastervlm_ratio)
+        return n if fastervlm is None else keep_count(n, fastervlm.ratio)
 
     def image_span(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(start, length) of the image placeholder run; the same in every row of the batch."""
@@ -120,33 +121,37 @@ class LlavaNext(Llava):
             raise MllmEdgeError(SAME_COUNT)
         return counts.pop()
 
-    def entering_image_tokens(self, fastervlm_ratio: float | None, image_sizes=None) -> int:
-        """FasterVLM keeps its count of every view, so a picture whose grid unpadding leaves few
-        rows (a thin strip) can enter the LLM with more tokens than it had unpruned."""
+    def most_entering_tokens(self, fastervlm, image_sizes=None) -> int:
+        """FasterVLM keeps its count of every view, so with the spatial merge a picture whose grid
+        unpadding leaves few rows (a thin strip) enters the LLM with more tokens than unpruned; the
+        unpad merge keeps at most the unpruned count."""
         from ..pruning import keep_count
 
-        if fastervlm_ratio is None:
-            return self.unpruned_image_tokens(image_sizes)
-        self.unpruned_image_tokens(image_sizes)  # the same count for every picture, or an error
+        unpruned = self.unpruned_image_tokens(image_sizes)  # the same for every picture, or an error
+        if fastervlm is None or fastervlm.merge == "unpad":
+            return unpruned
         height, width = (int(v) for v in image_sizes[0])
         tiles_h, tiles_w = self.anyres.tile_grid(height, width)
-        return (1 + tiles_h * tiles_w) * keep_count(self.spec.vision.grid**2, fastervlm_ratio)
+        return (1 + tiles_h * tiles_w) * keep_count(self.spec.vision.grid**2, fastervlm.ratio)
 
-    def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None):
+    def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None, merge="spatial"):
         """FasterVLM per view (the official code's semantics): each view ranked by its own [CLS] row,
-        round(N * (1 - R)) patches kept per view, merged "spatial": the base view's kept tokens in
-        raster order, then the tiles' in the raster order of the stitched tile grid (row by row
-        across tiles), no unpadding, no newline tokens. -> [B, views * keep, C] and the kept patch
-        indices per view [B, views, keep] (raster order within each view, base view first)."""
+        round(N * (1 - R)) patches kept per view, then merged (runtime/anyres.py): "spatial" (the
+        official default) the base view's kept tokens in raster order, then the tiles' in the raster
+        order of the stitched tile grid, no unpadding, no newline tokens; "unpad" the base view's,
+        then the unpadded grid's kept tokens row by row with a newline after each row. -> [B, n, C]
+        and the kept patch indices per view [B, views, keep] (raster order, base view first)."""
         from ..pruning import fastervlm_select, gather_tokens, keep_count
 
         embeds, kept_sets = [], []
         for views, height, width in self._pictures(pixel_values, image_sizes):
             features, cls_row = self.vision(views, want_cls_row=True)  # [V, N, Cv], [V, N]
             kept = fastervlm_select(cls_row, keep_count(features.shape[1], ratio))  # [V, keep]
-            order = torch.from_numpy(self.anyres.spatial_index(kept.cpu().numpy(), height, width))
+            index = self.anyres.merge_index(kept.cpu().numpy(), height, width, merge)
             kept_features = gather_tokens(features, kept).reshape(-1, features.shape[-1])  # [V * keep, Cv]
-            embeds.append(self.projector(kept_features[order]))
+            rows = self.projector(kept_features)  # per token: projecting first equals selecting first
+            rows = torch.cat((rows, self.image_newline.to(rows.dtype)[None]))  # row V * keep: a newline
+            embeds.append(rows[torch.from_numpy(index)])
             kept_sets.append(kept)
         return _same_count(embeds), torch.stack(kept_sets)
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from ..errors import MllmEdgeError
 
 METHODS = ("none", "fastv", "fastervlm", "fastv+fastervlm")
+# LLaVA-NeXT: how FasterVLM's kept tokens of the views go into the span (docs/methods.md): "spatial"
+# (the official code's default: stitched raster order, no newlines), "unpad" (its spatial_unpad
+# branch: the unpadded grid's kept tokens, a newline token after each row)
+MERGES = ("spatial", "unpad")
 
 
 def check_ratio(ratio: float, what: str = "ratio") -> float:
@@ -55,6 +59,7 @@ class FastVConfig:
 @dataclass(frozen=True)
 class FasterVLMConfig:
     ratio: float
+    merge: str = "spatial"  # LLaVA-NeXT's (MERGES); a one-view model has nothing to merge
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,15 @@ class PruningConfig:
 
     @classmethod
     def from_method(
-        cls, method: str, ratio: float = 0.0, k: int = 2, vision_ratio: float | None = None
+        cls,
+        method: str,
+        ratio: float = 0.0,
+        k: int = 2,
+        vision_ratio: float | None = None,
+        merge: str = "spatial",
     ) -> PruningConfig:
-        """`--method`/`--ratio`/`--k` as the CLI takes them; `vision_ratio` sets FasterVLM's ratio when both run."""
+        """`--method`/`--ratio`/`--k` as the CLI takes them; `vision_ratio` sets FasterVLM's ratio when
+        both run; `merge` how FasterVLM's tokens of LLaVA-NeXT's views go into the span."""
         if method not in METHODS:
             raise MllmEdgeError(f"unknown pruning method '{method}' (choose from {', '.join(METHODS)})")
         check_ratio(ratio)
@@ -80,15 +91,26 @@ class PruningConfig:
             raise MllmEdgeError(
                 "a vision ratio applies only when both methods run (--method fastv+fastervlm)"
             )
+        if merge not in MERGES:
+            raise MllmEdgeError(f"unknown merge '{merge}' (choose from {', '.join(MERGES)})")
+        if merge != "spatial" and "fastervlm" not in method:
+            raise MllmEdgeError("--merge sets how FasterVLM's kept tokens are merged: add --method fastervlm")
         fastv = FastVConfig(ratio, k) if "fastv" in method.split("+") else None
         fastervlm = None
         if "fastervlm" in method:
             fastervlm = FasterVLMConfig(
-                check_ratio(ratio if vision_ratio is None else vision_ratio, "vision ratio")
+                check_ratio(ratio if vision_ratio is None else vision_ratio, "vision ratio"), merge
             )
         return cls(fastv, fastervlm)
 
-    def validate(self, num_layers: int, vision_has_cls: bool = True) -> None:
+    def validate(self, num_layers: int, vision_has_cls: bool = True, views: int = 1) -> None:
+        """views: the most views a picture gives (LLaVA-NeXT's), where FasterVLM's merge applies."""
+        if self.fastervlm is not None and self.fastervlm.merge not in MERGES:
+            raise MllmEdgeError(f"unknown merge '{self.fastervlm.merge}' (choose from {', '.join(MERGES)})")
+        if self.fastervlm is not None and self.fastervlm.merge != "spatial" and views == 1:
+            raise MllmEdgeError(
+                f"merge '{self.fastervlm.merge}' applies to LLaVA-NeXT's views; this model sees one view"
+            )
         if self.fastv is not None:
             check_ratio(self.fastv.ratio)
             check_fastv_layer(self.fastv.k, num_layers)

@@ -144,6 +144,28 @@ class AnyRes:
         spatial = np.argsort((rows * tiles_w * side + cols).ravel(), kind="stable")
         return np.concatenate((np.arange(keep), keep + spatial)).astype(np.int64)
 
+    def unpad_index(self, kept: np.ndarray, height: int, width: int) -> np.ndarray:
+        """FasterVLM's `unpad` merge (the official code's spatial_unpad branch) of the views' kept
+        patches kept [V, keep] (raster order within each view), as rows of the kept tokens flattened
+        [V * keep] with V * keep for the newline token: the unpruned span (pack_index) with every
+        pruned patch left out and every newline kept. -> int64 [n], n depending on the kept sets."""
+        views, keep = kept.shape
+        n = (self.tile // self.patch) ** 2
+        rows = self.pack_index(height, width)  # into [V * n], V * n the newline
+        row_of = np.full((views, n), -1, np.int64)  # (view, patch) -> its row among the kept, or -1
+        row_of[np.arange(views)[:, None], kept] = np.arange(views * keep).reshape(views, keep)
+        newline = rows == views * n
+        mapped = np.where(newline, views * keep, row_of[np.minimum(rows // n, views - 1), rows % n])
+        return mapped[mapped >= 0]
+
+    def merge_index(self, kept: np.ndarray, height: int, width: int, merge: str = "spatial") -> np.ndarray:
+        """The span FasterVLM's kept tokens of the views make, by the merge (pruning.MERGES)."""
+        if merge == "spatial":
+            return self.spatial_index(kept, height, width)
+        if merge == "unpad":
+            return self.unpad_index(kept, height, width)
+        raise MllmEdgeError(f"unknown merge '{merge}'")
+
     def image_tokens(self, height: int, width: int) -> int:
         """Tokens the picture puts into the LLM unpruned: the base view's patches, then each row of
         the unpadded grid and its newline token."""

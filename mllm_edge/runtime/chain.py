@@ -87,12 +87,20 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Chain:
     def __init__(
-        self, engines: Mapping, cache, split: int, observers: list[Observer] | None = None, anyres=None
+        self,
+        engines: Mapping,
+        cache,
+        split: int,
+        observers: list[Observer] | None = None,
+        anyres=None,
+        merge: str = "spatial",
     ):
         """engines: graph name -> anything with run(inputs, outputs=None) -> the outputs not given.
         split: FastV's layer K (0 without FastV: no llm_head, no prune). anyres: LLaVA-NeXT's
-        geometry (runtime.anyres.AnyRes), whose bundles pack the views and prune spans of any length."""
+        geometry (runtime.anyres.AnyRes), whose bundles pack the views and prune spans of any
+        length; merge: how its FasterVLM tokens go into the span (pruning.MERGES)."""
         self.engines, self.cache, self.split, self.anyres = engines, cache, split, anyres
+        self.merge = merge
         self.observers: list[Observer] = [] if observers is None else observers
         self._no_image = None  # decode's image_embeds: one zero row of the prompt's dtype and width
         self.history = History()
@@ -109,7 +117,7 @@ class Chain:
         LLaVA-NeXT: pixel_values [V, 3, S, S] are one picture's views (anyres.preprocess_views) and
         image_size its (height, width); the vision graph runs on the views (FasterVLM per view:
         kept_patches [V, keep]) and the pack graph packs them (anyres.pack_index, or FasterVLM's
-        spatial merge) into image_embeds [1, n, C]."""
+        merge: anyres.merge_index) into image_embeds [1, n, C]."""
         vision = self.run(VISION, {"pixel_values": pixel_values})
         if self.anyres is None:
             return vision
@@ -120,7 +128,7 @@ class Chain:
         index = (
             self.anyres.pack_index(height, width)
             if kept is None
-            else self.anyres.spatial_index(kept, height, width)
+            else self.anyres.merge_index(kept, height, width, self.merge)
         )
         packed = self.run(PACK, {"image_embeds": vision["image_embeds"], "pack_index": index})
         return {**vision, "image_embeds": packed["packed_image_embeds"]}

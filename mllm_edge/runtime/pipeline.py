@@ -114,6 +114,7 @@ class Pipeline:
             backend.new_cache(layers, split, kv_heads, head_dim, dtype),
             split,
             anyres=self.anyres,
+            merge=manifest.merge,
         )
         self.eos = set(tok["eos_token_ids"])
         self.hidden_size, self.image_tokens = text["hidden_size"], manifest.pruning["image_tokens"]["llm"]
@@ -146,9 +147,10 @@ class Pipeline:
             return self.preprocess(picture), None
         return preprocess_views(picture, self.anyres, self.preprocess)
 
-    def image_tokens_of(self, size: tuple[int, int] | None) -> tuple[int, int]:
+    def image_tokens_of(self, size: tuple[int, int] | None) -> tuple[int, int | None]:
         """(placeholder tokens the processor puts for a picture of this (height, width), tokens
-        of it that enter the LLM after FasterVLM)."""
+        of it that enter the LLM after FasterVLM: None where they depend on what it keeps, with
+        LLaVA-NeXT's unpad merge)."""
         tokens = self.manifest.pruning["image_tokens"]
         if self.anyres is None:
             return tokens["vision"], tokens["llm"]
@@ -156,8 +158,17 @@ class Pipeline:
         fastervlm = self.manifest.pruning["fastervlm"]
         if fastervlm is None:
             return unpruned, unpruned
+        if self.manifest.merge == "unpad":
+            return unpruned, None
         tiles_h, tiles_w = self.anyres.tile_grid(*size)
         return unpruned, (1 + tiles_h * tiles_w) * fastervlm["keep"]
+
+    def _check_context(self, length: int, image_tokens: int, size) -> None:
+        if length + 1 > self.max_context:
+            picture = f" ({image_tokens} of them for the {size[1]}x{size[0]} picture)" if size else ""
+            raise MllmEdgeError(
+                f"the prompt takes {length} tokens{picture}; the {self.cache.owner} max context is {self.max_context}"
+            )
 
     @property
     def engines(self) -> dict:
@@ -272,14 +283,8 @@ class Pipeline:
         pixel_values, size = self.image_inputs(picture) if picture is not None else (None, None)
         unpruned, entering = self.image_tokens_of(size) if picture is not None else (0, 0)
         prompt_ids = self.prompts.encode(rendered, images, unpruned or None)
-        length = len(prompt_ids) - unpruned + entering
-        if length + 1 > self.max_context:  # before the vision graph runs
-            picture_part = (
-                f" ({entering} of them for the {size[1]}x{size[0]} picture)" if size is not None else ""
-            )
-            raise MllmEdgeError(
-                f"the prompt takes {length} tokens{picture_part}; the {self.cache.owner} max context is {self.max_context}"
-            )
+        if entering is not None:  # known before the vision graph runs: refused before it runs
+            self._check_context(len(prompt_ids) - unpruned + entering, entering, size)
         t_pre = time.perf_counter()
 
         vision, vision_reused, key = {}, False, None
@@ -307,6 +312,8 @@ class Pipeline:
                 NO_IMAGE,
             )
         length = ids.shape[1]
+        if entering is None:
+            self._check_context(length, image_embeds.shape[1], size)
         max_new_tokens = min(max_new_tokens, self.max_context - length)
         reuse_cache = reuse and self.backend.extends_cache
         prefilled = self.chain.prefill(ids, image_embeds, image_start, reuse=reuse_cache, image=key)

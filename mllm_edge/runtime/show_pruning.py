@@ -53,17 +53,18 @@ def draw_pruning(
 
 
 def view_patches(
-    anyres, size: tuple[int, int], views: int, kept_vision, kept_llm
+    anyres, size: tuple[int, int], views: int, kept_vision, kept_llm, merge: str = "spatial"
 ) -> list[tuple[set[int], set[int]]]:
     """LLaVA-NeXT: per view, (patches that entered the LLM, patches that went on past FastV's layer).
-    kept_vision: FasterVLM's kept patches per view, or None; kept_llm: FastV's indices into the span."""
+    kept_vision: FasterVLM's kept patches per view (merged by `merge`), or None; kept_llm: FastV's
+    indices into the span."""
     patches = (anyres.tile // anyres.patch) ** 2
     if kept_vision is None:
         kept = np.tile(np.arange(patches), (views, 1))
         rows = anyres.pack_index(*size)
     else:
         kept = np.asarray(kept_vision, np.int64)
-        rows = anyres.spatial_index(kept, *size)
+        rows = anyres.merge_index(kept, *size, merge)
     per_view = kept.shape[1]
     entered = [set() for _ in range(views)]
     for row in rows:
@@ -87,12 +88,13 @@ def draw_pruning_views(
     kept_vision,
     kept_llm,
     out: str | Path,
+    merge: str = "spatial",
 ) -> Path:
     """LLaVA-NeXT's views [V, 3, S, S] of a picture of size (height, width), marked as draw_pruning
     marks one: the base view, a gap, then the tiles in their rows and columns."""
     views = pixel_values.shape[0]
     grid = anyres.tile // anyres.patch
-    marks = view_patches(anyres, size, views, kept_vision, kept_llm)
+    marks = view_patches(anyres, size, views, kept_vision, kept_llm, merge)
     panels = [
         _marked(model_view(pixel_values[v : v + 1], preprocessing), grid, *marks[v]) for v in range(views)
     ]
