@@ -16,6 +16,7 @@ the sampled peak was.
     .venv/bin/python benchmarks/export_memory.py                      # ~1B, fp16, fastv 0.5
     .venv/bin/python benchmarks/export_memory.py --no-verify --layers 12 --work /tmp/bench --keep
     .venv/bin/python benchmarks/export_memory.py --dtype fp32 --quantize int8 --json benchmarks/results/export_memory_int8.json
+    .venv/bin/python benchmarks/export_memory.py --next --json benchmarks/results/export_memory_next.json  # LLaVA-NeXT
 
 Results go to benchmarks/results/export_memory.json (--json). Needs the export extra and
 onnxruntime; on 2 CPU cores the default model takes ~10-25 minutes.
@@ -81,14 +82,19 @@ SIZES = {  # option -> (TinyLlavaSpec field, default)
 }
 
 
-def build_checkpoint(folder: Path, sizes: dict, dtype: str) -> dict:
-    """Runs in its own child process (--_build): write the checkpoint, re-save the weights in dtype."""
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # LLaVA-1.6's
+
+
+def build_checkpoint(folder: Path, sizes: dict, dtype: str, next_: bool = False) -> dict:
+    """Runs in its own child process (--_build): write the checkpoint, re-save the weights in dtype.
+    next_: a LLaVA-NeXT checkpoint with LLaVA-1.6's pinpoints (5 views, 2928 image tokens)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from mllm_edge.testing.checkpoints import TinyLlavaSpec, make_tiny_llava
 
-    spec = TinyLlavaSpec(name="bench_1b", initializer_range=0.02, seed=0, **sizes)
+    extra = {"image_grid_pinpoints": NEXT_PINPOINTS, "max_position_embeddings": 4096} if next_ else {}
+    spec = TinyLlavaSpec(name="bench_1b", initializer_range=0.02, seed=0, **sizes, **extra)
     make_tiny_llava(folder, spec)
     params, saved = 0, {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -196,13 +202,14 @@ def main() -> None:
     )
     for opt, (_, default) in SIZES.items():
         p.add_argument("--" + opt.replace("_", "-"), type=int, default=default)
+    p.add_argument("--next", action="store_true", help="a LLaVA-NeXT checkpoint (LLaVA-1.6's pinpoints)")
     p.add_argument("--_build", type=Path, help=argparse.SUPPRESS)  # internal: the checkpoint-building child
     args = p.parse_args()
     if args.quantize and args.dtype != "fp32":
         p.error("--quantize needs --dtype fp32")
     sizes = {field: getattr(args, opt) for opt, (field, _) in SIZES.items()}
     if args._build:
-        print(json.dumps(build_checkpoint(args._build, sizes, args.dtype)))
+        print(json.dumps(build_checkpoint(args._build, sizes, args.dtype, args.next)))
         return
 
     with work_dir(args.work, args.keep, "export_memory") as work:
@@ -210,7 +217,8 @@ def main() -> None:
         print(f"building the checkpoint in {folder} (not timed) ...", flush=True)
         built = subprocess.run(
             [sys.executable, __file__, "--_build", str(folder), "--dtype", args.dtype]
-            + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES],
+            + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES]
+            + (["--next"] if args.next else []),
             check=True,
             stdout=subprocess.PIPE,
             text=True,
@@ -269,7 +277,12 @@ def main() -> None:
 
         record = {
             "machine": machine(),
-            "model": {**sizes, "vision_feature_layer": -2, "params": info["params"]},
+            "model": {
+                **sizes,
+                "vision_feature_layer": -2,
+                "params": info["params"],
+                "image_grid_pinpoints": NEXT_PINPOINTS if args.next else None,
+            },
             "dtype": args.dtype,
             "method": args.method,
             "ratio": args.ratio,

@@ -28,6 +28,7 @@ import numpy as np
 from .errors import MllmEdgeError
 from .graphs import NO_IMAGE
 from .planning import costs
+from .pruning import keep_count
 
 Progress = Callable[[str, int, int], None]
 FLOAT_TYPE = {"float32": "fp32", "float16": "fp16"}
@@ -116,8 +117,8 @@ def bench_bundle(
         pruning = manifest.pruning
         if pipeline.anyres is None:
             image = Image.new("RGB", (640, 480), (120, 160, 200))
-        else:  # LLaVA-NeXT: the largest picture, one of the biggest pinpoint's shape (its most tokens)
-            height, width = max(pipeline.anyres.pinpoints, key=lambda p: p[0] * p[1])
+        else:  # LLaVA-NeXT: the largest picture, of the shape of the pinpoint that gives the most tokens
+            height, width = max(pipeline.anyres.pinpoints, key=lambda p: pipeline.anyres.image_tokens(*p))
             image = Image.new("RGB", (width, height), (120, 160, 200))
         pixel_values, size = pipeline.image_inputs(image)
 
@@ -155,7 +156,8 @@ def bench_bundle(
 
         model = costs.Model.from_architecture(manifest.architecture)
         k = pruning["split_layer"] if manifest.has_fastv else 0
-        after_fastv = pruning["image_tokens"].get("after_fastv") or entering
+        # of this picture's span (LLaVA-NeXT's unpad merge: its count depends on what FasterVLM kept)
+        after_fastv = keep_count(entering, pruning["fastv"]["ratio"]) if pruning["fastv"] else entering
         result = BundleBench(
             bundle=str(folder),
             method=pruning["method"],
@@ -164,7 +166,7 @@ def bench_bundle(
             backend=pipeline.backend.name,
             device=pipeline.backend.device,
             image_tokens={
-                "vision": pruning["image_tokens"]["vision"],
+                "vision": unpruned,
                 "llm": entering,
                 "after_fastv": after_fastv,
             },

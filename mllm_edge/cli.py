@@ -986,10 +986,8 @@ def run(
         return
     typer.echo("")
     t, kept = result.timings_ms, result.kept_image_tokens
-    tokens = pipeline.manifest.pruning["image_tokens"]
-    flow = f"image tokens {tokens['vision']} -> {tokens['llm']}" + (
-        f" -> {tokens['after_fastv']}" if kept["llm"] is not None else ""
-    )
+    unpruned, entering, after = result.image_token_counts(pipeline.manifest.tokenizer["image_token_id"])
+    flow = f"image tokens {unpruned} -> {entering}" + (f" -> {after}" if kept["llm"] is not None else "")
     decode = (
         f"decode {result.decode_tokens_per_s:.1f} tokens/s"
         if result.decode_tokens_per_s

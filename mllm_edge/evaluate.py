@@ -47,8 +47,8 @@ class EvalReport:
     accuracy: float
     agreement: float | None  # share of answers equal to the baseline's, None without a baseline
     mean_prefill_ms: float
-    image_tokens_kept: int  # image tokens that reach the LLM's last layers
-    image_tokens: int  # the vision tower's
+    image_tokens_kept: int  # image tokens that reach the LLM's last layers (a mean over the items)
+    image_tokens: int  # the pictures' unpruned (a mean: LLaVA-NeXT's vary with the picture)
     by_kind: dict = field(default_factory=dict)  # accuracy per question kind, where the data has kinds
     answers: list[dict] = field(
         default_factory=list
@@ -118,7 +118,7 @@ def evaluate(
         base = stack.enter_context(Pipeline.load(baseline, backend=backend)) if baseline is not None else None
         if base is not None:
             check_same_model(pipe.manifest, base.manifest, bundle, baseline)
-        answers, prefill, skipped = [], [], []
+        answers, prefill, skipped, tokens = [], [], [], []
         for i, item in enumerate(items):
             try:
                 picture = item.picture(max_image_pixels)  # loaded once, for the bundle and its baseline
@@ -130,6 +130,7 @@ def evaluate(
                     "predicted": result.text,
                     "correct": normalise(result.text) == normalise(item.answer),
                 }
+                unpruned, _, kept = result.image_token_counts(pipe.manifest.tokenizer["image_token_id"])
                 if isinstance(item.image, (str, Path)):
                     row["image"] = str(item.image)
                 if base is not None:
@@ -147,11 +148,11 @@ def evaluate(
                 continue
             answers.append(row)
             prefill.append(result.timings_ms["prefill"])
+            tokens.append((unpruned, kept))
             progress(i + 1)
         manifest = pipe.manifest
     if not answers:
         raise MllmEdgeError(f"no item could be evaluated: {len(skipped)} skipped, the first {skipped[0]}")
-    tokens = manifest.pruning["image_tokens"]
     kinds = sorted({a["kind"] for a in answers if a["kind"]})
     return EvalReport(
         bundle=str(bundle),
@@ -162,8 +163,8 @@ def evaluate(
         if baseline is not None
         else None,
         mean_prefill_ms=round(statistics.mean(prefill), 3),
-        image_tokens_kept=tokens.get("after_fastv") or tokens["llm"],
-        image_tokens=tokens["vision"],
+        image_tokens_kept=round(statistics.mean(kept for _, kept in tokens)),
+        image_tokens=round(statistics.mean(unpruned for unpruned, _ in tokens)),
         by_kind={
             k: sum(a["correct"] for a in answers if a["kind"] == k) / sum(a["kind"] == k for a in answers)
             for k in kinds

@@ -148,10 +148,15 @@ PRUNE_SPAN_GRAPH = replace(
     inputs=PRUNE_GRAPH.inputs[:3] + (TensorDef("image_positions", "int64", ("image_tokens",)),),
     profiles={"prefill": {"batch": ONE, "seq": PROMPT, "image_tokens": SPAN}},
 )
-# LLaVA-NeXT's: the same graph, for a span of any length up to the largest picture's
+# LLaVA-NeXT's: the same graph, for a span of any length up to the largest picture's. Decode is
+# listed first: its one-token shapes fit this prefill profile too, and an engine runs on the first
+# profile that fits (runtime/backends/tensorrt.py)
 EMBED_SPAN_GRAPH = replace(
     EMBED_GRAPH,
-    profiles={**EMBED_GRAPH.profiles, "prefill": {**EMBED_GRAPH.profiles["prefill"], "image_tokens": SPAN}},
+    profiles={
+        "decode": EMBED_GRAPH.profiles["decode"],
+        "prefill": {**EMBED_GRAPH.profiles["prefill"], "image_tokens": SPAN},
+    },
 )
 # LLaVA-NeXT's: the vision graph's batch is one picture's views, up to the most the pinpoints give
 VISION_VIEWS_GRAPH = GraphDef(

@@ -142,6 +142,14 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
 
 
+def _tile_multiples(pair, tile: int) -> bool:
+    return (
+        isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 and x % tile == 0 for x in pair)
+    )
+
+
 def _anyres(architecture: dict) -> bool:
     return architecture.get("max_views", 1) > 1  # manifests from before LLaVA-NeXT have no max_views
 
@@ -184,8 +192,23 @@ def check_manifest(data) -> None:
     for key in ("image_size", "patch_size"):
         _field(data, f"architecture.vision.{key}", int, positive, "a whole number > 0")
     num_image = _field(data, "architecture.num_image_tokens", int, positive, "a whole number > 0")
+    max_views = 1
     if "max_views" in data["architecture"]:
-        _field(data, "architecture.max_views", int, positive, "a whole number > 0")
+        max_views = _field(data, "architecture.max_views", int, positive, "a whole number > 0")
+    if max_views > 1:  # LLaVA-NeXT: the views follow from the pinpoints
+        tile = data["architecture"]["vision"]["image_size"]
+        pinpoints = _field(
+            data,
+            "architecture.image_grid_pinpoints",
+            list,
+            lambda v: len(v) > 0 and all(_tile_multiples(p, tile) for p in v),
+            f"[height, width] pairs of whole {tile}-pixel tiles",
+        )
+        views = 1 + max(h * w for h, w in pinpoints) // (tile * tile)
+        if views != max_views:
+            raise _Invalid(
+                f"architecture.max_views {max_views} disagrees with its image_grid_pinpoints ({views} views)"
+            )
     methods = ("none", "fastv", "fastervlm", "fastv+fastervlm")
     method = _field(data, "pruning.method", str, lambda v: v in methods, "one of " + ", ".join(methods))
     split = _field(
@@ -205,13 +228,13 @@ def check_manifest(data) -> None:
         if on:
             _field(data, f"pruning.{name}.ratio", (int, float), lambda v: 0 <= v < 1, "a ratio 0 <= R < 1")
             keep = _field(data, f"pruning.{name}.keep", int, positive, "a whole number > 0")
-            expected = tokens["after_fastv"] if name == "fastv" else tokens["llm"]
-            if name == "fastervlm" and _anyres(data["architecture"]):  # per view
+            expected, counted = tokens["after_fastv"] if name == "fastv" else tokens["llm"], keep
+            if name == "fastervlm" and max_views > 1:  # per view
                 merge = _field(data, "pruning.fastervlm.merge", str, lambda v: v in ("spatial", "unpad"),
                                "spatial or unpad")  # fmt: skip
-                # the spatial merge keeps every view's count, the unpad merge a newline per row too
-                expected = keep if merge == "unpad" else tokens["llm"] / data["architecture"]["max_views"]
-            if keep != expected:
+                # the spatial merge keeps every view's count; the unpad merge a newline per row too
+                counted = keep * max_views if merge == "spatial" else expected
+            if counted != expected:
                 raise _Invalid(f"pruning.{name}.keep {keep} disagrees with pruning.image_tokens ({expected})")
     used = method.split("+")
     if "fastv" in used:
@@ -239,7 +262,7 @@ def check_manifest(data) -> None:
         if not _safe_path(rel) or not isinstance(sha, str) or len(sha) != 64:
             raise _Invalid(f"files[{rel!r}] must be a path inside the bundle and a sha256")
     graphs = _field(data, "graphs", dict)
-    definitions = bundle_graphs("fastv" in used, "fastervlm" in used, _anyres(data["architecture"]))
+    definitions = bundle_graphs("fastv" in used, "fastervlm" in used, max_views > 1)
     if list(graphs) != list(definitions):
         raise _Invalid(
             f"graphs must be {', '.join(definitions)} for method {method!r}, got {', '.join(graphs)}"

@@ -42,6 +42,12 @@ CASES = [
         "tokenizer.eos_token_ids must be a list of token ids",
     ),
     (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "must be a path inside the bundle"),
+    # LLaVA-NeXT's geometry: views follow from pinpoints, which a one-view bundle lacks
+    (lambda m: m["architecture"].update(max_views=5), "architecture.image_grid_pinpoints must be"),
+    (
+        lambda m: m["architecture"].update(max_views=4, image_grid_pinpoints=[[128, 128]]),
+        "architecture.max_views 4 disagrees with its image_grid_pinpoints (5 views)",
+    ),
 ]
 
 

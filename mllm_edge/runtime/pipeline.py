@@ -55,6 +55,16 @@ class RunResult:
     device: str = ""
     peak_rss_mb: float = 0.0
 
+    def image_token_counts(self, image_token_id: int) -> tuple[int, int, int]:
+        """The picture's image tokens (unpruned, entering the LLM after FasterVLM, reaching its last
+        layers after FastV); LLaVA-NeXT's vary with the picture. (0, 0, 0) without a picture."""
+        unpruned = self.prompt_token_ids.count(image_token_id)
+        llm, vision = self.kept_image_tokens["llm"], self.kept_image_tokens["vision"]
+        entering = unpruned
+        if vision is not None:  # LLaVA-NeXT's: a list per view
+            entering = sum(map(len, vision)) if vision and isinstance(vision[0], list) else len(vision)
+        return unpruned, entering, len(llm) if llm is not None else entering
+
 
 class Generation:
     """Iterate to receive the answer's text as it is generated; `.result` is set at the end."""

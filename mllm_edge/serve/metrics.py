@@ -53,17 +53,8 @@ class Metrics:
         self.prompt.inc(len(result.prompt_token_ids))
         self.cached.inc(result.cached_prompt_tokens)
         self.generated.inc(len(result.token_ids))
-        kept = result.kept_image_tokens
-        if kept["llm"] is not None:
-            self.image_kept.inc(len(kept["llm"]))
-        elif kept["vision"] is not None:  # LLaVA-NeXT's: a list per view
-            vision = kept["vision"]
-            self.image_kept.inc(
-                sum(map(len, vision)) if vision and isinstance(vision[0], list) else len(vision)
-            )
-        else:  # no pruning: every image token of the prompt
-            token = self.state["pipeline"].manifest.tokenizer["image_token_id"]
-            self.image_kept.inc(result.prompt_token_ids.count(token))
+        token = self.state["pipeline"].manifest.tokenizer["image_token_id"]
+        self.image_kept.inc(result.image_token_counts(token)[2])
 
     def scrape(self) -> bytes:
         from prometheus_client import generate_latest
