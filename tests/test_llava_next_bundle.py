@@ -49,6 +49,9 @@ CASES = [
     ("mistral", "none", "fp16", "spatial"),
 ]
 SAMPLE_PROMPT_TOKENS = {"llama": 98}  # the exporter's sample on the llama fixture: 28 text + 70 image
+# Export's own verification (its sample, ONNX Runtime against PyTorch, ties judged) runs on these;
+# the others are compared with the reference by the tests alone, which keeps the module's time down
+VERIFIED = {("llama", "fastv+fastervlm"), ("mistral", "fastv+fastervlm"), ("mistral", "none")}
 GRAPHS = {
     "none": ["vision", "pack", "embed", "llm_tail"],
     "fastervlm": ["vision", "pack", "embed", "llm_tail"],
@@ -79,7 +82,8 @@ def bundles(tmp_path_factory, checkpoints):
         if key not in made:
             out = root / "-".join(map(str, key))
             pruning = pruning_of(method, ratio, merge)
-            config = ExportConfig(str(checkpoints[name]), out, pruning, dtype, max_context)
+            verify = (name, method) in VERIFIED or dtype == "fp16"
+            config = ExportConfig(str(checkpoints[name]), out, pruning, dtype, max_context, verify)
             made[key] = out, export_bundle(config)
         return made[key]
 
@@ -99,18 +103,18 @@ def processor(path):
 def real_views(batch, anyres: AnyRes) -> tuple[np.ndarray, tuple[int, int]]:
     """The processor's pixel_values without its padding views, and the picture's (height, width)."""
     height, width = (int(v) for v in batch["image_sizes"][0])
-    tiles_h, tiles_w = anyres.tile_grid(height, width)
-    return batch["pixel_values"][0, : 1 + tiles_h * tiles_w].numpy(), (height, width)
+    return batch["pixel_values"][0, : anyres.view_count(height, width)].numpy(), (height, width)
 
 
 @pytest.mark.parametrize("name,method,dtype,merge", CASES, ids=["-".join(c) for c in CASES])
 def test_a_next_bundle_answers_as_pytorch_does(name, method, dtype, merge, bundles, checkpoints):
-    """Exported and verified, every graph through the TensorRT lint, then the runtime on three new
-    pictures: fp32 gives generate()'s greedy tokens, the processor's prompt ids and the same kept
+    """Exported (and verified by export itself, for the VERIFIED ones and fp16), every graph through
+    the TensorRT lint, then the runtime on three new pictures: fp32 gives generate()'s greedy tokens, the processor's prompt ids and the same kept
     sets (FasterVLM per view, base view first; FastV over the span); fp16's logits stay within
     fp16's tolerance when fed the reference's tokens, and its kept sets differ at most at the cut."""
     folder, report = bundles(name, method, dtype, merge)
-    assert all(c.ok for c in report.checks) and report.chain.ok
+    if (name, method) in VERIFIED or dtype == "fp16":
+        assert report.checks and all(c.ok for c in report.checks) and report.chain.ok
     manifest = load_manifest(folder)
     assert list(manifest.graphs) == GRAPHS[method]
     for spec in manifest.graphs.values():

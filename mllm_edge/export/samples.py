@@ -74,8 +74,7 @@ def make_samples(llava: Llava, model_dir: Path, modules: dict, pruning: PruningC
     views, image_size = numpy(pixel_values), None
     if anyres is not None:  # the picture's own views: the newline index must not point into padding
         image_size = tuple(int(v) for v in image_sizes[0])
-        tiles_h, tiles_w = anyres.tile_grid(*image_size)
-        views = views[0, : 1 + tiles_h * tiles_w]
+        views = views[0, : anyres.view_count(*image_size)]
     t = llava.spec.text
     null_row = np.zeros((1, 1, t.num_kv_heads, t.head_dim), numpy(torch.zeros((), dtype=dtype)).dtype)
     chain = Chain(

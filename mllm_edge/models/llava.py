@@ -104,8 +104,7 @@ class LlavaNext(Llava):
             raise MllmEdgeError(NEEDS_VIEWS)
         for views, size in zip(pixel_values, image_sizes):
             height, width = (int(v) for v in size)
-            tiles_h, tiles_w = self.anyres.tile_grid(height, width)
-            yield views[: 1 + tiles_h * tiles_w], height, width
+            yield views[: self.anyres.view_count(height, width)], height, width
 
     def _pack(self, embeds: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """embeds [V, N, C] of one picture's views -> its packed span [n, C], by the index the
@@ -131,8 +130,7 @@ class LlavaNext(Llava):
         if fastervlm is None or fastervlm.merge == "unpad":
             return unpruned
         height, width = (int(v) for v in image_sizes[0])
-        tiles_h, tiles_w = self.anyres.tile_grid(height, width)
-        return (1 + tiles_h * tiles_w) * keep_count(self.spec.vision.grid**2, fastervlm.ratio)
+        return self.anyres.view_count(height, width) * keep_count(self.spec.vision.grid**2, fastervlm.ratio)
 
     def fastervlm_embeds(self, pixel_values: torch.Tensor, ratio: float, image_sizes=None, merge="spatial"):
         """FasterVLM per view (the official code's semantics): each view ranked by its own [CLS] row,

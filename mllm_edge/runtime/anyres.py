@@ -110,6 +110,11 @@ class AnyRes:
         target_h, target_w = self.best_resolution(height, width)
         return target_h // self.tile, target_w // self.tile
 
+    def view_count(self, height: int, width: int) -> int:
+        """The picture's views: the base view and its tiles."""
+        tiles_h, tiles_w = self.tile_grid(height, width)
+        return 1 + tiles_h * tiles_w
+
     def pack_index(self, height: int, width: int) -> np.ndarray:
         """The packed span as rows of the views' patch features flattened [V * N] (base view first,
         N patches each), with V * N for the newline token: the base view's patches, then the tiles'

@@ -80,6 +80,13 @@ class Generation:
 MAX_IMAGES = 1  # per conversation: the graphs place one image run
 
 
+def picture_key(pixel_values: np.ndarray, size) -> bytes:
+    """What identifies a picture's vision output: its pixels and (LLaVA-NeXT) its size."""
+    digest = hashlib.blake2b(pixel_values.tobytes(), digest_size=16)
+    digest.update(repr(size).encode())
+    return digest.digest()
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -170,8 +177,7 @@ class Pipeline:
             return unpruned, unpruned
         if self.manifest.merge == "unpad":
             return unpruned, None
-        tiles_h, tiles_w = self.anyres.tile_grid(*size)
-        return unpruned, (1 + tiles_h * tiles_w) * fastervlm["keep"]
+        return unpruned, self.anyres.view_count(*size) * fastervlm["keep"]  # the spatial merge
 
     def _check_context(self, length: int, image_tokens: int, size) -> None:
         if length + 1 > self.max_context:
@@ -300,11 +306,7 @@ class Pipeline:
         vision, vision_reused, key = {}, False, None
         if pixel_values is not None:
             # the picture's key only where it is used: run, eval and the benchmarks never reuse
-            key = (
-                hashlib.blake2b(pixel_values.tobytes() + repr(size).encode(), digest_size=16).digest()
-                if reuse
-                else None
-            )
+            key = picture_key(pixel_values, size) if reuse else None
             vision_reused = key is not None and self._vision is not None and self._vision[0] == key
             vision = self._vision[1] if vision_reused else self.chain.encode_image(pixel_values, size)
             self._vision = (key, vision) if key is not None else None
