@@ -272,7 +272,7 @@ class Pipeline:
         images = count_images(messages)
         if images > MAX_IMAGES:
             raise MllmEdgeError(
-                f"the conversation holds {images} images; a LLaVA-1.5 bundle takes {MAX_IMAGES} per conversation"
+                f"the conversation holds {images} images; a bundle takes {MAX_IMAGES} per conversation"
             )
         if images and image is None:
             raise MllmEdgeError("the conversation has an image part but no picture was given")
