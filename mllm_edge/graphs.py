@@ -193,7 +193,6 @@ LLM_TAIL_GRAPH = GraphDef(
 # Anything that sizes or feeds a bundle's other graphs reads its own definitions (bundle_graphs,
 # Manifest.definitions): vision and prune differ between LLaVA-1.5 and LLaVA-NeXT.
 LLM_GRAPHS = {g.name: g for g in (EMBED_GRAPH, LLM_HEAD_GRAPH, LLM_TAIL_GRAPH)}
-GRAPH_NAMES = (VISION, PACK, EMBED, LLM_HEAD, PRUNE, LLM_TAIL)  # every graph a bundle may hold, in order
 
 
 def bundle_graphs(fastv: bool, fastervlm: bool, anyres: bool = False) -> dict[str, GraphDef]:
