@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from common import GB, machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
-from export_memory import SIZES, measure
+from export_memory import SIZES, measure, size_args
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         print(f"building the checkpoint in {folder} and exporting it (not timed) ...", flush=True)
         built = subprocess.run(
             [sys.executable, str(here / "export_memory.py"), "--_build", str(folder), "--dtype", args.dtype]
-            + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES],
+            + size_args(args),
             check=True,
             stdout=subprocess.PIPE,
             text=True,

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from common import GB, machine, work_dir, write_json  # this folder is sys.path[0] when run as a script
-from export_memory import SIZES, measure
+from export_memory import SIZES, measure, size_args
 
 BENCH = """
 import json, sys
@@ -51,7 +51,7 @@ def main() -> None:
         print(f"building the checkpoint in {folder} and exporting it (not timed) ...", flush=True)
         built = subprocess.run(
             [sys.executable, str(here / "export_memory.py"), "--_build", str(folder), "--dtype", "fp32"]
-            + [f"--{o.replace('_', '-')}={getattr(args, o)}" for o in SIZES],
+            + size_args(args),
             check=True,
             stdout=subprocess.PIPE,
             text=True,

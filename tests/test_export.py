@@ -261,6 +261,21 @@ def test_failed_verification_stops_the_export(tmp_path, tiny_checkpoints, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_exported_attention_is_one_block(tmp_path, tiny_checkpoints, monkeypatch):
+    """The eager reference attends in blocks of query rows; the graphs must not unroll them. Traced
+    with blocks far shorter than the sample prompt, the graphs still verify against the (blocked)
+    reference at the prompt's length and in decode steps of one token."""
+    from mllm_edge.models import layers
+
+    monkeypatch.setattr(layers, "QUERY_BLOCK", 2)  # export traces the LLM graphs with 5 new tokens
+    report = export_bundle(
+        ExportConfig(
+            str(tiny_checkpoints["llama_gqa"]), tmp_path / "bundle", PruningConfig.from_method("fastv", 0.5)
+        )
+    )
+    assert report.chain.ok and all(check.ok for check in report.checks)
+
+
 def test_failed_chain_check_stops_the_export(tmp_path, tiny_checkpoints, monkeypatch):
     """The decode chain is checked on its own: a reference with wrong decode logits is caught."""
     real = bundle_module.make_samples

@@ -115,3 +115,25 @@ def test_half_precision_runs_close_to_fp32(tiny_checkpoint, dtype):
     low = generate(half, input_ids, pixel_values.to(dtype), max_new_tokens=1).prefill.logits
     assert torch.isfinite(low).all()
     assert close(low, ref) < 0.1
+
+
+def test_attention_in_query_blocks_matches_transformers(tiny_checkpoint, monkeypatch):
+    """The eager reference attends in blocks of query rows: blocks that split the prompt unevenly
+    give transformers' logits, its greedy tokens and FastV's kept set of one block."""
+    from mllm_edge.models import layers
+
+    name, path = tiny_checkpoint
+    hf, ours = hf_model(path), our_model(path)
+    input_ids, pixel_values = inputs(path)
+    pruning = PruningConfig.from_method("fastv", 0.5, 1)
+    whole = generate(ours, input_ids, pixel_values, pruning, max_new_tokens=4)
+    with torch.no_grad():
+        hf_logits = hf(input_ids=input_ids, pixel_values=pixel_values).logits[:, -1]
+    length = input_ids.shape[1]  # the processor has expanded the image placeholder
+    assert length > 20
+    monkeypatch.setattr(layers, "QUERY_BLOCK", 10 if length % 10 else 11)
+    blocked = generate(ours, input_ids, pixel_values, max_new_tokens=1)
+    assert close(blocked.prefill.logits, hf_logits) < TOL
+    pruned = generate(ours, input_ids, pixel_values, pruning, max_new_tokens=4)
+    assert pruned.token_ids == whole.token_ids
+    assert torch.equal(pruned.prefill.kept_llm, whole.prefill.kept_llm)

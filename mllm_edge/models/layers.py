@@ -119,13 +119,43 @@ def null_row_mask(num_past: int, device=None) -> torch.Tensor:
     return torch.where(torch.arange(num_past, device=device) == 0, float("-inf"), 0.0)
 
 
+QUERY_BLOCK = 256  # eager prefill attends this many query rows at a time (see cached_attention)
+
+
+def is_exporting() -> bool:
+    """True while torch.export (the ONNX exporter) or torch.compile traces the module."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
 def cached_attention(q, past_k, past_v, new_k, new_v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """cached_attention_block over blocks of QUERY_BLOCK query rows when run eagerly (the reference).
+
+    Every query row's attention is its own, so blocks give the same rows; they bound the fp32 scores
+    alive at once: a LLaVA-NeXT prompt of 2370 tokens holds [32, 2370, 2370] fp32 (0.72 GB) per copy
+    in one block, and export's reference peaked at 2.45x the weights from them. Exported graphs keep
+    the one-block form (a loop over a dynamic length is no graph for TensorRT).
+    """
+    s = q.shape[1]
+    if is_exporting() or s <= QUERY_BLOCK:
+        return cached_attention_block(q, past_k, past_v, new_k, new_v, mask, scale)
+    return torch.cat(
+        [
+            cached_attention_block(
+                q[:, i : i + QUERY_BLOCK], past_k, past_v, new_k, new_v, mask[i : i + QUERY_BLOCK], scale
+            )
+            for i in range(0, s, QUERY_BLOCK)
+        ],
+        dim=1,
+    )
+
+
+def cached_attention_block(q, past_k, past_v, new_k, new_v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of S new queries over a cache prefix and their own keys, without joining the two.
 
     q: [B, S, H, D]; past_k, past_v: [1 + P, B, G, D] and new_k, new_v: [S, B, G, D], sequence-first
     as the cache stores them; past row 0 is the null row (never attended: the past is never empty,
-    see Decoder.run_layers); mask: additive [S, S] over the new keys (every real past key is visible
-    to every new query). Returns [B, S, H*D].
+    see Decoder.run_layers); mask: additive [S, N] over the N new keys (every real past key is
+    visible to every new query); S = N but in a block of cached_attention's. Returns [B, S, H*D].
 
     Keys and values are read where they lie: the permutes below move the sequence axis of a
     sequence-first tensor, which ONNX Runtime folds into its MatMul (transBatch) instead of copying,
@@ -134,14 +164,14 @@ def cached_attention(q, past_k, past_v, new_k, new_v, mask: torch.Tensor, scale:
     copy per head, which costs less than joining the keys and values costs a long decode.
     """
     b, s, h, d = q.shape
-    g = new_k.shape[2]
+    g, n = new_k.shape[2], new_k.shape[0]
     num_past = past_k.shape[0]
     qg = group_queries(q * scale, g)  # [B, G, R*S, D]
     scores_past = torch.matmul(qg, past_k.permute(1, 2, 3, 0)).float() + null_row_mask(
         num_past, q.device
     )  # [B, G, R*S, 1+P]
-    scores_new = torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()  # [B, G, R*S, S]
-    scores_new = (scores_new.reshape(b, g, h // g, s, s) + mask).reshape(b, g, (h // g) * s, s)
+    scores_new = torch.matmul(qg, new_k.permute(1, 2, 3, 0)).float()  # [B, G, R*S, N]
+    scores_new = (scores_new.reshape(b, g, h // g, s, n) + mask).reshape(b, g, (h // g) * s, n)
     probs = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1).to(q.dtype)
     out = torch.matmul(probs[..., :num_past], past_v.permute(1, 2, 0, 3)) + torch.matmul(
         probs[..., num_past:], new_v.permute(1, 2, 0, 3)

@@ -467,7 +467,7 @@ def _quiet_special_tokens(model, token_ids: list[int]) -> None:
         model.get_output_embeddings().weight[token_ids] *= 0.1
 
 
-def _build_model(spec: TinyLlavaSpec, config, tokenizer):
+def _build_model(spec: TinyLlavaSpec, config, tokenizer, dtype: str = "float32"):
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
@@ -479,7 +479,12 @@ def _build_model(spec: TinyLlavaSpec, config, tokenizer):
     # Seed a forked RNG so that building a checkpoint leaves the caller's random state alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = kind(config).to(torch.float32).eval()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))  # initialised in dtype: a 7B fp32 copy is 28 GB
+        try:
+            model = kind(config).to(getattr(torch, dtype)).eval()
+        finally:
+            torch.set_default_dtype(default)
     _randomize_constant_parameters(model, torch.Generator().manual_seed(spec.seed))
     special_ids = sorted(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     # Rows past the tokenizer (a vocab_size above it, as llava-hf's 32064) decode to nothing: quiet too.
@@ -599,7 +604,14 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, *, hub_weight_names: bool = False) -> Path:
+def make_tiny_llava(
+    out_dir: str | Path,
+    spec: TinyLlavaSpec,
+    *,
+    hub_weight_names: bool = False,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+) -> Path:
     """Write a tiny random LLaVA checkpoint for `spec` into `out_dir` (created if needed); return it.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json,
@@ -609,6 +621,9 @@ def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, *, hub_weight_name
     Tensor names are those of transformers 5's save_pretrained (`language_model.model.*`,
     `language_model.lm_head.weight`, `multi_modal_projector.*`, `vision_tower.*`); with
     `hub_weight_names=True` the vision tower's are `vision_tower.vision_model.*` as on the Hub.
+    dtype ("float32" or "float16") is that of the weights from the start, and max_shard_size (e.g.
+    "2GB") splits them as save_pretrained does: for benchmarks' 7B-sized checkpoints, which neither an
+    fp32 copy nor one whole-file write would fit in memory.
     """
     from transformers import GenerationConfig
 
@@ -617,13 +632,14 @@ def make_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, *, hub_weight_name
 
     tokenizer = _build_tokenizer(spec.chat_style, spec.max_position_embeddings, spec.tokenizer)
     config = _build_config(spec, tokenizer)
-    model = _build_model(spec, config, tokenizer)
+    model = _build_model(spec, config, tokenizer, dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    del model
     if hub_weight_names:
         _write_hub_weight_names(out / "model.safetensors")
     _save_processor(_build_processor(spec, tokenizer), out)
