@@ -118,7 +118,7 @@ def bench_bundle(
         if pipeline.anyres is None:
             image = Image.new("RGB", (640, 480), (120, 160, 200))
         else:  # LLaVA-NeXT: the largest picture, of the shape of the pinpoint that gives the most tokens
-            height, width = max(pipeline.anyres.pinpoints, key=lambda p: pipeline.anyres.image_tokens(*p))
+            height, width = pipeline.anyres.largest_picture()
             image = Image.new("RGB", (width, height), (120, 160, 200))
         pixel_values, size = pipeline.image_inputs(image)
 

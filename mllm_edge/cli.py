@@ -703,6 +703,11 @@ def plan(
         None, "--ratio", help="Pruning ratios, e.g. 0.5,0.75 (with --method)."
     ),
     k: int = typer.Option(2, "--k", help="FastV's layer."),
+    merge: Optional[str] = typer.Option(
+        None,
+        "--merge",
+        help="LLaVA-NeXT: FasterVLM's merge, spatial | unpad (default: the bundle's, or spatial).",
+    ),
     max_context: Optional[int] = typer.Option(
         None, "--max-context", help="Default: the bundle's, or what export would give; at most that limit."
     ),
@@ -746,7 +751,7 @@ def plan(
             raise MllmEdgeError(f"unknown --method '{method}' (choose from none, fastv, fastervlm)")
     precisions = [p.strip() for p in precision.split(",") if p.strip()] if precision else None
     result = make_plan(
-        source, target, precisions, pruning, k, max_context, prompt_tokens, budget_ms, budget_gb
+        source, target, precisions, pruning, k, max_context, prompt_tokens, budget_ms, budget_gb, merge
     )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -794,7 +799,10 @@ def _print_plan(result) -> None:
     console = Console(soft_wrap=True)
     image = "the image"
     if result.image["views"] > 1:  # LLaVA-NeXT: sized for the picture that gives the most tokens
-        image = f"the largest image ({result.image['views']} views, {result.image['tokens']} tokens)"
+        image = (
+            f"the largest image ({result.image['views']} views, {result.image['tokens']} tokens; "
+            f"FasterVLM's merge: {result.merge})"
+        )
     console.print(
         f"{result.source} on {d.label}: {d.available_gb:.1f} GB available, {d.bandwidth_gb_s:g} GB/s; "
         f"max context {result.max_context}, prompt {result.prompt_tokens} text tokens + {image}",

@@ -173,10 +173,31 @@ def test_the_manifest_describes_the_geometry_and_inspect_shows_it(bundles, check
     }
     assert manifest.max_context == 2048  # the largest picture and 1024 of text fit in the default
     assert manifest.merge == "spatial"
-    unpad = load_manifest(bundles("llama", "fastv+fastervlm", merge="unpad")[0])
+    unpad_folder = bundles("llama", "fastv+fastervlm", merge="unpad")[0]
+    unpad = load_manifest(unpad_folder)
     assert unpad.merge == "unpad" and unpad.pruning["fastervlm"]["keep"] == per_view
     # the most the unpad merge puts in: the 112x112 pinpoint's 5 views x 8 and a newline per row
     assert unpad.pruning["image_tokens"]["llm"] == 5 * per_view + 8
+    # plan reads the bundle's merge: the same 112x112 picture, its 8 newlines into the LLM
+    got = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            str(unpad_folder),
+            "--device",
+            "thor",
+            "--precision",
+            "fp16",
+            "--method",
+            "fastervlm",
+            "--ratio",
+            str(RATIO),
+            "--json",
+        ],
+    )
+    assert got.exit_code == 0, got.output
+    (planned,) = json.loads(got.stdout)["settings"]
+    assert planned["setting"]["merge"] == "unpad" and planned["image_tokens"]["vision"] == 5 * per_view + 8
     assert report.sample_image_tokens == 70  # the 360x480 sample: 2x2 tiles, unpadded to 6 of 8 rows
     got = CliRunner().invoke(app, ["inspect", str(folder)])
     assert got.exit_code == 0, got.output

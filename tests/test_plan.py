@@ -151,6 +151,83 @@ def test_a_next_plan_is_sized_for_its_largest_picture(llava_7b_config, llava_nex
     assert result.exit_code == 1 and "no setting can be planned" in result.output, result.output
 
 
+def test_the_unpad_merge_adds_a_newline_per_row_of_the_largest_pictures_grid(
+    llava_7b_config, llava_next_7b_config
+):
+    """--merge unpad: the largest picture (672 x 672, a pinpoint's own shape, so nothing is unpadded)
+    puts each view's kept patches and its 48 newline tokens into the LLM; the projector still runs
+    on the 5 x 58 kept patches only; the spatial merge (the default) has no newline."""
+    args = ("--device", "agx-orin-64gb", "--precision", "fp16", "--method", "fastervlm", "--ratio", "0.9")
+    (spatial,) = plan_json(llava_next_7b_config, *args)["settings"]
+    (unpad,) = plan_json(llava_next_7b_config, *args, "--merge", "unpad")["settings"]
+    assert spatial["setting"]["merge"] == "spatial" and unpad["setting"]["merge"] == "unpad"
+    assert spatial["image_tokens"] == {"vision": 5 * 58, "llm": 5 * 58}
+    assert unpad["image_tokens"] == {"vision": 5 * 58 + 48, "llm": 5 * 58 + 48}
+    assert unpad["vision_ms"] == spatial["vision_ms"] and unpad["prefill_ms"] > spatial["prefill_ms"]
+    (default,) = plan_json(llava_7b_config, *args)["settings"]  # one view: nothing to merge, none named
+    assert "merge" not in default["setting"]
+    for extra, message in [
+        ((llava_next_7b_config, *args, "--merge", "stitch"), "unknown --merge 'stitch'"),
+        ((llava_7b_config, *args, "--merge", "unpad"), "applies to LLaVA-NeXT's views"),
+        (
+            (llava_next_7b_config, "--device", "thor", "--method", "fastv", "--merge", "unpad"),
+            "add --method fastervlm",
+        ),
+    ]:
+        result = runner.invoke(app, ["plan", *map(str, extra)])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_the_cpus_int8_and_int4_are_matmulnbits_blocks_of_32_with_the_lm_head(llava_7b_config):
+    """The onnxruntime target (export --quantize): every LLM matrix, the LM head too, in blocks of 32
+    rows (a partial last block padded) with an fp32 scale per block; the embedding table, norms and
+    the tower stay fp32. plan --device cpu predicts fp32, int8 and int4 side by side."""
+    text = {**TEXT_7B, "head_dim": 128, "vocab_size": 32064, "tie_word_embeddings": False}
+    model = costs.Model(text=text, vision={}, image_tokens=0, vision_has_cls=False)
+    matrices = 4 * 4096**2 + 3 * 4096 * 11008  # q, k, v, o; gate, up, down: every K a multiple of 32
+    for precision, bits in (("int8", 8), ("int4", 4)):
+        got = costs.llm_bytes(model, precision, "fp32")
+        norms = 32 * 2 * 4096 * 4 + 4096 * 4
+        assert got["layers"] == 32 * (matrices * bits // 8 + matrices // 32 * 4) + norms
+        assert got["lm_head"] == 32064 * 4096 * bits // 8 + 32064 * (4096 // 32) * 4
+        assert got["embed"] == 32064 * 4096 * 4
+    assert costs.weight_bytes(10, 33, "int4", "fp32", "onnxruntime") == 10 * 2 * (16 + 4)  # 33 rows: 2 blocks
+    tied = costs.Model(
+        text={**text, "tie_word_embeddings": True}, vision={}, image_tokens=0, vision_has_cls=False
+    )
+    assert (
+        costs.llm_bytes(tied, "int8", "fp32")["lm_head"] == costs.llm_bytes(model, "int8", "fp32")["lm_head"]
+    )
+    assert costs.llm_bytes(tied, "fp32", "fp32")["lm_head"] == 0  # fp32: the head reads the table
+
+    got = plan_json(llava_7b_config, "--device", "cpu", "--method", "none", "--max-context", "1024")
+    by = {s["setting"]["precision"]: s for s in got["settings"]}
+    assert set(by) == {"fp32", "int8", "int4"}
+    w = {p: by[p]["memory_gb"]["weights"] for p in by}
+    assert w["fp32"] > w["int8"] > w["int4"]
+    assert w["fp32"] - w["int8"] == pytest.approx(
+        (
+            costs.llm_bytes(model, "fp32", "fp32")["layers"]
+            - costs.llm_bytes(model, "int8", "fp32")["layers"]
+            + 32064 * 4096 * 4
+            - costs.llm_bytes(model, "int8", "fp32")["lm_head"]
+        )
+        / 1e9,
+        abs=1e-3,
+    )
+    assert (
+        by["int4"]["decode_tokens_per_s"]
+        > by["int8"]["decode_tokens_per_s"]
+        > by["fp32"]["decode_tokens_per_s"]
+    )
+    for args, message in [
+        (("--device", "cpu", "--precision", "int4-awq"), "the CPU runs fp32, int8, int4"),
+        (("--device", "thor", "--precision", "int4"), "int4 is the CPU's"),
+    ]:
+        result = runner.invoke(app, ["plan", str(llava_7b_config), *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
 def test_int4_awq_weights_are_half_a_byte_and_a_scale_per_128():
     text = {**TEXT_7B, "head_dim": 128, "vocab_size": 32064, "tie_word_embeddings": False}
     model = costs.Model(text=text, vision={}, image_tokens=0, vision_has_cls=False)
@@ -284,8 +361,8 @@ def test_plan_works_from_a_bundle_and_on_this_machine(tmp_path):
     }  # Thor: no INT8 figure
     assert got["skipped"] and "int8" in got["skipped"][0]
     here = plan_json(bundle, "--device", "cpu", "--method", "fastv", "--ratio", "0.5")
-    (s,) = here["settings"]
-    assert s["setting"]["precision"] == "fp32" and s["decode_tokens_per_s"] > 0
+    assert [s["setting"]["precision"] for s in here["settings"]] == ["fp32", "int8", "int4"]
+    assert all(s["decode_tokens_per_s"] > 0 for s in here["settings"])
 
 
 def test_the_devices_table():

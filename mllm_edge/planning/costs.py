@@ -6,8 +6,9 @@ weight matrix, norm and table the graphs hold, and the multiply-adds (2 FLOPs ea
 product the graphs run. Pure Python: no torch, no numpy.
 
 Precisions are of the LLM's weight matrices (what `calibrate` quantizes); the embedding table, the
-LM head (calibrate leaves it out), the norms and the vision tower stay in the float type, and so do
-the KV cache and the activations.
+norms and the vision tower stay in the float type, and so do the KV cache and the activations. The
+LM head stays in the float type on the tensorrt target (calibrate leaves it out there) and is
+quantized with the layers on the onnxruntime target (the CPU's: `export --quantize`, MatMulNBits).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 INT4_BLOCK = 128  # calibrate's int4-awq block: one fp16 scale per 128 weights of a column
-PRECISIONS = ("fp32", "fp16", "fp8", "int8", "int4-awq")
+PRECISIONS = ("fp32", "fp16", "fp8", "int8", "int4-awq")  # the tensorrt target's (GPUs)
+CPU_PRECISIONS = ("fp32", "int8", "int4")  # the onnxruntime target's (the CPU): fp32 and MatMulNBits
+NBITS = {"int8": 8, "int4": 4}
+NBITS_BLOCK = 32  # MatMulNBits' block (calibration/precisions.py): one scale per 32 weights of a column
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Model:
     image_tokens: int  # entering the LLM unpruned, per image (LLaVA-NeXT: the most a picture gives)
     vision_has_cls: bool
     views: int = 1  # tower runs per image at most (LLaVA-NeXT: the base view and the tiles)
+    newlines: int = 0  # LLaVA-NeXT: the largest picture's newline tokens (one per row of its grid)
 
     @property
     def view_patches(self) -> int:
@@ -38,6 +43,14 @@ class Model:
     @classmethod
     def from_architecture(cls, architecture: dict) -> Model:
         vision = architecture["vision"]
+        newlines = 0
+        if architecture.get("image_grid_pinpoints") and int(architecture.get("max_views", 1)) > 1:
+            from ..runtime.anyres import AnyRes  # the one definition of LLaVA-NeXT's geometry
+
+            anyres = AnyRes.from_config(
+                architecture["image_grid_pinpoints"], vision["image_size"], vision["patch_size"]
+            )
+            newlines = anyres.packed_grid(*anyres.largest_picture())[0]
         return cls(
             text=architecture["text"],
             vision=vision,
@@ -46,15 +59,21 @@ class Model:
             ),
             vision_has_cls=vision.get("has_cls", vision["arch"].startswith("clip")),  # SigLIP has no [CLS]
             views=int(architecture.get("max_views", 1)),
+            newlines=newlines,
         )
 
 
-def weight_bytes(columns: int, rows: int, precision: str, float_type: str) -> int:
+def weight_bytes(columns: int, rows: int, precision: str, float_type: str, target: str = "tensorrt") -> int:
     """A [rows, columns] weight matrix (rows = its input dimension K) stored in `precision`, with the
-    scales calibrate writes: per output column for int8 and fp8, per block of 128 rows for int4-awq."""
+    scales calibrate writes: on the tensorrt target per output column for int8 and fp8, per block of
+    128 rows for int4-awq; on the onnxruntime target (MatMulNBits, symmetric: no zero points) the
+    rows packed in blocks of 32, the last one padded, and a scale per block."""
     scale = FLOAT_BYTES[float_type]
     if precision in FLOAT_BYTES:
         return columns * rows * FLOAT_BYTES[precision]
+    if target == "onnxruntime":
+        blocks = -(-rows // NBITS_BLOCK)
+        return columns * blocks * (NBITS_BLOCK * NBITS[precision] // 8 + scale)
     if precision in ("int8", "fp8"):
         return columns * rows + columns * scale
     if precision == "int4-awq":
@@ -82,17 +101,28 @@ def layer_params(text: dict) -> int:
     return sum(k * n for k, n in layer_matrices(text))
 
 
+def target_of(precision: str, float_type: str) -> str:
+    """The calibrate target a precision is planned on: the CPU's (fp32 bundles) is onnxruntime."""
+    return "onnxruntime" if float_type == "fp32" else "tensorrt"
+
+
 def llm_bytes(model: Model, precision: str, float_type: str) -> dict[str, int]:
     """The language model's bytes: its layers (matrices in `precision`, two norms each in the float
-    type), the final norm, the embedding table and the LM head (none when tied to the table)."""
+    type), the final norm, the embedding table and the LM head (none when tied to the table and kept
+    in the float type; quantized on the onnxruntime target, a copy of its own)."""
     t, f = model.text, FLOAT_BYTES[float_type]
-    per_layer = sum(weight_bytes(n, k, precision, float_type) for k, n in layer_matrices(t))
+    target = target_of(precision, float_type)
+    per_layer = sum(weight_bytes(n, k, precision, float_type, target) for k, n in layer_matrices(t))
     per_layer += layer_biases(t) * f
     table = t["vocab_size"] * t["hidden_size"] * f
+    if target == "onnxruntime" and precision in NBITS:
+        head = weight_bytes(t["vocab_size"], t["hidden_size"], precision, float_type, target)
+    else:
+        head = 0 if t["tie_word_embeddings"] else table
     return {
         "layers": t["num_layers"] * (per_layer + 2 * t["hidden_size"] * f) + t["hidden_size"] * f,
         "embed": table,
-        "lm_head": 0 if t["tie_word_embeddings"] else table,
+        "lm_head": head,
     }
 
 

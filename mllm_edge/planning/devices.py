@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import MllmEdgeError
+from . import costs
 
 JETSON_RESERVED_GB = 1.5  # JetPack with its desktop and services (assumed; not measured here)
 DESKTOP_RESERVED_GB = 0.5  # the driver and a display
@@ -63,8 +64,17 @@ class Device:
         provider has no fp16 matrix kernels)."""
         return "fp32" if self.sm is None else "fp16"
 
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """What plan predicts here: the CPU's are the onnxruntime target's, the GPUs' TensorRT's."""
+        return costs.CPU_PRECISIONS if self.sm is None else costs.PRECISIONS
+
     def peak_flops(self, precision: str) -> float:
-        """FLOP/s of the precision's products (int4-awq: fp16, its weights dequantized)."""
+        """FLOP/s of the precision's products (int4-awq: fp16, its weights dequantized). The CPU's
+        int8 and int4 kernels (MatMulNBits, int8 activations) are rated against its measured fp32
+        FLOP/s: their fitted efficiency factors (efficiency.json) carry the difference."""
+        if self.sm is None and precision in costs.CPU_PRECISIONS:
+            return self.fp32_tflops * 1e12
         figure = {
             "fp32": self.fp32_tflops,
             "fp16": self.fp16_tflops if self.sm else self.fp32_tflops,
@@ -78,8 +88,12 @@ class Device:
 
     def min_sm_for(self, precision: str) -> str | None:
         """Why the device cannot run the precision, or None."""
-        if self.sm is None:  # the CPU runs fp32 bundles (calibrate's onnxruntime target is not planned yet)
-            return None if precision == "fp32" else f"the CPU is planned in fp32 only, not {precision}"
+        if self.sm is None:  # the CPU runs fp32 bundles, and calibrate's onnxruntime target (MatMulNBits)
+            if precision in costs.CPU_PRECISIONS:
+                return None
+            return f"the CPU runs {', '.join(costs.CPU_PRECISIONS)} (export --quantize int8|int4), not {precision}"
+        if precision not in costs.PRECISIONS:  # int4: the onnxruntime target's
+            return f"{self.label}: {precision} is the CPU's (ONNX Runtime's MatMulNBits); GPUs run int4-awq"
         major, _, minor = self.sm.partition(".")
         if precision == "fp8" and (int(major), int(minor)) < (8, 9):
             return f"{self.label} (SM {self.sm}) has no FP8: it needs SM 8.9 or newer"

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MllmEdgeError
+from ..pruning.params import MERGES
 from . import costs
 from .devices import Device
-from .predict import Prediction, Setting, predict
+from .predict import Prediction, Setting, has_factors, predict
 
 PRUNING_GRID = (
     [("none", 0.0)]
     + [("fastv", r) for r in (0.5, 0.75, 0.9)]
     + [("fastervlm", r) for r in (0.5, 0.75, 0.9, 0.95)]
 )
-PRECISION_ORDER = ("fp32", "fp16", "fp8", "int8", "int4-awq")  # most bits first
+PRECISION_ORDER = ("fp32", "fp16", "fp8", "int8", "int4-awq", "int4")  # most bits first
 METHOD_ORDER = ("none", "fastv", "fastervlm")  # at one ratio, FastV keeps every token in its first layers
 
 
@@ -35,6 +36,7 @@ class Plan:
     chosen: Prediction | None = None
     skipped: list[str] = field(default_factory=list)  # precisions the device cannot be predicted in
     image: dict = field(default_factory=dict)  # views (tower runs) and unpruned tokens of the largest picture
+    merge: str = "spatial"  # the FasterVLM settings' merge of LLaVA-NeXT's views
 
     def to_dict(self) -> dict:
         top = self.chosen.to_dict() if self.chosen else {}
@@ -64,6 +66,7 @@ class Source:
     limit: int  # the most a plan may take: the bundle's max context, or the model's (LlavaSpec.max_context)
     limit_why: str
     what: str
+    merge: str = "spatial"  # a LLaVA-NeXT bundle's FasterVLM merge (export's --merge)
 
 
 def load_model(source: Path) -> Source:
@@ -79,6 +82,7 @@ def load_model(source: Path) -> Source:
             manifest.max_context,
             "the bundle's max context (export again with a larger --max-context)",
             f"bundle {source}",
+            manifest.merge,
         )
     if (source / "config.json").is_file():
         try:
@@ -113,7 +117,10 @@ def make_plan(
     prompt_tokens: int = 64,
     budget_ms: float | None = None,
     budget_gb: float | None = None,
+    merge: str | None = None,
 ) -> Plan:
+    """merge: LLaVA-NeXT's FasterVLM merge (pruning.MERGES) of the FasterVLM settings; default: the
+    bundle's, or spatial (export's default)."""
     for value, what in ((budget_ms, "--budget-ms"), (budget_gb, "--budget-gb")):
         if value is not None and value <= 0:
             raise MllmEdgeError(f"{what} must be positive, got {value}")
@@ -121,6 +128,13 @@ def make_plan(
         raise MllmEdgeError(f"--prompt-tokens must be >= 0, got {prompt_tokens}")
     loaded = load_model(source)
     model, context, what = loaded.model, loaded.max_context, loaded.what
+    merge = merge or loaded.merge
+    if merge not in MERGES:
+        raise MllmEdgeError(f"unknown --merge '{merge}' (choose from {', '.join(MERGES)})")
+    if merge != "spatial" and model.views == 1:
+        raise MllmEdgeError(f"--merge {merge} applies to LLaVA-NeXT's views; this model sees one view")
+    if merge != "spatial" and pruning and not any(m == "fastervlm" for m, _ in pruning):
+        raise MllmEdgeError("--merge sets how FasterVLM's kept tokens are merged: add --method fastervlm")
     if max_context is not None:
         if max_context < 1:
             raise MllmEdgeError(f"--max-context must be >= 1, got {max_context}")
@@ -134,8 +148,8 @@ def make_plan(
     chosen_precisions = list(precisions or [p for p in PRECISION_ORDER if device.min_sm_for(p) is None])
     skipped = []
     for p in chosen_precisions:
-        if p not in costs.PRECISIONS:
-            raise MllmEdgeError(f"unknown precision '{p}' (choose from {', '.join(costs.PRECISIONS)})")
+        if p not in PRECISION_ORDER:
+            raise MllmEdgeError(f"unknown precision '{p}' (choose from {', '.join(device.precisions)})")
         why = device.min_sm_for(p)
         if why:
             raise MllmEdgeError(why)
@@ -143,15 +157,20 @@ def make_plan(
         if not device.can_predict(p):
             skipped.append(f"{p}: {device.label} has no published {p} throughput")
             chosen_precisions.remove(p)
+        elif not has_factors(device, p):
+            skipped.append(f"{p}: no efficiency factors fitted for {p} on a {device.kind} (efficiency.json)")
+            chosen_precisions.remove(p)
     if not chosen_precisions:
         raise MllmEdgeError("; ".join(skipped))
     image = {"views": model.views, "tokens": model.image_tokens}
-    plan = Plan(what, device, context, prompt_tokens, skipped=skipped, image=image)
+    plan = Plan(what, device, context, prompt_tokens, skipped=skipped, image=image, merge=merge)
     for method, ratio in pruning or PRUNING_GRID:
         try:
             for precision in chosen_precisions:
                 plan.predictions.append(
-                    predict(model, device, Setting(method, ratio, precision, k), context, prompt_tokens)
+                    predict(
+                        model, device, Setting(method, ratio, precision, k, merge), context, prompt_tokens
+                    )
                 )
         except MllmEdgeError as e:  # of the default grid: a setting this model or context cannot take
             if pruning or not any(

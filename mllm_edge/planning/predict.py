@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import MllmEdgeError
+from ..pruning.params import keep_count
 from . import costs
 from .devices import Device
 
@@ -37,6 +38,7 @@ class Setting:
     ratio: float
     precision: str
     k: int = 2  # FastV's layer
+    merge: str = "spatial"  # LLaVA-NeXT: how FasterVLM's kept tokens of the views enter (pruning.MERGES)
 
 
 @dataclass
@@ -71,14 +73,21 @@ def efficiency(kind: str = "gpu") -> dict:
     return json.loads(EFFICIENCY.read_text()).get(kind, UNFITTED)
 
 
+def has_factors(device: Device, precision: str) -> bool:
+    """Whether efficiency.json has the device kind's factors for the precision's bytes and products."""
+    eff = efficiency(device.kind)
+    return precision in eff["bandwidth"] and _compute(precision) in eff["compute"]
+
+
 def keep_counts(model: costs.Model, setting: Setting) -> tuple[int, int]:
     from ..pruning.params import PruningConfig
 
     if setting.method == "none":
         return model.image_tokens, model.image_tokens
-    config = PruningConfig.from_method(setting.method, setting.ratio, k=setting.k)
+    merge = setting.merge if setting.method == "fastervlm" else "spatial"
+    config = PruningConfig.from_method(setting.method, setting.ratio, k=setting.k, merge=merge)
     views = (model.views, model.view_patches) if model.views > 1 else None
-    return config.keep_counts(model.image_tokens, views)
+    return config.keep_counts(model.image_tokens, views, model.newlines)
 
 
 def predict(
@@ -93,10 +102,14 @@ def predict(
     positions a decode step sees (default: the prompt plus 64 generated tokens)."""
     float_type = device.float_type
     precision = setting.precision
-    if precision not in costs.PRECISIONS:
-        raise MllmEdgeError(f"unknown precision '{precision}' (choose from {', '.join(costs.PRECISIONS)})")
+    if precision not in costs.PRECISIONS + costs.CPU_PRECISIONS:
+        raise MllmEdgeError(f"unknown precision '{precision}' (choose from {', '.join(device.precisions)})")
     if device.min_sm_for(precision) is not None:
         raise MllmEdgeError(device.min_sm_for(precision))
+    if not has_factors(device, precision):
+        raise MllmEdgeError(
+            f"no efficiency factors fitted for {precision} on a {device.kind} (efficiency.json)"
+        )
     if setting.method == "fastervlm" and not model.vision_has_cls:
         raise MllmEdgeError("FasterVLM ranks by the [CLS] token's attention: this vision tower has none")
     vision_keep, llm_keep = keep_counts(model, setting)
@@ -134,7 +147,12 @@ def predict(
     bandwidth = device.bandwidth_gb_s * GB * eff["bandwidth"][precision]
     layers = t["num_layers"]
 
-    projected = vision_keep if setting.method == "fastervlm" else model.views * model.view_patches
+    if setting.method != "fastervlm":
+        projected = model.views * model.view_patches
+    elif model.views > 1:  # each view's kept patches: the unpad merge's newline tokens are not projected
+        projected = model.views * keep_count(model.view_patches, setting.ratio)
+    else:
+        projected = vision_keep
     vision_s = costs.vision_flops(model, projected) / vision_peak + eff["vision_overhead_ms"] / 1000
     prefill_compute = costs.prefill_flops(model, text_tokens, vision_keep, llm_keep, k) / peak
     prefill_memory = (llm["layers"] + (llm["lm_head"] or llm["embed"])) / bandwidth
@@ -146,7 +164,13 @@ def predict(
         + layers * eff["layer_overhead_ms"] / 1000
     )
     return Prediction(
-        setting={"method": setting.method, "ratio": setting.ratio, "k": k or None, "precision": precision},
+        setting={
+            "method": setting.method,
+            "ratio": setting.ratio,
+            "k": k or None,
+            "precision": precision,
+            **({"merge": setting.merge} if setting.method == "fastervlm" and model.views > 1 else {}),
+        },
         fits=total / GB <= device.available_gb,
         memory_gb={key: round(value, 3) for key, value in memory.items()},
         vision_ms=round(vision_s * 1000, 3),

@@ -126,15 +126,20 @@ class PruningConfig:
         """First layer of the group that sees only the kept tokens: FastV's K, or 0 without FastV."""
         return self.fastv.k if self.fastv else 0
 
-    def keep_counts(self, num_image_tokens: int, views: tuple[int, int] | None = None) -> tuple[int, int]:
-        """(tokens leaving the vision tower, tokens FastV keeps inside the LLM) for a picture of
-        `num_image_tokens`; views: (count, patches of each) where FasterVLM ranks each view on its
-        own (LLaVA-NeXT: keep_count of each view's patches, per view; no newline tokens)."""
+    def keep_counts(
+        self, num_image_tokens: int, views: tuple[int, int] | None = None, newlines: int = 0
+    ) -> tuple[int, int]:
+        """(tokens entering the LLM from the vision side, tokens FastV keeps inside the LLM) for a
+        picture of `num_image_tokens`; views: (count, patches of each) where FasterVLM ranks each
+        view on its own (LLaVA-NeXT: keep_count of each view's patches, per view), and newlines: the
+        picture's newline tokens, which the unpad merge keeps (for a picture of a pinpoint's exact
+        shape, whose kept patches all survive unpadding; the spatial merge has none)."""
         if not self.fastervlm:
             vision = num_image_tokens
         elif views is None:
             vision = keep_count(num_image_tokens, self.fastervlm.ratio)
         else:
             vision = views[0] * keep_count(views[1], self.fastervlm.ratio)
+            vision += newlines if self.fastervlm.merge == "unpad" else 0
         llm = keep_count(vision, self.fastv.ratio) if self.fastv else vision
         return vision, llm

@@ -64,6 +64,11 @@ class AnyRes:
     def max_views(self) -> int:
         return 1 + max(h * w for h, w in self.pinpoints) // (self.tile * self.tile)
 
+    def largest_picture(self) -> tuple[int, int]:
+        """(height, width) of the picture that gives the most image tokens: a pinpoint's own shape
+        (nothing is unpadded), the one with the most tokens (bench and plan size for it)."""
+        return max(self.pinpoints, key=lambda p: self.image_tokens(*p))
+
     def best_resolution(self, height: int, width: int) -> tuple[int, int]:
         """The pinpoint that shows most of the picture at its own scale, then wastes least."""
         best, most, waste = None, 0, math.inf
