@@ -6,7 +6,8 @@ built and exported in fp32 with FastV K=2 R=0.5 (--no-verify; neither timed), th
 a fresh child per setting (vision, a prefill of the picture and 32 text tokens, 16 decode steps at
 700 positions, 2 runs), its peak RSS taken by os.wait4 and sampled per stage as export_memory.py
 does:
-  default      the runtime's optimised ONNX Runtime sessions (what `run` and `serve` open)
+  with arena   the default sessions with ONNX Runtime's CPU memory arena on (the runtime's before)
+  default      the runtime's optimised ONNX Runtime sessions, no arena (what `run` and `serve` open)
   low memory   unoptimised sessions over the mapped weight files (Pipeline.load(low_memory=True))
 Weights are the bundle's data files; the KV cache is the keys and values at 700 positions (the
 preallocated rest is never touched, so never resident).
@@ -27,6 +28,13 @@ from export_memory import SIZES, measure, size_args
 
 BENCH = """
 import json, sys
+import onnxruntime as ort
+if sys.argv[2] == "arena":  # the runtime's sessions as they were before: with ONNX Runtime's CPU arena
+    session = ort.InferenceSession
+    def with_arena(path, options=None, **kwargs):
+        options.enable_cpu_mem_arena = True
+        return session(path, options, **kwargs)
+    ort.InferenceSession = with_arena
 from mllm_edge.bench import bench_bundle
 r = bench_bundle(sys.argv[1], "onnxruntime", "cpu", (32,), (700,), runs=2, warmup=0, low_memory=sys.argv[2] == "1")
 print(json.dumps(r.to_dict()))
@@ -68,7 +76,8 @@ def main() -> None:
         model = costs.Model.from_architecture(manifest.architecture)
         kv = costs.kv_bytes(model, 700, 288, 2, "fp32")
         rows = {}
-        for name, low in (("default", "0"), ("low memory", "1")):
+        modes = (("with arena", "arena"), ("default", "0"), ("low memory", "1"))
+        for name, low in modes:
             print(f"bench ({name}) ...", flush=True)
             got = measure(name, [sys.executable, "-c", BENCH, str(bundle), low], work / f"{name}.log")
             bench = json.loads(

@@ -138,6 +138,23 @@ def test_device_tensors_bind_on_the_engines_device(export_cache):
         engine._where("hidden_states", np.zeros((4, 4), np.float32)[:, ::2])
 
 
+def test_big_graphs_run_without_the_cpu_arena(export_cache, monkeypatch):
+    """A graph under ARENA_MAX_WEIGHTS keeps ONNX Runtime's arena (small models: an allocation per
+    operator costs), one over it goes without (the arena holds the largest call's activations);
+    low-memory sessions never have it. The size is the graph's data file's."""
+    from mllm_edge.runtime.backends import onnxruntime as backend
+
+    path = export_cache("llama_gqa", "none")[0] / "llm_tail.onnx"
+    assert backend.graph_weight_bytes(path) == (path.parent / "llm_tail.onnx.data").stat().st_size > 0
+
+    def arena(**kwargs) -> bool:
+        return OnnxRuntimeEngine(path, **kwargs).session.get_session_options().enable_cpu_mem_arena
+
+    assert arena() and not arena(low_memory=True)
+    monkeypatch.setattr(backend, "ARENA_MAX_WEIGHTS", backend.graph_weight_bytes(path))
+    assert not arena()
+
+
 def test_seeded_sampling_repeats(export_cache, image_file):
     pipeline = Pipeline.load(export_cache("llama_gqa", "fastv")[0])
     runs = [

@@ -146,8 +146,8 @@ class Pipeline:
         low_memory: bool = False,
     ) -> Pipeline:
         """Open a bundle and its graphs, checking the files the backend reads against the manifest's
-        sha256. low_memory: unoptimised ONNX Runtime sessions without an arena (backends.open_backend): on
-        the ~1B fp32 model 1.13x the weights instead of 1.29x (docs/performance.md)."""
+        sha256. low_memory: unoptimised ONNX Runtime sessions without an arena (backends.open_backend):
+        an fp16 bundle's weights stay mapped on the CPU instead of fp32 copies (docs/performance.md)."""
         folder = Path(bundle if bundle is not None else DEFAULT_BUNDLE)
         manifest = load_manifest(folder, verify_files=False)
         opened = open_backend(backend, folder, manifest, device, low_memory)

@@ -32,10 +32,19 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+ARENA_MAX_WEIGHTS = 128 * 2**20  # graphs with more weight bytes run without the CPU arena
+
+
+def graph_weight_bytes(path: Path) -> int:
+    """The graph's weights on disk: its external data file (export's NAME.onnx.data), or the graph."""
+    data = path.with_name(path.name + ".data")
+    return (data if data.exists() else path).stat().st_size if path.exists() else 0
+
+
 class OnnxRuntimeEngine:
     def __init__(self, path: Path, device: str = "cpu", low_memory: bool = False, graph: bytes | None = None):
-        """low_memory: no graph optimisation and no memory arena (export's verification on big
-        fp16 graphs: the CPU provider would keep fp32 copies of the weights). graph: the serialized
+        """low_memory: no graph optimisation either (export's verification on big fp16 graphs: the
+        CPU provider would keep fp32 copies of the weights). graph: the serialized
         graph to run instead of the file at path, its external data still read beside path (ONNX
         Runtime refuses data files outside a model's folder, links included)."""
         ort = _import_onnxruntime()
@@ -55,9 +64,14 @@ class OnnxRuntimeEngine:
         # that spins after its graph ends takes the cores from the next graph (FastV's decode ran 1.7x
         # slower that way), so none spins.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ONNX Runtime's CPU arena keeps the largest call's activations (grown in doubling chunks) for
+        # the session's life; it saves an allocation per operator. Big graphs go without: a 1 B fp32
+        # bundle peaked at 4.55 GB instead of 5.19 GB (its weights 4.01), decoding and prefilling no
+        # slower (benchmarks/runtime_memory.py). Small ones keep it: the built-in model decoded 13%
+        # and prefilled 30% slower without (docs/performance.md).
+        options.enable_cpu_mem_arena = not low_memory and graph_weight_bytes(path) < ARENA_MAX_WEIGHTS
         if low_memory:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.enable_cpu_mem_arena = False
             # Unoptimised, an fp16 Gemm on the CPU runs behind a Cast of its weight to fp32. The
             # default order runs those Casts (ready from the start) early and holds their outputs:
             # 1.8x the graph's weights at the peak of an fp16 llm_tail; by priority, 1.1x.
