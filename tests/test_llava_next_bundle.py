@@ -198,6 +198,8 @@ def test_the_manifest_describes_the_geometry_and_inspect_shows_it(bundles, check
     assert got.exit_code == 0, got.output
     (planned,) = json.loads(got.stdout)["settings"]
     assert planned["setting"]["merge"] == "unpad" and planned["image_tokens"]["vision"] == 5 * per_view + 8
+    fastv = CliRunner().invoke(app, ["plan", str(unpad_folder), "--device", "thor", "--method", "fastv"])
+    assert fastv.exit_code == 0, fastv.output  # the bundle's merge is for its FasterVLM settings only
     assert report.sample_image_tokens == 70  # the 360x480 sample: 2x2 tiles, unpadded to 6 of 8 rows
     got = CliRunner().invoke(app, ["inspect", str(folder)])
     assert got.exit_code == 0, got.output

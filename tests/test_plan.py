@@ -164,6 +164,10 @@ def test_the_unpad_merge_adds_a_newline_per_row_of_the_largest_pictures_grid(
     assert spatial["image_tokens"] == {"vision": 5 * 58, "llm": 5 * 58}
     assert unpad["image_tokens"] == {"vision": 5 * 58 + 48, "llm": 5 * 58 + 48}
     assert unpad["vision_ms"] == spatial["vision_ms"] and unpad["prefill_ms"] > spatial["prefill_ms"]
+    # at R = 0.99 (6 kept per view) the 1008 x 336 pinpoint puts in more: 4 views x 6 + 72 rows
+    # against 672 x 672's 5 x 6 + 48; plan counts the most, as export sizes a bundle for it
+    (high,) = plan_json(llava_next_7b_config, *args[:7], "0.99", "--merge", "unpad")["settings"]
+    assert high["image_tokens"]["vision"] == 4 * 6 + 72
     (default,) = plan_json(llava_7b_config, *args)["settings"]  # one view: nothing to merge, none named
     assert "merge" not in default["setting"]
     for extra, message in [

@@ -3,7 +3,7 @@
 The architecture is the manifest's `architecture` dict (what export writes: `vision`, `text`,
 `num_image_tokens`), or the same made from a checkpoint's config.json. Counts, not estimates: every
 weight matrix, norm and table the graphs hold, and the multiply-adds (2 FLOPs each) of every matrix
-product the graphs run. Pure Python: no torch, no numpy.
+product the graphs run. No torch; LLaVA-NeXT's geometry comes from runtime/anyres.py (numpy).
 
 Precisions are of the LLM's weight matrices (what `calibrate` quantizes); the embedding table, the
 norms and the vision tower stay in the float type, and so do the KV cache and the activations. The
@@ -34,7 +34,8 @@ class Model:
     image_tokens: int  # entering the LLM unpruned, per image (LLaVA-NeXT: the most a picture gives)
     vision_has_cls: bool
     views: int = 1  # tower runs per image at most (LLaVA-NeXT: the base view and the tiles)
-    newlines: int = 0  # LLaVA-NeXT: the largest picture's newline tokens (one per row of its grid)
+    # LLaVA-NeXT: (views, newline tokens) of a picture of each pinpoint's own shape (nothing unpadded)
+    grids: tuple[tuple[int, int], ...] = ()
 
     @property
     def view_patches(self) -> int:
@@ -43,14 +44,14 @@ class Model:
     @classmethod
     def from_architecture(cls, architecture: dict) -> Model:
         vision = architecture["vision"]
-        newlines = 0
+        grids = ()
         if architecture.get("image_grid_pinpoints") and int(architecture.get("max_views", 1)) > 1:
             from ..runtime.anyres import AnyRes  # the one definition of LLaVA-NeXT's geometry
 
             anyres = AnyRes.from_config(
                 architecture["image_grid_pinpoints"], vision["image_size"], vision["patch_size"]
             )
-            newlines = anyres.packed_grid(*anyres.largest_picture())[0]
+            grids = tuple((anyres.view_count(h, w), anyres.packed_grid(h, w)[0]) for h, w in anyres.pinpoints)
         return cls(
             text=architecture["text"],
             vision=vision,
@@ -59,7 +60,7 @@ class Model:
             ),
             vision_has_cls=vision.get("has_cls", vision["arch"].startswith("clip")),  # SigLIP has no [CLS]
             views=int(architecture.get("max_views", 1)),
-            newlines=newlines,
+            grids=grids,
         )
 
 

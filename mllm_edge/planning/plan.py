@@ -128,13 +128,14 @@ def make_plan(
         raise MllmEdgeError(f"--prompt-tokens must be >= 0, got {prompt_tokens}")
     loaded = load_model(source)
     model, context, what = loaded.model, loaded.max_context, loaded.what
+    if merge is not None:  # given: checked; otherwise the bundle's own, for its FasterVLM settings
+        if merge not in MERGES:
+            raise MllmEdgeError(f"unknown --merge '{merge}' (choose from {', '.join(MERGES)})")
+        if merge != "spatial" and model.views == 1:
+            raise MllmEdgeError(f"--merge {merge} applies to LLaVA-NeXT's views; this model sees one view")
+        if merge != "spatial" and pruning and not any(m == "fastervlm" for m, _ in pruning):
+            raise MllmEdgeError("--merge sets how FasterVLM's kept tokens are merged: add --method fastervlm")
     merge = merge or loaded.merge
-    if merge not in MERGES:
-        raise MllmEdgeError(f"unknown --merge '{merge}' (choose from {', '.join(MERGES)})")
-    if merge != "spatial" and model.views == 1:
-        raise MllmEdgeError(f"--merge {merge} applies to LLaVA-NeXT's views; this model sees one view")
-    if merge != "spatial" and pruning and not any(m == "fastervlm" for m, _ in pruning):
-        raise MllmEdgeError("--merge sets how FasterVLM's kept tokens are merged: add --method fastervlm")
     if max_context is not None:
         if max_context < 1:
             raise MllmEdgeError(f"--max-context must be >= 1, got {max_context}")

@@ -86,8 +86,16 @@ def keep_counts(model: costs.Model, setting: Setting) -> tuple[int, int]:
         return model.image_tokens, model.image_tokens
     merge = setting.merge if setting.method == "fastervlm" else "spatial"
     config = PruningConfig.from_method(setting.method, setting.ratio, k=setting.k, merge=merge)
+    if merge == "unpad" and model.grids:  # the most any picture puts in, as export sizes the bundle
+        return max(
+            (
+                config.keep_counts(model.image_tokens, (views, model.view_patches), rows)
+                for views, rows in model.grids
+            ),
+            key=lambda counts: counts[0],
+        )
     views = (model.views, model.view_patches) if model.views > 1 else None
-    return config.keep_counts(model.image_tokens, views, model.newlines)
+    return config.keep_counts(model.image_tokens, views)
 
 
 def predict(

@@ -36,7 +36,9 @@ ARENA_MAX_WEIGHTS = 128 * 2**20  # graphs with more weight bytes run without the
 
 
 def graph_weight_bytes(path: Path) -> int:
-    """The graph's weights on disk: its external data file (export's NAME.onnx.data), or the graph."""
+    """The graph's weights on disk: its external data file (export's NAME.onnx.data), or the graph
+    (a tied LM head's table, shared into embed.onnx.data, is not counted: it matters only near the
+    threshold)."""
     data = path.with_name(path.name + ".data")
     return (data if data.exists() else path).stat().st_size if path.exists() else 0
 
