@@ -102,8 +102,8 @@ def layer_params(text: dict) -> int:
     return sum(k * n for k, n in layer_matrices(text))
 
 
-def target_of(precision: str, float_type: str) -> str:
-    """The calibrate target a precision is planned on: the CPU's (fp32 bundles) is onnxruntime."""
+def target_of(float_type: str) -> str:
+    """The calibrate target planned for a float type: the CPU's bundles are fp32 (onnxruntime)."""
     return "onnxruntime" if float_type == "fp32" else "tensorrt"
 
 
@@ -112,7 +112,7 @@ def llm_bytes(model: Model, precision: str, float_type: str) -> dict[str, int]:
     type), the final norm, the embedding table and the LM head (none when tied to the table and kept
     in the float type; quantized on the onnxruntime target, a copy of its own)."""
     t, f = model.text, FLOAT_BYTES[float_type]
-    target = target_of(precision, float_type)
+    target = target_of(float_type)
     per_layer = sum(weight_bytes(n, k, precision, float_type, target) for k, n in layer_matrices(t))
     per_layer += layer_biases(t) * f
     table = t["vocab_size"] * t["hidden_size"] * f
