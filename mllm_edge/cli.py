@@ -472,6 +472,16 @@ def inspect(
             else:
                 findings = lint_model(bundle / spec.file)
                 line += "\n  TensorRT 10 lint: " + ("ok" if not findings else "; ".join(map(str, findings)))
+            if spec.onnxruntime_file:
+                fused = op_counts(bundle / spec.onnxruntime_file)
+                kernels = {
+                    op: n
+                    for op, n in fused.items()
+                    if op in ("GroupQueryAttention", "MultiHeadAttention", "If")
+                }
+                line += f"\n  ONNX Runtime runs {spec.onnxruntime_file}: " + ", ".join(
+                    f"{op} {n}" for op, n in kernels.items()
+                )
         console.print(line, highlight=False)
     if op_counts is None:
         console.print("op counts and the TensorRT lint need onnx: pip install 'mllm-edge[export]'")

@@ -29,12 +29,18 @@ class TensorSpec:
     shape: list  # ints for fixed dims, names ("batch", "seq", "past", ...) for dynamic ones
 
 
+FUSED_SUFFIX = ".onnxruntime.onnx"  # GraphSpec.onnxruntime_file's
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     data_files: list[str] = field(default_factory=list)  # external weight data this graph reads
+    # the same graph with ONNX Runtime's fused attention, NAME.onnxruntime.onnx (export/fused_attention.py),
+    # over the same data files: what the onnxruntime backend runs; None where nothing was fused
+    onnxruntime_file: str | None = None
 
     def input(self, name: str) -> TensorSpec:
         return self._find(self.inputs, name, "input")
@@ -90,7 +96,9 @@ class Manifest:
 
     def graph_files(self) -> list[str]:
         """The ONNX files and their weight data, as the manifest lists them."""
-        return sorted({f for g in self.graphs.values() for f in (g.file, *g.data_files)})
+        return sorted(
+            {f for g in self.graphs.values() for f in (g.file, *g.data_files, g.onnxruntime_file) if f}
+        )
 
     @property
     def weights(self) -> str:
@@ -116,6 +124,7 @@ class Manifest:
                 [TensorSpec(**t) for t in g["inputs"]],
                 [TensorSpec(**t) for t in g["outputs"]],
                 list(g.get("data_files", [])),
+                g.get("onnxruntime_file"),
             )
             for name, g in data["graphs"].items()
         }
@@ -273,9 +282,13 @@ def check_manifest(data) -> None:
             f"samples must name one file per graph and the chain, got {', '.join(map(str, samples))}"
         )
     for name, graph in graphs.items():
-        for rel in [_field(data, f"graphs.{name}.file", str, _safe_path, "a path inside the bundle")] + list(
-            graph.get("data_files", [])
-        ):
+        rels = [_field(data, f"graphs.{name}.file", str, _safe_path, "a path inside the bundle")]
+        rels += list(graph.get("data_files", []))
+        if graph.get("onnxruntime_file") is not None:
+            rels.append(
+                _field(data, f"graphs.{name}.onnxruntime_file", str, _safe_path, "a path inside the bundle")
+            )
+        for rel in rels:
             if rel not in files:
                 raise _Invalid(f"graphs.{name}: {rel} is not in the file list")
         definition = definitions[name]

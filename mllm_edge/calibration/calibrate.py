@@ -24,6 +24,7 @@ from ..engines import detect_jetson
 from ..errors import MllmEdgeError
 from ..integrity import sha256_file
 from ..manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, load_manifest, write_manifest
+from ..runtime.backends.onnxruntime import session_file
 from . import data, precisions
 from .precisions import GRAPH_CHOICES, Precision, sm_at_least
 from .record import Recording, record
@@ -223,6 +224,7 @@ def _calibrate_into(
     config: CalibrateConfig, plan: _Plan, out: Path, tmp: Path, progress: Progress
 ) -> CalibrateReport:
     from ..export.bundle import move_into_place
+    from ..export.fused_attention import add_fused_graphs
     from ..export.onnx_graph import graph_spec, share_duplicate_weights
     from ..export.report import bundle_sizes, graph_sizes
 
@@ -243,6 +245,8 @@ def _calibrate_into(
     held = recorded("record held-out", samples.held_out if config.verify else [], "held_out", True)
 
     replaced = {f for g in plan.graphs for f in (manifest.graphs[g].file, f"{g}.onnx.data")}
+    # the fused copies are made again from the final graphs (export/fused_attention.py)
+    replaced |= {spec.onnxruntime_file for spec in manifest.graphs.values() if spec.onnxruntime_file}
     for name, spec in manifest.graphs.items():
         if name not in plan.graphs and set(spec.data_files) & replaced:
             raise MllmEdgeError(
@@ -294,6 +298,7 @@ def _calibrate_into(
             raise MllmEdgeError(
                 "the quantized graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems)
             )
+    graph_specs = add_fused_graphs(tmp, graph_specs)  # ONNX Runtime's copies, of the final graphs
 
     quantization = {
         "weights": precision.name,
@@ -330,7 +335,9 @@ def _calibrate_into(
     for i, g in enumerate(plan.graphs if config.verify else []):
         progress(f"verify {g}", i, len(plan.graphs))
         calls = held.calls.get(g, []) + [source / manifest.samples[g]]  # and export's own sample
-        results.append(check_graph(tmp / graph_specs[g].file, g, calls, precision.min_cosine))
+        # what will run: TensorRT builds the graph itself, ONNX Runtime runs its fused copy
+        file = graph_specs[g].file if precision.target == "tensorrt" else session_file(graph_specs[g])
+        results.append(check_graph(tmp / file, g, calls, precision.min_cosine))
     shutil.rmtree(work, ignore_errors=True)
     write_manifest(tmp, new)  # the files are final: hashed once (the answers check loads the bundle)
     if config.verify:

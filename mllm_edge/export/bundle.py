@@ -29,6 +29,7 @@ from ..models.config import load_llava_spec
 from ..models.llava import Llava, load_llava
 from ..pruning import PruningConfig, keep_count
 from ..pruning.flops import PrefillFlops, prefill_flops
+from .fused_attention import add_fused_graphs
 from .graphs import graph_modules
 from .lint import lint_model
 from .onnx_graph import export_graph, graph_spec, share_duplicate_weights
@@ -145,6 +146,7 @@ def _export_into(config: ExportConfig, out: Path, tmp: Path, on_stage) -> Export
     ]
     if problems:
         raise MllmEdgeError("the graphs would not build in TensorRT 10:\n  " + "\n  ".join(problems))
+    graph_specs = add_fused_graphs(tmp, graph_specs)  # ONNX Runtime's copies, after the lint
 
     on_stage("tokenizer")
     sample_files = save_samples(samples, tmp / "samples")

@@ -23,10 +23,12 @@ def human_bytes(n: float) -> str:
 
 
 def graph_sizes(manifest: Manifest, sizes: dict[str, int]) -> dict[str, int]:
-    """Bytes per graph: its .onnx file and the data files it owns (a shared file counts once, for its owner)."""
+    """Bytes per graph: its .onnx file, its fused copy for ONNX Runtime and the data files it owns (a
+    shared file counts once, for its owner)."""
     total = defaultdict(int)
     for name, spec in manifest.graphs.items():
         total[name] += sizes.get(spec.file, 0) + sizes.get(f"{spec.file}.data", 0)
+        total[name] += sizes.get(spec.onnxruntime_file, 0) if spec.onnxruntime_file else 0
     return dict(total)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextSpec
-from .layers import Linear, RMSNorm, activation, cached_attention, cached_attention_row, causal_mask
+from .layers import CachedAttentionCore, Linear, RMSNorm, activation, cached_attention_row, causal_mask
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -38,6 +38,7 @@ class SelfAttention(nn.Module):
         self.k_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
         self.v_proj = Linear(spec.hidden_size, g * d, bias=spec.attention_bias)
         self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.o_proj_bias)
+        self.core = CachedAttentionCore(self.scale)
 
     def forward(self, x, rope: Rope, past_k, past_v, mask, want_last_row: bool = False):
         """x: [B, S, C]; past_k, past_v: [1+P, B, G, D] -> out [B, S, C], new k, v [S, B, G, D], row [B, P+S] | None."""
@@ -49,7 +50,7 @@ class SelfAttention(nn.Module):
             self.k_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim), rope.cos_seq, rope.sin_seq
         )
         v_new = self.v_proj(x_seq).view(s, b, self.num_kv_heads, self.head_dim)
-        out = self.o_proj(cached_attention(q, past_k, past_v, k_new, v_new, mask, self.scale))
+        out = self.o_proj(self.core(q, past_k, past_v, k_new, v_new, mask))
         # The last query sees every key (causal), so its row needs no mask.
         row = cached_attention_row(q[:, -1], past_k, k_new, self.scale) if want_last_row else None
         return out, k_new, v_new, row

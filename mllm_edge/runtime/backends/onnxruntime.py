@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import MllmEdgeError
-from ...manifest import Manifest
+from ...manifest import FUSED_SUFFIX, GraphSpec, Manifest
 from ..cache import KVCache
 from ..device_cache import DeviceKVCache, DeviceTensor
 from .base import BackendResources
@@ -36,11 +36,20 @@ ARENA_MAX_WEIGHTS = 128 * 2**20  # graphs with more weight bytes run without the
 
 
 def graph_weight_bytes(path: Path) -> int:
-    """The graph's weights on disk: its external data file (export's NAME.onnx.data), or the graph
-    (a tied LM head's table, shared into embed.onnx.data, is not counted: it matters only near the
-    threshold)."""
-    data = path.with_name(path.name + ".data")
+    """The graph's weights on disk: its external data file (export's NAME.onnx.data, which the fused
+    copy NAME.onnxruntime.onnx reads too), or the graph (a tied LM head's table, shared into
+    embed.onnx.data, is not counted: it matters only near the threshold)."""
+    data = path.with_name(path.name.removesuffix(FUSED_SUFFIX).removesuffix(".onnx") + ".onnx.data")
     return (data if data.exists() else path).stat().st_size if path.exists() else 0
+
+
+def session_file(spec: GraphSpec, device: str = "cpu") -> str:
+    """The file ONNX Runtime runs of a graph: on the CPU its copy with the CPU provider's fused
+    attention where the bundle has one (export/fused_attention.py), else the graph TensorRT builds
+    (on CUDA too: the copies were made and measured for the CPU provider and never ran on a GPU).
+    MLLM_EDGE_UNFUSED_ATTENTION=1 runs the latter everywhere (to measure the fusion, or rule it out)."""
+    unfused = os.environ.get("MLLM_EDGE_UNFUSED_ATTENTION", "0") not in ("", "0")
+    return spec.onnxruntime_file if spec.onnxruntime_file and device == "cpu" and not unfused else spec.file
 
 
 class OnnxRuntimeEngine:
@@ -163,7 +172,7 @@ class OnnxRuntimeBackend(BackendResources):
         failed = None
         with ThreadPoolExecutor(workers) as pool:
             opening = {
-                graph: pool.submit(OnnxRuntimeEngine, folder / spec.file, device, low_memory)
+                graph: pool.submit(OnnxRuntimeEngine, folder / session_file(spec, device), device, low_memory)
                 for graph, spec in manifest.graphs.items()
             }
             for graph, future in opening.items():
