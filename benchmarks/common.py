@@ -18,9 +18,18 @@ GB = 1e9
 def machine() -> dict:
     meminfo = Path("/proc/meminfo").read_text()
     total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
+        # the machines this project runs on change between sessions (an Intel Xeon with AMX, an AMD
+        # EPYC): a record is comparable only to one made on the same CPU
+        "cpu": {
+            "model": model[1].strip() if model else platform.processor(),
+            "avx512": " avx512f" in cpuinfo,
+            "amx": " amx_tile" in cpuinfo,
+        },
         "cpu_count": os.cpu_count(),
         "ram_total_gb": round(total_kib * 1024 / GB, 1),
         "torch": version("torch"),

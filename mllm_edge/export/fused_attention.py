@@ -1,30 +1,29 @@
-"""ONNX Runtime's fused attention kernels in place of a graph's standard-operator attention: a second
-copy of each graph with attention, NAME.onnxruntime.onnx, over the same weight data, which the
-onnxruntime backend runs (runtime/backends/onnxruntime.py); TensorRT builds NAME.onnx.
+"""ONNX Runtime's fused attention in place of a decoder graph's standard-operator attention: a second
+copy of each LLM graph, NAME.onnxruntime.onnx, over the same weight data, which the onnxruntime
+backend runs on the CPU (runtime/backends/onnxruntime.py); TensorRT builds NAME.onnx.
 
 A bundle's graphs keep to standard operators, so that TensorRT parses them. On ONNX Runtime's CPU
-provider that attention writes the scores out and reads them back op by op (scale, mask, join,
-softmax, split), where its contrib kernels keep each head's scores in the CPU's caches: 24 layers of
-a 589-token prefill, 16 heads of 64, took 310 ms against GroupQueryAttention's 207 (docs/performance.md).
+provider that attention writes the S x S scores out and reads them back op by op (scale, mask,
+join, softmax, split), where com.microsoft.GroupQueryAttention keeps each head's scores in the
+CPU's caches: a LLaVA-NeXT prompt of 2951 tokens prefilled in half the time (docs/performance.md).
 
-The exporter records each node's module scope in its metadata ("namespace"); the attention cores are
-modules of their own (models/layers.py), so their nodes are found by scope, never by the shape of the
-graph:
-
-- AttentionCore (vision towers: no mask, no cache) becomes com.microsoft.MultiHeadAttention.
-- CachedAttentionCore (decoders) becomes If(past length == 1, fused, the core's own nodes). A past of
-  one row is the null row alone (a first prompt): the null row is masked and the mask is causal, so
-  the attention is causal self-attention over the new keys, which com.microsoft.GroupQueryAttention
-  computes. With a real past (decode steps, a later turn's prompt) the core's nodes run as exported:
-  they read the cache where it lies, which none of ONNX Runtime's fused kernels can.
+The exporter records each node's module scope in its metadata ("namespace"); the attention core is a
+module of its own (models/layers.py: CachedAttentionCore), so its nodes are found by scope, never by
+the shape of the graph. Each core becomes If(past length == 1, fused, the core's own nodes). A past
+of one row is the null row alone (a first prompt): the null row is masked and the mask is causal,
+so the attention is causal self-attention over the new keys, which GroupQueryAttention computes.
+With a real past (decode steps, a later turn's prompt) the core's nodes run as exported: they read
+the cache where it lies, which none of ONNX Runtime's fused kernels can.
 
 A core is left as it is unless everything checks out: float32, its tensors and head counts found,
 one result; a graph with none rewritten gets no copy. Export's verification runs the copies, both
-branches (a prompt, then decode steps).
+branches (a prompt, then decode steps). The vision towers' attention is not rewritten: their
+MultiHeadAttention measured no faster end to end (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -34,8 +33,7 @@ from onnx import TensorProto, helper
 
 from ..manifest import FUSED_SUFFIX, GraphSpec
 
-CORES = {"AttentionCore": "vision", "CachedAttentionCore": "cached"}
-_SCOPE = re.compile(r"^(?P<path>[\w.]+): [\w.]*\.(?P<cls>" + "|".join(CORES) + r")$")
+_SCOPE = re.compile(r"^(?P<path>[\w.]+): [\w.]*\.CachedAttentionCore$")
 PROJECTIONS = {"q": ".q_proj.", "k": ".k_proj.", "v": ".v_proj."}
 
 
@@ -57,16 +55,16 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     """Rewrites the model's attention cores in place; returns how many were rewritten."""
     graph, fused, tried = model.graph, 0, set()
     while True:  # one core at a time: rewriting the graph's node list copies its nodes
-        cores: dict[str, tuple[str, list[onnx.NodeProto]]] = {}
+        cores: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
-            scope = _core_scope(node)
-            if scope is not None and scope[0] not in tried:
-                cores.setdefault(scope[0], (scope[1], []))[1].append(node)
+            path = _core_path(node)
+            if path is not None and path not in tried:
+                cores.setdefault(path, []).append(node)
         if not cores:
             break
-        path, (kind, nodes) = next(iter(cores.items()))
+        path, nodes = next(iter(cores.items()))
         tried.add(path)
-        plan = _Core(graph, path, kind, nodes, _value_types(graph)).plan()
+        plan = _Core(graph, path, nodes).plan()
         if plan is not None:
             _replace(graph, plan)
             fused += 1
@@ -91,18 +89,15 @@ def _names_used(graph: onnx.GraphProto) -> set:
     return used
 
 
-def _core_scope(node: onnx.NodeProto) -> tuple[str, str] | None:
+def _core_path(node: onnx.NodeProto) -> str | None:
+    """The module path of the attention core the node belongs to (its scope), if any."""
     for prop in node.metadata_props:
         if prop.key == "namespace":
             for segment in prop.value.split("/"):
                 match = _SCOPE.match(segment)
                 if match:
-                    return match["path"], CORES[match["cls"]]
+                    return match["path"]
     return None
-
-
-def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto.Tensor]:
-    return {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
 
 
 def _dims(tensor_type) -> list:
@@ -112,8 +107,9 @@ def _dims(tensor_type) -> list:
 class _Core:
     """One attention core's nodes, and what its fused replacement needs, found or not."""
 
-    def __init__(self, graph, path: str, kind: str, nodes: list, types: dict):
-        self.graph, self.path, self.kind, self.types = graph, path, kind, types
+    def __init__(self, graph: onnx.GraphProto, path: str, nodes: list):
+        self.path, self.nodes = path, nodes
+        self.types = {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
         self.producer = {out: n for n in graph.node for out in n.output}
         self.consumers: dict[str, list] = {}
         for n in graph.node:
@@ -121,81 +117,46 @@ class _Core:
                 self.consumers.setdefault(name, []).append(n)
         self.graph_inputs = {v.name for v in graph.input}
         self.graph_outputs = {v.name for v in graph.output}
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.nodes = nodes
+        self.initializers = {t.name for t in graph.initializer}
 
     def plan(self) -> dict | None:
         moved = self._moved()
         if moved is None or not any(n.op_type == "Softmax" for n in moved):
             return None
         outputs = [out for n in moved for out in n.output if self._escapes(out, moved)]
-        if len(outputs) != 1:
+        tensors = self._tensors()
+        if len(outputs) != 1 or tensors is None:
             return None
-        # the core's inputs are what its nodes read from outside it, whichever of its nodes stay (a
-        # transposed key that FastV's or FasterVLM's attention row shares is still the key's copy)
-        inside = {out for n in self.nodes for out in n.output}
-        external = [
-            name
-            for n in self.nodes
-            for name in n.input
-            if name and name not in inside and name not in self.initializers and not self._constant(name)
-        ]
-        external = list(dict.fromkeys(external))
-        tensors = self._roles(external)
-        if tensors is None:
-            return None
-        shapes = {role: _dims(self.types[tensors[role]]) for role in ("q", "k", "v")}
-        heads = self._heads(shapes)
-        result = _dims(self.types[outputs[0]]) if outputs[0] in self.types else []
-        if heads is None or not _result_shape(result, heads["heads"] * heads["head_dim"]):
+        q, k = _dims(self.types[tensors["q"]]), _dims(self.types[tensors["k"]])
+        if _dims(self.types[tensors["v"]]) != k or len(k) != 4 or not k[2] or not k[3]:
+            return None  # the cache's new rows, [S, B, G, D]
+        if len(q) != 4 or q[3] != k[3] or not q[2] or q[2] % k[2]:
+            return None  # the queries, [B, S, H, D]
+        heads, kv_heads, head_dim = q[2], k[2], k[3]
+        result = _result_shape(
+            _dims(self.types[outputs[0]]) if outputs[0] in self.types else [], heads * head_dim
+        )
+        if result is None:
             return None
         return {
             "path": self.path,
-            "kind": self.kind,
             "moved": moved,
             "output": outputs[0],
             "tensors": tensors,
-            "ranks": {role: len(dims) for role, dims in shapes.items()},
-            "result_shape": _result_shape(result, heads["heads"] * heads["head_dim"]),
-            **heads,
+            "result_shape": result,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
         }
-
-    def _heads(self, shapes: dict) -> dict | None:
-        """Query and key/value heads and the head size, from the static dims of q, k, v: the key is
-        [.., .., G, D]; the query and value the same or [.., H * D] (the exporter may hand over a
-        projection's 2-D rows)."""
-        k = shapes["k"]
-        if len(k) != 4 or not k[2] or not k[3]:
-            return None  # the key's dims give the batch, sequence and head dims
-        kv_heads, head_dim = k[2], k[3]
-
-        def count(dims: list) -> int | None:
-            if len(dims) == 4:
-                return dims[2] if dims[3] == head_dim and dims[2] else None
-            last = dims[-1] if len(dims) in (2, 3) else None
-            return last // head_dim if last and last % head_dim == 0 else None
-
-        heads = count(shapes["q"])
-        if heads is None or count(shapes["v"]) != kv_heads or heads % kv_heads:
-            return None
-        if self.kind == "cached" and len(shapes["v"]) != 4:
-            return None  # the cache's new rows, [S, B, G, D]
-        if self.kind == "vision" and heads != kv_heads:  # MultiHeadAttention has no grouped keys
-            return None
-        return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
 
     def _moved(self) -> list | None:
         """The core's nodes that can go into a subgraph: none whose output another node outside needs
-        but the core's one result (the exporter may share a shape computation between layers), nor any
-        such node's ancestors inside the core."""
+        but the core's one result (the exporter shares some shape computations between layers, and
+        FastV's attention row a transposed key), nor any such node's ancestors inside the core."""
         moved = list(self.nodes)
         while True:
-            stay = {id(n) for n in moved if sum(self._escapes(out, moved) for out in n.output) > 0}
-            # the core's result (its last node's output) escapes by design
-            last = moved[-1] if moved else None
-            if last is not None:
-                stay.discard(id(last))
-            if not stay:
+            stay = {id(n) for n in moved[:-1] if any(self._escapes(out, moved) for out in n.output)}
+            if not stay:  # the last node's output, the core's result, escapes by design
                 return moved
             ancestors = self._ancestors_within([n for n in moved if id(n) in stay], moved)
             moved = [n for n in moved if id(n) not in stay and id(n) not in ancestors]
@@ -207,7 +168,7 @@ class _Core:
         return name in self.graph_outputs or any(id(c) not in inside for c in self.consumers.get(name, []))
 
     def _ancestors_within(self, starts: list, moved: list) -> set:
-        inside = {id(n): n for n in moved}
+        inside = {id(n) for n in moved}
         seen, stack = set(), list(starts)
         while stack:
             for name in stack.pop().input:
@@ -217,39 +178,33 @@ class _Core:
                     stack.append(n)
         return seen
 
-    def _constant(self, name: str) -> bool:
-        n = self.producer.get(name)
-        return n is not None and n.op_type == "Constant"
-
-    def _roles(self, external: list) -> dict | None:
-        """The tensors the fused kernel takes, None unless each is found once: for a decoder's core its
-        layer's cache tensors by name (graphs.py: past_key.i in, new_key.i out; the exporter may hand
-        the core a transposed copy of them, shared with FastV's attention row) and the query among
-        the core's inputs; for a vision core q, k and v among them, by the projection they come from."""
-        tensors = {}
-        if self.kind == "cached":
-            layer = re.search(r"layers\.(\d+)\.", self.path)
-            if layer is None:
-                return None
-            i = layer[1]
-            tensors = {"past_k": f"past_key.{i}", "k": f"new_key.{i}", "v": f"new_value.{i}"}
-            if (
-                tensors["past_k"] not in self.graph_inputs
-                or not {tensors["k"], tensors["v"]} <= self.graph_outputs
-            ):
-                return None
-        for name in external:
-            value_type = self.types.get(name)
-            if value_type is None or value_type.elem_type != TensorProto.FLOAT:
-                continue  # shapes and indices (the exporter shares some between layers)
-            role = self._projection(name)
-            if role is None or self.kind == "cached" and role != "q":
-                continue  # a decoder's k and v are its cache's tensors, named above
-            if role in tensors:
-                return None
-            tensors[role] = name
-        wanted = {"q", "k", "v"} | ({"past_k"} if self.kind == "cached" else set())
-        return tensors if set(tensors) == wanted else None
+    def _tensors(self) -> dict | None:
+        """What the fused kernel takes, None unless each is found once: the layer's cache tensors by
+        name (graphs.py: past_key.i in, new_key.i and new_value.i out) and the query among the
+        float inputs of the core's nodes, by the projection it comes from."""
+        layer = re.search(r"layers\.(\d+)\.", self.path)
+        if layer is None:
+            return None
+        i = layer[1]
+        tensors = {"past_k": f"past_key.{i}", "k": f"new_key.{i}", "v": f"new_value.{i}"}
+        if (
+            tensors["past_k"] not in self.graph_inputs
+            or not {tensors["k"], tensors["v"]} <= self.graph_outputs
+        ):
+            return None
+        inside = {out for n in self.nodes for out in n.output}
+        queries = {
+            name
+            for n in self.nodes
+            for name in n.input
+            if name not in inside
+            and name in self.types
+            and self.types[name].elem_type == TensorProto.FLOAT
+            and self._projection(name) == "q"
+        }
+        if len(queries) != 1:
+            return None
+        return tensors | {"q": queries.pop()}
 
     def _projection(self, name: str, limit: int = 64) -> str | None:
         """Which of q_proj, k_proj, v_proj the tensor comes from: the projections' weights met first
@@ -274,13 +229,25 @@ class _Core:
         return found.pop() if len(found) == 1 else None
 
 
+def _result_shape(dims: list, width: int) -> list | None:
+    """The Reshape target that makes the fused kernel's [B, S, H * D] the core's result: that itself
+    ([0, 0, -1]), its 2-D rows, or [B, S, ...] with static trailing dims (the exporter may hand over
+    the heads still apart, [B, S, G, R, D]); None if the result is none of these."""
+    if len(dims) == 2 and dims[1] == width:
+        return [-1, width]
+    trailing = dims[2:]
+    if len(dims) >= 3 and all(trailing) and math.prod(trailing) == width:
+        return [0, 0, *trailing]
+    return None
+
+
 def _replace(graph: onnx.GraphProto, plan: dict) -> None:
-    """The core's nodes out, its replacement in where its last node was: every input of the core is
-    made before that, and its result is used only after it."""
+    """The core's nodes out, its If in where its last node was: every input of the core is made
+    before that, and its result is used only after it."""
     moved = {id(n) for n in plan["moved"]}
     produced = {out for n in plan["moved"] for out in n.output}
     plan["value_info"] = [v for v in graph.value_info if v.name in produced and v.name != plan["output"]]
-    new = _vision_nodes(plan) if plan["kind"] == "vision" else _cached_nodes(plan)
+    new = _if_node(plan)
     nodes, placed = [], False
     for n in reversed(graph.node):
         if id(n) in moved:
@@ -295,116 +262,46 @@ def _replace(graph: onnx.GraphProto, plan: dict) -> None:
     graph.value_info.extend(kept_info)
 
 
-def _name(plan: dict, what: str) -> str:
-    return f"{plan['path']}.fused.{what}"
-
-
-def _flat_inputs(plan: dict, seq_first: bool) -> tuple[list, dict]:
-    """Nodes making q, k, v the fused kernels' [B, S, N * D] from [B, S, N, D] (k and v [S, B, N, D]
-    if seq_first), from [B, S, N * D], or from 2-D rows [B * S, N * D] (B and S then read off k)."""
-    n = lambda what: _name(plan, what)  # noqa: E731
-    nodes = [_constant(n("flat_shape"), [0, 0, -1])]
-    if 2 in plan["ranks"].values():
-        nodes.append(_constant(n("minus_one"), [-1]))
-    flat = {}
-    for role in ("k", "v", "q"):  # k first: 2-D rows take their shape from it
-        source, rank = plan["tensors"][role], plan["ranks"][role]
-        if rank == 4 and seq_first and role != "q":
-            nodes.append(
-                helper.make_node("Transpose", [source], [n(f"{role}.batch_first")], perm=[1, 0, 2, 3])
-            )
-            source = n(f"{role}.batch_first")
-        if rank == 3:
-            flat[role] = source
-            continue
-        shape = n("flat_shape")
-        if rank == 2:
-            nodes += [
-                helper.make_node("Shape", [flat["k"]], [n(f"{role}.batch_seq")], start=0, end=2),
-                helper.make_node(
-                    "Concat", [n(f"{role}.batch_seq"), n("minus_one")], [n(f"{role}.shape")], axis=0
-                ),
-            ]
-            shape = n(f"{role}.shape")
-        nodes.append(helper.make_node("Reshape", [source, shape], [n(f"{role}.flat")]))
-        flat[role] = n(f"{role}.flat")
-    return nodes, flat
-
-
-def _result_shape(dims: list, width: int) -> list | None:
-    """The Reshape target that makes the fused kernels' [B, S, H * D] the core's result: that itself
-    ([0, 0, -1]), its 2-D rows, or [B, S, ...] with static trailing dims (the exporter may hand over
-    the heads still apart, [B, S, G, R, D]); None if the result is none of these."""
-    if len(dims) == 2 and dims[1] == width:
-        return [-1, width]
-    trailing = dims[2:]
-    if len(dims) >= 3 and all(trailing) and _product(trailing) == width:
-        return [0, 0, *trailing]
-    return None
-
-
-def _product(values: list) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
-def _as_result(plan: dict, fused: str, out: str) -> list:
-    shape = _name(plan, f"{out}.shape")
-    return [_constant(shape, plan["result_shape"]), helper.make_node("Reshape", [fused, shape], [out])]
-
-
 def _constant(name: str, values: list, dtype: int = TensorProto.INT64) -> onnx.NodeProto:
-    return helper.make_node(
-        "Constant", [], [name], value=helper.make_tensor(f"{name}.value", dtype, [len(values)], values)
-    )
+    value = helper.make_tensor(f"{name}.value", dtype, [len(values)], values)
+    return helper.make_node("Constant", [], [name], value=value)
 
 
-def _vision_nodes(plan: dict) -> list:
-    nodes, flat = _flat_inputs(plan, seq_first=False)
-    nodes.append(
-        helper.make_node(
-            "MultiHeadAttention",
-            [flat["q"], flat["k"], flat["v"]],
-            [_name(plan, "out")],
-            domain="com.microsoft",
-            num_heads=plan["heads"],
-            scale=plan["head_dim"] ** -0.5,
-        )
-    )
-    return nodes + _as_result(plan, _name(plan, "out"), plan["output"])
-
-
-def _cached_nodes(plan: dict) -> list:
+def _if_node(plan: dict) -> list:
+    """Nodes computing the core's result: If(the past is the null row alone, GroupQueryAttention over
+    the new keys, the core's own nodes)."""
     t, out = plan["tensors"], plan["output"]
-    fused, flat = _flat_inputs(plan, seq_first=True)
-    n = lambda what: _name(plan, what)  # noqa: E731
+    n = lambda what: f"{plan['path']}.fused.{what}"  # noqa: E731
+    fused = [_constant(n("flat"), [0, 0, -1]), _constant(n("one32"), [1], TensorProto.INT32)]
+    for role in ("k", "v"):  # the cache's [S, B, G, D] as [B, S, G * D]
+        fused += [
+            helper.make_node("Transpose", [t[role]], [n(f"{role}.batch_first")], perm=[1, 0, 2, 3]),
+            helper.make_node("Reshape", [n(f"{role}.batch_first"), n("flat")], [n(role)]),
+        ]
     fused += [
-        helper.make_node("Shape", [flat["q"]], [n("batch")], start=0, end=1),
-        helper.make_node("Shape", [flat["q"]], [n("seq")], start=1, end=2),
+        helper.make_node("Reshape", [t["q"], n("flat")], [n("q")]),  # [B, S, H, D] as [B, S, H * D]
+        helper.make_node("Shape", [n("q")], [n("batch")], start=0, end=1),
+        helper.make_node("Shape", [n("q")], [n("seq")], start=1, end=2),
         helper.make_node("Cast", [n("seq")], [n("seq32")], to=TensorProto.INT32),
         helper.make_node("Squeeze", [n("seq32")], [n("total")]),
         helper.make_node("Sub", [n("seq32"), n("one32")], [n("last32")]),
-        helper.make_node("Expand", [n("last32"), n("batch")], [n("seqlens_k")]),
+        helper.make_node("Expand", [n("last32"), n("batch")], [n("seqlens_k")]),  # each row: S - 1
         helper.make_node(
             "GroupQueryAttention",
-            [flat["q"], flat["k"], flat["v"], "", "", n("seqlens_k"), n("total")],
+            [n("q"), n("k"), n("v"), "", "", n("seqlens_k"), n("total")],
             [n("attended"), n("present_k"), n("present_v")],
             domain="com.microsoft",
             num_heads=plan["heads"],
             kv_num_heads=plan["kv_heads"],
             scale=plan["head_dim"] ** -0.5,
         ),
-        *_as_result(plan, n("attended"), n("out")),
+        _constant(n("result_shape"), plan["result_shape"]),
+        helper.make_node("Reshape", [n("attended"), n("result_shape")], [n("out")]),
     ]
-    fused.insert(0, _constant(n("one32"), [1], TensorProto.INT32))
-    # the else branch: the core's own nodes, its result renamed (a subgraph defines names of its own)
+    # the other branch: the core's own nodes, its result renamed (a subgraph defines names of its own)
     unfused = [_copy(node) for node in plan["moved"]]
     for node in unfused:
-        for i, name in enumerate(node.output):
-            if name == out:
-                node.output[i] = n("unfused")
+        node.output[:] = [n("unfused") if name == out else name for name in node.output]
     result = lambda name: [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)]  # noqa: E731
     return [
         helper.make_node("Shape", [t["past_k"]], [n("past")], start=0, end=1),

@@ -96,20 +96,6 @@ def attention(
     return out.reshape(b, g, h // g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, h * d)
 
 
-class AttentionCore(nn.Module):
-    """`attention` without a mask, as a module without weights: the exporter records its scope in the
-    metadata of every node it becomes, which is how ONNX Runtime sessions find it and put their fused
-    kernel in its place (runtime/backends/fused_attention.py). The graph itself keeps the standard
-    operators, for TensorRT."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, None, self.scale)
-
-
 def attention_row(
     q_row: torch.Tensor, k: torch.Tensor, scale: float, mask_row: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -164,7 +150,10 @@ def cached_attention(q, past_k, past_v, new_k, new_v, mask: torch.Tensor, scale:
 
 
 class CachedAttentionCore(nn.Module):
-    """`cached_attention` as a module without weights, for the reason AttentionCore gives."""
+    """`cached_attention` as a module without weights: the exporter records its scope in the metadata
+    of every node it becomes, which is how export finds it and writes a copy of the graph with ONNX
+    Runtime's fused kernel in its place (export/fused_attention.py). The graph itself keeps the
+    standard operators, for TensorRT."""
 
     def __init__(self, scale: float):
         super().__init__()

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .config import LlavaSpec, VisionSpec
-from .layers import AttentionCore, Linear, activation, attention_row
+from .layers import Linear, activation, attention, attention_row
 
 
 class VisionEmbeddings(nn.Module):
@@ -43,13 +43,12 @@ class VisionAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         c = spec.hidden_size
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c, c) for _ in range(4))
-        self.core = AttentionCore(self.scale)
 
     def forward(self, x: torch.Tensor, want_cls_row: bool = False):
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-        out = self.out_proj(self.core(q, k, v))
+        out = self.out_proj(attention(q, k, v, None, self.scale))
         return out, (attention_row(q[:, 0], k, self.scale) if want_cls_row else None)
 
 
