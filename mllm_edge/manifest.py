@@ -285,9 +285,8 @@ def check_manifest(data) -> None:
         rels = [_field(data, f"graphs.{name}.file", str, _safe_path, "a path inside the bundle")]
         rels += list(graph.get("data_files", []))
         if graph.get("onnxruntime_file") is not None:
-            rels.append(
-                _field(data, f"graphs.{name}.onnxruntime_file", str, _safe_path, "a path inside the bundle")
-            )
+            own = rels[0].removesuffix(".onnx") + FUSED_SUFFIX  # export/fused_attention.py's name
+            rels.append(_field(data, f"graphs.{name}.onnxruntime_file", str, own.__eq__, own))
         for rel in rels:
             if rel not in files:
                 raise _Invalid(f"graphs.{name}: {rel} is not in the file list")

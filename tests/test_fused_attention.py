@@ -82,7 +82,7 @@ def test_every_attention_core_is_fused(name, method, export_cache, tiny_checkpoi
             (gqa,) = [n for n in then.node if n.op_type == "GroupQueryAttention"]
             a = _attrs(gqa)
             assert (a["num_heads"], a["kv_num_heads"]) == (heads, kv_heads)
-            assert a["scale"] == pytest.approx((text["hidden_size"] // heads) ** -0.5)
+            assert a["scale"] == pytest.approx((text.get("head_dim") or text["hidden_size"] // heads) ** -0.5)
             assert "Softmax" in _ops(other)  # the graph's own attention, for a real past
         # FastV's last-token row (llm_head's last layer) is all the softmax left outside the branches
         assert _ops(fused.graph).count("Softmax") == (1 if graph == "llm_head" else 0)
@@ -172,14 +172,19 @@ def test_a_quantized_bundle_fuses_its_quantized_graphs(export_cache, tmp_path, i
     assert len(result.token_ids) >= 1
 
 
-def test_a_manifest_must_list_the_fused_copy(export_cache, tmp_path):
+def test_a_manifest_names_its_own_fused_copy_and_lists_it(export_cache, tmp_path):
     import shutil
 
     folder, _ = export_cache("llama_mha", "none")
     copy = tmp_path / "bundle"
     shutil.copytree(folder, copy)
     data = json.loads((copy / "manifest.json").read_text())
-    data["graphs"]["llm_tail"]["onnxruntime_file"] = "elsewhere.onnx"
+    data["graphs"]["llm_tail"]["onnxruntime_file"] = "llm_tail.onnx"  # the graph itself
     (copy / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(MllmEdgeError, match="elsewhere.onnx is not in the file list"):
+    with pytest.raises(MllmEdgeError, match="onnxruntime_file must be llm_tail.onnxruntime.onnx"):
+        load_manifest(copy)
+    data["graphs"]["embed"]["onnxruntime_file"] = "embed.onnxruntime.onnx"  # named right, not written
+    data["graphs"]["llm_tail"].pop("onnxruntime_file")
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(MllmEdgeError, match="embed.onnxruntime.onnx is not in the file list"):
         load_manifest(copy)

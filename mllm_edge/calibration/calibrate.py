@@ -24,7 +24,6 @@ from ..engines import detect_jetson
 from ..errors import MllmEdgeError
 from ..integrity import sha256_file
 from ..manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, load_manifest, write_manifest
-from ..runtime.backends.onnxruntime import session_file
 from . import data, precisions
 from .precisions import GRAPH_CHOICES, Precision, sm_at_least
 from .record import Recording, record
@@ -335,8 +334,10 @@ def _calibrate_into(
     for i, g in enumerate(plan.graphs if config.verify else []):
         progress(f"verify {g}", i, len(plan.graphs))
         calls = held.calls.get(g, []) + [source / manifest.samples[g]]  # and export's own sample
-        # what will run: TensorRT builds the graph itself, ONNX Runtime runs its fused copy
-        file = graph_specs[g].file if precision.target == "tensorrt" else session_file(graph_specs[g])
+        # what will run: TensorRT builds the graph itself, ONNX Runtime's CPU provider runs the fused
+        # copy (of a tensorrt target's Q/DQ graph too, then checked by the answers below only)
+        spec = graph_specs[g]
+        file = spec.file if precision.target == "tensorrt" else spec.onnxruntime_file or spec.file
         results.append(check_graph(tmp / file, g, calls, precision.min_cosine))
     shutil.rmtree(work, ignore_errors=True)
     write_manifest(tmp, new)  # the files are final: hashed once (the answers check loads the bundle)

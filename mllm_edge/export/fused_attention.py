@@ -112,8 +112,9 @@ class _Core:
         self.types = {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
         self.producer = {out: n for n in graph.node for out in n.output}
         self.consumers: dict[str, list] = {}
-        for n in graph.node:
-            for name in n.input:
+        for n in graph.node:  # an earlier core's If reads what its branches read
+            branches = [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+            for name in set(n.input).union(*(_names_used(g) for g in branches)):
                 self.consumers.setdefault(name, []).append(n)
         self.graph_inputs = {v.name for v in graph.input}
         self.graph_outputs = {v.name for v in graph.output}

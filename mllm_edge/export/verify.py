@@ -28,7 +28,7 @@ from ..parity import (
     span_length,
 )
 from ..runtime.anyres import AnyRes
-from ..runtime.backends.onnxruntime import OnnxRuntimeEngine, session_file
+from ..runtime.backends.onnxruntime import OnnxRuntimeEngine
 from ..runtime.cache import KINDS, CacheBookkeeping
 from ..runtime.chain import Chain, place_image_tokens
 
@@ -120,7 +120,8 @@ class _Sessions(dict):
         self.folder, self.manifest, self.low_memory = folder, manifest, low_memory
 
     def __missing__(self, graph: str) -> OnnxRuntimeEngine:
-        engine = session(self.folder / session_file(self.manifest.graphs[graph]))  # what the runtime runs
+        spec = self.manifest.graphs[graph]
+        engine = session(self.folder / (spec.onnxruntime_file or spec.file))  # what the CPU runtime runs
         if not self.low_memory:
             self[graph] = engine
         return engine
