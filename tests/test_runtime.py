@@ -315,7 +315,8 @@ def test_a_graph_that_fails_to_open_names_itself_and_closes_the_others(export_ca
     source, _ = export_cache("llama_gqa", "fastv")
     folder = tmp_path / "bundle"
     shutil.copytree(source, folder)
-    (folder / "llm_head.onnx").write_bytes(b"not a graph")
+    broken = ort_backend.session_file(load_manifest(folder).graphs["llm_head"])  # what the CPU opens
+    (folder / broken).write_bytes(b"not a graph")
     opened, closed = [], []
     engine = ort_backend.OnnxRuntimeEngine
     real_init, real_close = engine.__init__, engine.close
@@ -327,7 +328,7 @@ def test_a_graph_that_fails_to_open_names_itself_and_closes_the_others(export_ca
     monkeypatch.setattr(engine, "__init__", init)
     monkeypatch.setattr(engine, "close", lambda self: closed.append(self.name) or real_close(self))
     manifest = load_manifest(folder, verify_files=False)
-    with pytest.raises(MllmEdgeError, match="ONNX Runtime cannot load llm_head.onnx"):
+    with pytest.raises(MllmEdgeError, match=f"ONNX Runtime cannot load {broken}"):
         ort_backend.OnnxRuntimeBackend(folder, manifest)
     assert "llm_head" not in opened and opened  # the one before it in the manifest opened
     assert sorted(closed) == sorted(opened)

@@ -23,12 +23,11 @@ def human_bytes(n: float) -> str:
 
 
 def graph_sizes(manifest: Manifest, sizes: dict[str, int]) -> dict[str, int]:
-    """Bytes per graph: its .onnx file, its fused copy for ONNX Runtime and the data files it owns (a
-    shared file counts once, for its owner)."""
+    """Bytes per graph: its .onnx file and the data files it owns (a shared file counts once, for its
+    owner); its fused copy for ONNX Runtime is not counted (files_table lists the copies apart)."""
     total = defaultdict(int)
     for name, spec in manifest.graphs.items():
         total[name] += sizes.get(spec.file, 0) + sizes.get(f"{spec.file}.data", 0)
-        total[name] += sizes.get(spec.onnxruntime_file, 0) if spec.onnxruntime_file else 0
     return dict(total)
 
 
@@ -38,6 +37,9 @@ def files_table(manifest: Manifest, sizes: dict[str, int]) -> Table:
     table.add_column("size", justify="right")
     for name, size in graph_sizes(manifest, sizes).items():
         table.add_row(f"{name} graph", human_bytes(size))
+    copies = [spec.onnxruntime_file for spec in manifest.graphs.values() if spec.onnxruntime_file]
+    if copies:
+        table.add_row("ONNX Runtime's fused copies", human_bytes(sum(sizes.get(f, 0) for f in copies)))
     for prefix in ("tokenizer/", "samples/"):
         table.add_row(prefix, human_bytes(sum(s for rel, s in sizes.items() if rel.startswith(prefix))))
     table.add_row("total", human_bytes(sum(sizes.values())))

@@ -87,7 +87,7 @@ class OnnxRuntimeEngine:
             # default order runs those Casts (ready from the start) early and holds their outputs:
             # 1.8x the graph's weights at the peak of an fp16 llm_tail; by priority, 1.1x.
             options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        self.name, self.device = path.stem, device
+        self.name, self.device = path.name.removesuffix(FUSED_SUFFIX).removesuffix(".onnx"), device
         if graph is not None:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(path.parent)
