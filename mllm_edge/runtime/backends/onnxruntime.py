@@ -39,8 +39,13 @@ def graph_weight_bytes(path: Path) -> int:
     """The graph's weights on disk: its external data file (export's NAME.onnx.data, which the fused
     copy NAME.onnxruntime.onnx reads too), or the graph (a tied LM head's table, shared into
     embed.onnx.data, is not counted: it matters only near the threshold)."""
-    data = path.with_name(path.name.removesuffix(FUSED_SUFFIX).removesuffix(".onnx") + ".onnx.data")
+    data = path.with_name(graph_name(path) + ".onnx.data")
     return (data if data.exists() else path).stat().st_size if path.exists() else 0
+
+
+def graph_name(path: Path) -> str:
+    """NAME of NAME.onnx, or of its fused copy NAME.onnxruntime.onnx."""
+    return path.name.removesuffix(FUSED_SUFFIX).removesuffix(".onnx")
 
 
 def session_file(spec: GraphSpec, device: str = "cpu") -> str:
@@ -87,7 +92,7 @@ class OnnxRuntimeEngine:
             # default order runs those Casts (ready from the start) early and holds their outputs:
             # 1.8x the graph's weights at the peak of an fp16 llm_tail; by priority, 1.1x.
             options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        self.name, self.device = path.name.removesuffix(FUSED_SUFFIX).removesuffix(".onnx"), device
+        self.name, self.device = graph_name(path), device
         if graph is not None:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(path.parent)
