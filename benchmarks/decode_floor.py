@@ -51,29 +51,14 @@ class WeightsOnlyRun:
         rows = {w.shape[1]: np.random.default_rng(0).random((1, w.shape[1]), np.float32) for w in weights}
         if engine == "onnxruntime":
             import onnxruntime as ort
-            from onnx import TensorProto, helper, numpy_helper
+            from gemv_layouts import graph  # the same Gemm(transB=1) graph as our bundles hold
 
-            nodes = [
-                helper.make_node("Gemm", [f"x{w.shape[1]}", f"w{i}"], [f"y{i}"], transB=1)
-                for i, w in enumerate(weights)
-            ]
-            graph = helper.make_graph(
-                nodes,
-                "weights_only",
-                [helper.make_tensor_value_info(f"x{n}", TensorProto.FLOAT, [1, n]) for n in rows],
-                [
-                    helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
-                    for i in range(len(weights))
-                ],
-                [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
-            )
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
             options = ort.SessionOptions()
             options.add_session_config_entry(
                 "session.intra_op.allow_spinning", "0"
             )  # as the runtime's sessions
             session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                graph("ort-gemm", weights), options, providers=["CPUExecutionProvider"]
             )
             feeds = {f"x{n}": x for n, x in rows.items()}
             self.step = lambda: session.run(None, feeds)
