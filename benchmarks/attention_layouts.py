@@ -9,6 +9,11 @@ checked against numpy's. Variants:
   seq-first   K, V [T, 1, G, D], read through permutes ONNX Runtime folds into MatMul (transBatch):
               what the bundles use (models/layers.py: cached_attention)
   seq-first-A the same cache with K and V as MatMul's first operand (q and the scores transposed)
+  seq-first-gemm  the same cache seen as one [T, G*D] matrix per layer, each read by one plain
+              2-D MatMul: scores = K [T, G*D] x Q [G*D, H], where Q holds head h's query in the
+              rows of its KV group and zeros elsewhere, and out = P [H, T] x V [T, G*D], whose
+              diagonal blocks are the heads' outputs. H times the FLOPs of the others (trivial at
+              one query row), but each cache byte is read by ONNX Runtime's multi-threaded GEMM
   head-major  K, V [1, G, T, D], each head contiguous: the fastest layout for the kernels, but its
               prefixes and slots are not contiguous, so a cache cannot be bound in place
   onnx-attention  the standard ONNX Attention op (opset 23) with 3-D K, V [1, T, G*D]: the same
@@ -30,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from common import machine, write_json  # this folder is sys.path[0] when run as a script
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 HEADS, DIM, LAYERS = 12, 64, 12
 
@@ -91,7 +96,7 @@ def attention_graph(layout: str):
         helper.make_tensor_value_info("k", f, kv_shape),
         helper.make_tensor_value_info("v", f, kv_shape),
     ]
-    node = helper.make_node
+    node, initializers = helper.make_node, []
     if layout == "seq-first":
         nodes = [
             node("Transpose", ["k"], ["kt"], perm=[1, 2, 3, 0]),
@@ -112,6 +117,34 @@ def attention_graph(layout: str):
             node("MatMul", ["va", "pt"], ["ot"]),
             node("Transpose", ["ot"], ["o"], perm=[0, 1, 3, 2]),
         ]
+    elif layout == "seq-first-gemm":
+        eye = np.eye(HEADS, dtype=np.float32)  # group g of head h (G = H here: the identity)
+        initializers = [
+            numpy_helper.from_array(eye.reshape(HEADS, 1, HEADS), "group_of_column"),
+            numpy_helper.from_array(eye.reshape(HEADS, HEADS, 1), "group_of_row"),
+            numpy_helper.from_array(np.array([HEADS, DIM], np.int64), "h_d"),
+            numpy_helper.from_array(np.array([-1, HEADS * DIM], np.int64), "t_gd"),
+            numpy_helper.from_array(np.array([HEADS * DIM, HEADS], np.int64), "gd_h"),
+            numpy_helper.from_array(np.array([HEADS, HEADS, DIM], np.int64), "h_g_d"),
+            numpy_helper.from_array(np.array([1, HEADS, 1, DIM], np.int64), "o_shape"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ]
+        nodes = [
+            node("Reshape", ["q", "h_d"], ["q2"]),
+            node("Transpose", ["q2"], ["qt"], perm=[1, 0]),  # [D, H]
+            node("Mul", ["qt", "group_of_column"], ["qg"]),  # [G, D, H]: zero outside h's group
+            node("Reshape", ["qg", "gd_h"], ["qbd"]),  # [G*D, H]
+            node("Reshape", ["k", "t_gd"], ["k2"]),  # [T, G*D], the cache's bytes as they lie
+            node("MatMul", ["k2", "qbd"], ["st"]),  # [T, H]
+            node("Transpose", ["st"], ["s"], perm=[1, 0]),
+            node("Softmax", ["s"], ["p"], axis=-1),
+            node("Reshape", ["v", "t_gd"], ["v2"]),
+            node("MatMul", ["p", "v2"], ["pv"]),  # [H, G*D]: row h's block g(h) is head h's output
+            node("Reshape", ["pv", "h_g_d"], ["pv3"]),
+            node("Mul", ["pv3", "group_of_row"], ["own"]),
+            node("ReduceSum", ["own", "axis1"], ["o2"], keepdims=0),
+            node("Reshape", ["o2", "o_shape"], ["o"]),
+        ]
     else:
         nodes = [
             node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
@@ -119,7 +152,8 @@ def attention_graph(layout: str):
             node("Softmax", ["s"], ["p"], axis=-1),
             node("MatMul", ["p", "v"], ["o"]),
         ]
-    graph = helper.make_graph(nodes, layout, inputs, [helper.make_tensor_value_info("o", f, None)])
+    outputs = [helper.make_tensor_value_info("o", f, None)]
+    graph = helper.make_graph(nodes, layout, inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
 
@@ -223,7 +257,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "attention_layouts.json")
     args = p.parse_args()
     kv_mb = 2 * LAYERS * (args.long - args.short) * HEADS * DIM * 4 / 1e6
-    layouts = ["seq-first", "seq-first-A", "head-major", "onnx-attention", "ort-gqa"]
+    layouts = ["seq-first", "seq-first-A", "seq-first-gemm", "head-major", "onnx-attention", "ort-gqa"]
     steps = {}
     for layout in layouts:
         options = ort.SessionOptions()

@@ -7,12 +7,17 @@ any CPU cache) in four ways, taking turns, and prints each one's median time and
 
   ort-gemm        ONNX Runtime Gemm(x, W, transB=1), W [out, in]: what our bundles hold
   ort-matmul      ONNX Runtime MatMul(x, W^T), the weights stored transposed
-  ort-gemm-left   ONNX Runtime Gemm(W, x, transB=1), the weight as the left operand
+  ort-gemm-left   ONNX Runtime Gemm(W, x, transB=1), the weight as the left operand, then a Transpose
+                  (ONNX Runtime's GemmTransposeFusion, which would fold the pair back into the
+                  first form, is turned off for this session)
   numpy           numpy's W @ x (its BLAS's sgemv: OpenBLAS in numpy's wheels)
 
 If all of them read at about one speed, the step is bound by memory, not by a kernel, and no layout
 or library would decode faster with the same bytes (docs/performance.md, "Against llama.cpp").
-Set OPENBLAS_NUM_THREADS to --threads for a like-for-like numpy row.
+Set OPENBLAS_NUM_THREADS to --threads for a like-for-like numpy row. The layouts run in a different
+order each round, each after a pause: OpenBLAS's threads spin for a while after a product, and
+took a core from whichever layout came next (an earlier version of this script ran ort-gemm
+right after numpy every round, and measured it 20-60% slower for that reason alone).
 
     .venv/bin/python benchmarks/gemv_layouts.py     # about 3 minutes on 2 cores, up to 17 GB of RAM
 """
@@ -31,6 +36,7 @@ from common import machine, write_json  # this folder is sys.path[0] when run as
 from onnx import TensorProto, helper, numpy_helper
 
 LAYOUTS = ("ort-gemm", "ort-matmul", "ort-gemm-left", "numpy")
+PAUSE_S = 0.5  # before each timed step: longer than OpenBLAS's threads spin after a product (~0.1 s)
 
 
 def llama_matrices(layers: int, hidden: int, intermediate: int, vocab: int) -> list[np.ndarray]:
@@ -76,7 +82,10 @@ def step_functions(weights: list[np.ndarray], threads: int) -> dict:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's
-        session = ort.InferenceSession(graph(layout, weights), options, providers=["CPUExecutionProvider"])
+        kept = {"disabled_optimizers": ["GemmTransposeFusion"]} if layout == "ort-gemm-left" else {}
+        session = ort.InferenceSession(
+            graph(layout, weights), options, providers=["CPUExecutionProvider"], **kept
+        )
         feeds = {f"x{n}": x for n, x in rows.items()}
         steps[layout] = lambda session=session, feeds=feeds: session.run(None, feeds)
     steps["numpy"] = lambda: [w @ rows[w.shape[1]][0] for w in weights]
@@ -105,8 +114,9 @@ def main() -> None:
     print(f"{len(weights)} matrices, {nbytes / 1e9:.2f} GB; building the sessions ...", flush=True)
     steps = step_functions(weights, args.threads)
     times = {layout: [] for layout in LAYOUTS}
-    for _ in range(args.rounds):
-        for layout in LAYOUTS:
+    for r in range(args.rounds):
+        for layout in LAYOUTS[r % len(LAYOUTS) :] + LAYOUTS[: r % len(LAYOUTS)]:  # each follows each
+            time.sleep(PAUSE_S)
             start = time.perf_counter()
             steps[layout]()
             times[layout].append((time.perf_counter() - start) * 1000)
