@@ -14,10 +14,10 @@ any CPU cache) in four ways, taking turns, and prints each one's median time and
 
 If all of them read at about one speed, the step is bound by memory, not by a kernel, and no layout
 or library would decode faster with the same bytes (docs/performance.md, "Against llama.cpp").
-Set OPENBLAS_NUM_THREADS to --threads for a like-for-like numpy row. The layouts run in a different
-order each round, each after a pause: OpenBLAS's threads spin for a while after a product, and
-took a core from whichever layout came next (an earlier version of this script ran ort-gemm
-right after numpy every round, and measured it 20-60% slower for that reason alone).
+Set OPENBLAS_NUM_THREADS to --threads for a like-for-like numpy row. Each step runs after a pause:
+an earlier version without it measured ort-gemm, which runs right after numpy in most rounds,
+20-60% slower; with the pause it reads as fast as ort-matmul. Most likely (not traced) OpenBLAS's
+threads, which spin for a while after a product, took a core from whatever came next.
 
     .venv/bin/python benchmarks/gemv_layouts.py     # about 3 minutes on 2 cores, up to 17 GB of RAM
 """
@@ -36,7 +36,7 @@ from common import machine, write_json  # this folder is sys.path[0] when run as
 from onnx import TensorProto, helper, numpy_helper
 
 LAYOUTS = ("ort-gemm", "ort-matmul", "ort-gemm-left", "numpy")
-PAUSE_S = 0.5  # before each timed step: longer than OpenBLAS's threads spin after a product (~0.1 s)
+PAUSE_S = 0.5  # before each timed step: lets the previous library's threads go idle
 
 
 def llama_matrices(layers: int, hidden: int, intermediate: int, vocab: int) -> list[np.ndarray]:
@@ -115,7 +115,7 @@ def main() -> None:
     steps = step_functions(weights, args.threads)
     times = {layout: [] for layout in LAYOUTS}
     for r in range(args.rounds):
-        for layout in LAYOUTS[r % len(LAYOUTS) :] + LAYOUTS[: r % len(LAYOUTS)]:  # each follows each
+        for layout in LAYOUTS[r % len(LAYOUTS) :] + LAYOUTS[: r % len(LAYOUTS)]:  # each leads in turn
             time.sleep(PAUSE_S)
             start = time.perf_counter()
             steps[layout]()
