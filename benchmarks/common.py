@@ -20,15 +20,19 @@ def machine() -> dict:
     total_kib = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    # "AMD EPYC" alone names both a Zen 3 (family 25, model 1, AVX2 only) and a Zen 4 (AVX-512)
+    family, number = (re.search(rf"^{key}\s*:\s*(\d+)$", cpuinfo, re.M) for key in ("cpu family", "model"))
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        # the machines this project runs on change between sessions (an Intel Xeon with AMX, an AMD
-        # EPYC): a record is comparable only to one made on the same CPU
+        # the machines this project runs on change between sessions (an Intel Xeon with AMX, AMD
+        # EPYCs with and without AVX-512): a record is comparable only to one made on the same CPU
         "cpu": {
             "model": model[1].strip() if model else platform.processor(),
             "avx512": " avx512f" in cpuinfo,
             "amx": " amx_tile" in cpuinfo,
+            "family": int(family[1]) if family else None,
+            "model_number": int(number[1]) if number else None,
         },
         "cpu_count": os.cpu_count(),
         "ram_total_gb": round(total_kib * 1024 / GB, 1),

@@ -3,13 +3,16 @@
 A decode step multiplies one row by every weight matrix of the LLM, so on a CPU its time is the time
 to stream those bytes. This script streams the matrices of a Llama of the given shape (by default
 vs_llamacpp.py's ~0.5B model: 24 layers of 1024 and 4096, a 32064-token head, 1.74 GB, larger than
-any CPU cache) in four ways, taking turns, and prints each one's median time and GB/s:
+any CPU cache) in six ways, taking turns, and prints each one's median time and GB/s:
 
   ort-gemm        ONNX Runtime Gemm(x, W, transB=1), W [out, in]: what our bundles hold
   ort-matmul      ONNX Runtime MatMul(x, W^T), the weights stored transposed
   ort-gemm-left   ONNX Runtime Gemm(W, x, transB=1), the weight as the left operand, then a Transpose
                   (ONNX Runtime's GemmTransposeFusion, which would fold the pair back into the
                   first form, is turned off for this session)
+  ort-gemm-unpacked, ort-matmul-unpacked
+                  the first two with prepacking off (session.disable_prepacking): MLAS then reads
+                  the weights as stored, through its one-row kernels, instead of its packed copy
   numpy           numpy's W @ x (its BLAS's sgemv: OpenBLAS in numpy's wheels)
 
 If all of them read at about one speed, the step is bound by memory, not by a kernel, and no layout
@@ -35,7 +38,14 @@ import onnxruntime as ort
 from common import machine, write_json  # this folder is sys.path[0] when run as a script
 from onnx import TensorProto, helper, numpy_helper
 
-LAYOUTS = ("ort-gemm", "ort-matmul", "ort-gemm-left", "numpy")
+LAYOUTS = (
+    "ort-gemm",
+    "ort-matmul",
+    "ort-gemm-left",
+    "ort-gemm-unpacked",
+    "ort-matmul-unpacked",
+    "numpy",
+)
 PAUSE_S = 0.5  # before each timed step: lets the previous library's threads go idle
 
 
@@ -51,10 +61,10 @@ def graph(layout: str, weights: list[np.ndarray]) -> bytes:
     nodes, inits = [], []
     for i, w in enumerate(weights):
         x, y = f"x{w.shape[1]}", f"y{i}"
-        if layout == "ort-gemm":
+        if layout in ("ort-gemm", "ort-gemm-unpacked"):
             nodes.append(helper.make_node("Gemm", [x, f"w{i}"], [y], transB=1))
             inits.append(numpy_helper.from_array(w, f"w{i}"))
-        elif layout == "ort-matmul":
+        elif layout in ("ort-matmul", "ort-matmul-unpacked"):
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
             inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
         else:  # ort-gemm-left: W x^T is [out, 1]; transposed back to the row the others give
@@ -78,10 +88,12 @@ def step_functions(weights: list[np.ndarray], threads: int) -> dict:
     """layout -> a function doing one step's reads and returning its outputs (checked against numpy's)."""
     rows = {n: np.random.default_rng(1).random((1, n), np.float32) for n in {w.shape[1] for w in weights}}
     steps = {}
-    for layout in LAYOUTS[:3]:
+    for layout in LAYOUTS[:-1]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's
+        if layout.endswith("-unpacked"):
+            options.add_session_config_entry("session.disable_prepacking", "1")
         kept = {"disabled_optimizers": ["GemmTransposeFusion"]} if layout == "ort-gemm-left" else {}
         session = ort.InferenceSession(
             graph(layout, weights), options, providers=["CPUExecutionProvider"], **kept
@@ -90,7 +102,7 @@ def step_functions(weights: list[np.ndarray], threads: int) -> dict:
         steps[layout] = lambda session=session, feeds=feeds: session.run(None, feeds)
     steps["numpy"] = lambda: [w @ rows[w.shape[1]][0] for w in weights]
     expected = steps["numpy"]()
-    for layout in LAYOUTS[:3]:
+    for layout in LAYOUTS[:-1]:
         for got, want in zip(steps[layout](), expected):
             np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-3, atol=1e-4, err_msg=layout)
     return steps

@@ -155,6 +155,55 @@ def test_big_graphs_run_without_the_cpu_arena(export_cache, monkeypatch):
     assert not arena()
 
 
+def test_fp32_llm_graphs_go_unpacked_on_cpus_without_avx512(export_cache, monkeypatch):
+    """Only fp32 LLM graphs on the CPU can go without prepacking (vision always packs, quantized
+    weights would decode 20x slower); by default on x86 CPUs without AVX-512, MLLM_EDGE_PREPACK
+    overriding either way."""
+    from dataclasses import replace
+
+    from mllm_edge.runtime.backends import onnxruntime as backend
+
+    manifest = Pipeline.load(export_cache("llama_gqa", "fastv")[0]).manifest
+    assert manifest.dtype == "float32" and manifest.quantization is None
+    monkeypatch.delenv("MLLM_EDGE_PREPACK", raising=False)
+    for without_avx512 in (True, False):
+        monkeypatch.setattr(backend, "_x86_without_avx512", lambda answer=without_avx512: answer)
+        assert [backend.prepacks(manifest, g) for g in ("vision", "embed", "llm_head", "llm_tail")] == [
+            True,
+            True,
+            not without_avx512,
+            not without_avx512,
+        ]
+        assert backend.prepacks(manifest, "llm_tail", "cuda")
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MLLM_EDGE_PREPACK", setting)
+        assert backend.prepacks(manifest, "llm_tail") == (setting == "1")
+        assert backend.prepacks(manifest, "vision")
+    monkeypatch.setenv("MLLM_EDGE_PREPACK", "0")
+    quantized = replace(manifest, quantization={"weights": "int8", "graphs": ["llm_tail"]})
+    assert backend.prepacks(quantized, "llm_tail")
+    assert backend.prepacks(replace(manifest, dtype="float16"), "llm_tail")
+
+
+def test_unpacked_weights_answer_as_packed_ones(export_cache, image_file, monkeypatch):
+    """The sessions get the setting prepacks() chose, and answer alike either way."""
+    folder = export_cache("llama_gqa", "fastv")[0]
+    answers = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MLLM_EDGE_PREPACK", setting)
+        pipeline = Pipeline.load(folder)
+        unpacked = set()
+        for name, engine in pipeline.backend.engines.items():
+            try:  # raises for a key never set
+                engine.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+                unpacked.add(name)
+            except RuntimeError:
+                pass
+        assert unpacked == ({"llm_head", "llm_tail"} if setting == "0" else set())
+        answers[setting] = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
+    assert answers["0"] == answers["1"]
+
+
 def test_seeded_sampling_repeats(export_cache, image_file):
     pipeline = Pipeline.load(export_cache("llama_gqa", "fastv")[0])
     runs = [

@@ -9,6 +9,7 @@ runtime.device_cache), so a decode step neither uploads the past nor downloads t
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,34 @@ def _import_onnxruntime():
 ARENA_MAX_WEIGHTS = 128 * 2**20  # graphs with more weight bytes run without the CPU arena
 
 
+@functools.cache
+def _x86_without_avx512() -> bool:
+    """An x86 Linux CPU without AVX-512 (an AMD EPYC of the Zen 3 generation, for one)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " avx512f" not in flags
+
+
+def prepacks(manifest: Manifest, graph: str, device: str = "cpu") -> bool:
+    """Whether ONNX Runtime prepacks this graph's weights when its session opens.
+
+    On a CPU without AVX-512 an fp32 LLM graph goes without: its Gemms then read the weights where
+    the data file is mapped instead of from a packed copy in fresh memory, and on the AMD EPYC
+    (Zen 3) measured that opened an fp32 bundle 4.7 s sooner and reached the first token 18% sooner,
+    decoding no slower (docs/performance.md, "Weight prepacking"). On an Intel Xeon with AVX-512 a
+    one-row product over unpacked weights read 1.5x slower, so there, for the vision graph (faster
+    packed everywhere) and for quantized weights (MatMulNBits decodes 20x slower unpacked) the
+    weights are packed. MLLM_EDGE_PREPACK=1 or 0 overrides the choice for fp32 LLM graphs."""
+    if device != "cpu" or not graph.startswith("llm") or manifest.dtype != "float32" or manifest.quantization:
+        return True
+    chosen = os.environ.get("MLLM_EDGE_PREPACK", "")
+    if chosen in ("0", "1"):
+        return chosen == "1"
+    return not _x86_without_avx512()
+
+
 def graph_weight_bytes(path: Path) -> int:
     """The graph's weights on disk: its external data file (export's NAME.onnx.data, which the fused
     copy NAME.onnxruntime.onnx reads too), or the graph (a tied LM head's table, shared into
@@ -58,9 +87,17 @@ def session_file(spec: GraphSpec, device: str = "cpu") -> str:
 
 
 class OnnxRuntimeEngine:
-    def __init__(self, path: Path, device: str = "cpu", low_memory: bool = False, graph: bytes | None = None):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        low_memory: bool = False,
+        graph: bytes | None = None,
+        prepack: bool = True,
+    ):
         """low_memory: no graph optimisation either (export's verification on big fp16 graphs: the
-        CPU provider would keep fp32 copies of the weights). graph: the serialized
+        CPU provider would keep fp32 copies of the weights). prepack: False reads the weights
+        unpacked (prepacks() says when). graph: the serialized
         graph to run instead of the file at path, its external data still read beside path (ONNX
         Runtime refuses data files outside a model's folder, links included)."""
         ort = _import_onnxruntime()
@@ -80,6 +117,8 @@ class OnnxRuntimeEngine:
         # that spins after its graph ends takes the cores from the next graph (FastV's decode ran 1.7x
         # slower that way), so none spins.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         # ONNX Runtime's CPU arena keeps the largest call's activations (grown in doubling chunks) for
         # the session's life; it saves an allocation per operator. Big graphs go without: a 1 B fp32
         # bundle peaked at 4.55 GB instead of 5.19 GB (its weights 4.01), decoding and prefilling no
@@ -177,7 +216,13 @@ class OnnxRuntimeBackend(BackendResources):
         failed = None
         with ThreadPoolExecutor(workers) as pool:
             opening = {
-                graph: pool.submit(OnnxRuntimeEngine, folder / session_file(spec, device), device, low_memory)
+                graph: pool.submit(
+                    OnnxRuntimeEngine,
+                    folder / session_file(spec, device),
+                    device,
+                    low_memory,
+                    prepack=prepacks(manifest, graph, device),
+                )
                 for graph, spec in manifest.graphs.items()
             }
             for graph, future in opening.items():
