@@ -183,6 +183,19 @@ def test_fp32_llm_graphs_go_unpacked_on_cpus_without_avx512(export_cache, monkey
     quantized = replace(manifest, quantization={"weights": "int8", "graphs": ["llm_tail"]})
     assert backend.prepacks(quantized, "llm_tail")
     assert backend.prepacks(replace(manifest, dtype="float16"), "llm_tail")
+    monkeypatch.setenv("MLLM_EDGE_PREPACK", "true")
+    with pytest.raises(MllmEdgeError, match="MLLM_EDGE_PREPACK must be 0 or 1"):
+        backend.prepacks(manifest, "vision")
+
+
+def test_cpus_without_avx512_are_told_by_their_flags():
+    from mllm_edge.runtime.backends.onnxruntime import lacks_avx512
+
+    zen3 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n"
+    xeon = "processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2 avx512f avx512bw amx_tile\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve\n"
+    assert lacks_avx512(zen3) and not lacks_avx512(xeon) and not lacks_avx512(arm)
+    assert not lacks_avx512("flags\t\t: fpu sse2 avx\n")  # no AVX2: not a CPU that was measured
 
 
 def test_unpacked_weights_answer_as_packed_ones(export_cache, image_file, monkeypatch):
@@ -201,6 +214,7 @@ def test_unpacked_weights_answer_as_packed_ones(export_cache, image_file, monkey
                 pass
         assert unpacked == ({"llm_head", "llm_tail"} if setting == "0" else set())
         answers[setting] = pipeline.generate(image_file, PROMPT, max_new_tokens=10).token_ids
+        pipeline.close()
     assert answers["0"] == answers["1"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,32 +37,39 @@ def _import_onnxruntime():
 ARENA_MAX_WEIGHTS = 128 * 2**20  # graphs with more weight bytes run without the CPU arena
 
 
+def lacks_avx512(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text is an x86 CPU's without AVX-512 (an AMD EPYC of the Zen 3
+    generation, for one)."""
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    names = set(flags[1].split()) if flags else set()
+    return "avx2" in names and "avx512f" not in names
+
+
 @functools.cache
 def _x86_without_avx512() -> bool:
-    """An x86 Linux CPU without AVX-512 (an AMD EPYC of the Zen 3 generation, for one)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        return lacks_avx512(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux: pack, as ONNX Runtime does by default
         return False
-    return " avx2" in flags and " avx512f" not in flags
 
 
 def prepacks(manifest: Manifest, graph: str, device: str = "cpu") -> bool:
     """Whether ONNX Runtime prepacks this graph's weights when its session opens.
 
-    On a CPU without AVX-512 an fp32 LLM graph goes without: its Gemms then read the weights where
-    the data file is mapped instead of from a packed copy in fresh memory, and on the AMD EPYC
-    (Zen 3) measured that opened an fp32 bundle 4.7 s sooner and reached the first token 18% sooner,
-    decoding no slower (docs/performance.md, "Weight prepacking"). On an Intel Xeon with AVX-512 a
-    one-row product over unpacked weights read 1.5x slower, so there, for the vision graph (faster
-    packed everywhere) and for quantized weights (MatMulNBits decodes 20x slower unpacked) the
-    weights are packed. MLLM_EDGE_PREPACK=1 or 0 overrides the choice for fp32 LLM graphs."""
+    On an x86 Linux CPU without AVX-512 an fp32 LLM graph goes without: its Gemms then read the
+    weights where the data file is mapped instead of from a packed copy in fresh memory. On the AMD
+    EPYC (Zen 3) measured, an fp32 bundle opened 4-4.7 s sooner and reached its first token about
+    10% sooner, decoding no slower (docs/performance.md, "Weight prepacking"). Everything else
+    packs: on the Intel Xeon (AVX-512) a one-row product over unpacked weights read 1.5x slower, the
+    vision graph ran faster packed, quantized weights (MatMulNBits) decode 20x slower unpacked, and
+    fp16 and CUDA were not measured. MLLM_EDGE_PREPACK=1 or 0 overrides the choice for fp32 LLM
+    graphs."""
+    chosen = os.environ.get("MLLM_EDGE_PREPACK", "")
+    if chosen not in ("", "0", "1"):
+        raise MllmEdgeError(f"MLLM_EDGE_PREPACK must be 0 or 1 (or unset), not '{chosen}'")
     if device != "cpu" or not graph.startswith("llm") or manifest.dtype != "float32" or manifest.quantization:
         return True
-    chosen = os.environ.get("MLLM_EDGE_PREPACK", "")
-    if chosen in ("0", "1"):
-        return chosen == "1"
-    return not _x86_without_avx512()
+    return chosen == "1" if chosen else not _x86_without_avx512()
 
 
 def graph_weight_bytes(path: Path) -> int:
