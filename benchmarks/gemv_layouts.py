@@ -12,7 +12,8 @@ any CPU cache) in six ways, taking turns, and prints each one's median time and 
                   first form, is turned off for this session)
   ort-gemm-unpacked, ort-matmul-unpacked
                   the first two with prepacking off (session.disable_prepacking): MLAS then reads
-                  the weights as stored, through its one-row kernels, instead of its packed copy
+                  the weights as stored instead of its packed copy (for one row, most likely
+                  through its M=1 kernels, SgemmKernelM1Avx; not traced)
   numpy           numpy's W @ x (its BLAS's sgemv: OpenBLAS in numpy's wheels)
 
 If all of them read at about one speed, the step is bound by memory, not by a kernel, and no layout

@@ -161,9 +161,10 @@ def test_fp32_llm_graphs_go_unpacked_on_cpus_without_avx512(export_cache, monkey
     overriding either way."""
     from dataclasses import replace
 
+    from mllm_edge.manifest import load_manifest
     from mllm_edge.runtime.backends import onnxruntime as backend
 
-    manifest = Pipeline.load(export_cache("llama_gqa", "fastv")[0]).manifest
+    manifest = load_manifest(export_cache("llama_gqa", "fastv")[0])  # no sessions: the rule alone
     assert manifest.dtype == "float32" and manifest.quantization is None
     monkeypatch.delenv("MLLM_EDGE_PREPACK", raising=False)
     for without_avx512 in (True, False):

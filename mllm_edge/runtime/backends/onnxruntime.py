@@ -38,8 +38,8 @@ ARENA_MAX_WEIGHTS = 128 * 2**20  # graphs with more weight bytes run without the
 
 
 def lacks_avx512(cpuinfo: str) -> bool:
-    """Whether /proc/cpuinfo's text is an x86 CPU's without AVX-512 (an AMD EPYC of the Zen 3
-    generation, for one)."""
+    """Whether /proc/cpuinfo's text is an x86 CPU's with AVX2 but not AVX-512 (an AMD EPYC of the
+    Zen 3 generation, for one)."""
     flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
     names = set(flags[1].split()) if flags else set()
     return "avx2" in names and "avx512f" not in names
